@@ -1,0 +1,208 @@
+"""The public entry points: `policy_loss`, `gradient_weight`, `logp_gradient`, `aggregate`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from drpo.objectives.diagnostics import diagnostics
+from drpo.objectives.registry import Method, get_method
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+# fp32 log-softmax can round a log-prob of ~0 to a tiny positive value; more than this is a bug.
+POSITIVE_LOGP_TOL = 1e-4
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    # Low-precision inputs are computed in fp32; fp64 stays fp64 (reference checks).
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_tensor(name: str, x: Any) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _prepare(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None,
+    *,
+    validate: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Validate and normalize inputs: returns fp32/fp64 (logp, old_logp, adv, mask) with
+    padding positions set to neutral values, so garbage there cannot leak into the loss."""
+    _check_tensor("logp", logp)
+    _check_tensor("old_logp", old_logp)
+    _check_tensor("advantages", advantages)
+    if logp.dim() != 2:
+        raise ValueError(f"`logp` must be shaped [batch, seq], got shape {tuple(logp.shape)}")
+    if logp.shape[0] == 0 or logp.shape[1] == 0:
+        raise ValueError(f"empty batch: `logp` has shape {tuple(logp.shape)}")
+    for name, x in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
+        if not x.is_floating_point():
+            raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
+    if old_logp.shape != logp.shape:
+        raise ValueError(f"`old_logp` shape {tuple(old_logp.shape)} does not match `logp` shape {tuple(logp.shape)}")
+    if mask is None:
+        mask = torch.ones_like(logp, dtype=torch.bool)
+    _check_tensor("mask", mask)
+    if mask.shape != logp.shape:
+        raise ValueError(f"`mask` shape {tuple(mask.shape)} does not match `logp` shape {tuple(logp.shape)}")
+    if mask.dtype != torch.bool:
+        if validate and ((mask != 0) & (mask != 1)).any():
+            raise ValueError("`mask` must hold only 0/1 (or bool) values")
+        mask = mask != 0
+    batch, seq = logp.shape
+    if advantages.dim() == 1 and advantages.shape[0] == batch:
+        advantages = advantages[:, None]
+    if advantages.dim() != 2 or advantages.shape[0] != batch or advantages.shape[1] not in (1, seq):
+        raise ValueError(
+            f"`advantages` must be shaped [batch], [batch, 1] or [batch, seq] = [{batch}, {seq}], "
+            f"got shape {tuple(advantages.shape)}"
+        )
+    dtype = _compute_dtype(logp, old_logp, advantages)
+    logp = logp.to(dtype)
+    old_logp = old_logp.detach().to(dtype)
+    advantages = advantages.detach().to(dtype).expand(batch, seq)
+    if validate:
+        for name, x in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
+            bad = mask & ~torch.isfinite(x.detach())
+            if bad.any():
+                idx = tuple(bad.nonzero()[0].tolist())
+                raise ValueError(f"`{name}` has a non-finite value {x[idx].item()} at response position {idx}")
+        for name, x in (("logp", logp), ("old_logp", old_logp)):
+            worst = torch.where(mask, x.detach(), torch.full_like(x, -1.0)).max()
+            if worst > POSITIVE_LOGP_TOL:
+                raise ValueError(f"`{name}` must be log-probabilities (<= 0), got a value of {worst.item():.4g}")
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+    # Neutral padding: pi = mu = 1, A = 0. Clamp removes fp rounding above 0.
+    logp = torch.where(mask, logp, zero).clamp(max=0.0)
+    old_logp = torch.where(mask, old_logp, zero).clamp(max=0.0)
+    advantages = torch.where(mask, advantages, zero)
+    return logp, old_logp, advantages, mask
+
+
+def aggregate(per_token: Tensor, mask: Tensor, agg: str = "token-mean", *, horizon: int | None = None) -> Tensor:
+    """Reduce a [batch, seq] per-token loss to a scalar over response tokens (verl's names).
+
+    token-mean               sum over all tokens / number of tokens
+    seq-mean-token-sum       mean over sequences of the per-sequence sum
+    seq-mean-token-mean      mean over sequences of the per-sequence mean
+    seq-mean-token-sum-norm  mean over sequences of (per-sequence sum / horizon), horizon
+                             defaults to the padded length (Dr. GRPO)
+    Sequences with no response token are left out of sequence means; an all-padding batch
+    gives an exact 0 (with a graph, so backward still works).
+    """
+    if agg not in AGG_MODES:
+        raise ValueError(f"unknown `agg` {agg!r}; choose one of {', '.join(AGG_MODES)}")
+    m = mask.to(per_token.dtype)
+    masked = per_token * m
+    if agg == "token-mean":
+        return masked.sum() / m.sum().clamp(min=1.0)
+    tokens_per_seq = m.sum(-1)
+    has_tokens = (tokens_per_seq > 0).to(per_token.dtype)
+    n_seq = has_tokens.sum().clamp(min=1.0)
+    seq_sum = masked.sum(-1)
+    if agg == "seq-mean-token-sum":
+        return seq_sum.sum() / n_seq
+    if agg == "seq-mean-token-mean":
+        return (seq_sum / tokens_per_seq.clamp(min=1.0)).sum() / n_seq
+    horizon = per_token.shape[-1] if horizon is None else horizon
+    if not isinstance(horizon, int) or horizon <= 0:
+        raise ValueError(f"`horizon` must be a positive int, got {horizon!r}")
+    return (seq_sum / horizon).sum() / n_seq
+
+
+def per_token_objective(
+    method: str | Method, logp: Tensor, old_logp: Tensor, advantages: Tensor, **params: Any
+) -> tuple[Tensor, Tensor]:
+    """(J, penalty) per token, no validation or masking: the raw registered objective."""
+    m = method if isinstance(method, Method) else get_method(method)
+    return m.objective(logp, old_logp, advantages, **m.resolve_params(params))
+
+
+def policy_loss(
+    method: str,
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None = None,
+    *,
+    agg: str = "token-mean",
+    horizon: int | None = None,
+    validate: bool = True,
+    with_metrics: bool = True,
+    **params: Any,
+) -> tuple[Tensor, dict[str, float]]:
+    """The loss (scalar, minimize) of `method` and its diagnostics over response tokens.
+
+    logp        [batch, seq] current policy log-probs of the sampled tokens (differentiable)
+    old_logp    [batch, seq] anchor log-probs (rollout/behaviour by default), detached
+    advantages  [batch] or [batch, 1] (sequence, broadcast) or [batch, seq] (token)
+    mask        [batch, seq] response mask (bool or 0/1); None means all tokens count
+    agg         one of AGG_MODES; `horizon` for seq-mean-token-sum-norm
+    **params    the method's parameters (see `METHODS[method].params`)
+
+    bf16/fp16 inputs are computed in fp32. See `drpo.objectives.diagnostics` for the
+    metric names.
+    """
+    m = get_method(method)
+    resolved = m.resolve_params(params)
+    logp_c, old_c, adv_c, mask = _prepare(logp, old_logp, advantages, mask, validate=validate)
+    j, penalty = m.objective(logp_c, old_c, adv_c, **resolved)
+    loss = aggregate(-j, mask, agg, horizon=horizon)
+    metrics: dict[str, float] = {}
+    if with_metrics:
+        with torch.no_grad():
+            metrics = diagnostics(m, resolved, logp_c.detach(), old_c, adv_c, mask, penalty)
+            metrics["loss"] = float(loss.detach())
+    return loss, metrics
+
+
+def gradient_weight(method: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, **params: Any) -> Tensor:
+    """The closed-form gradient weight w_t with dJ/dlogp = A * r * w (no gradient).
+
+    `advantages` may be [batch, seq] or broadcastable to `logp`. Computed in fp32, or fp64
+    for fp64 inputs. For advantage_weighted=False the weight is undefined at A == 0 and is
+    reported as 1 there; `logp_gradient` gives the exact derivative everywhere.
+    """
+    m = get_method(method)
+    resolved = m.resolve_params(params)
+    dtype = _compute_dtype(logp, old_logp, advantages)
+    logp = logp.detach().to(dtype)
+    adv = torch.broadcast_to(advantages.detach().to(dtype), logp.shape)
+    return m.weight(logp, old_logp.detach().to(dtype), adv, **resolved)
+
+
+def logp_gradient(method: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, **params: Any) -> Tensor:
+    """Closed-form per-token dJ/dlogp. Equals A * r * w except for advantage_weighted=False
+    at A == 0, where the penalty's own gradient -mu*(r-1)*r/delta (DRPO) or
+    -(r-1)*r/eps (SPO) remains."""
+    from drpo.objectives.methods import ratio, tv_shift
+
+    m = get_method(method)
+    resolved = m.resolve_params(params)
+    dtype = _compute_dtype(logp, old_logp, advantages)
+    logp = logp.detach().to(dtype)
+    old = old_logp.detach().to(dtype)
+    adv = torch.broadcast_to(advantages.detach().to(dtype), logp.shape)
+    r = ratio(logp, old)
+    grad = adv * r * m.weight(logp, old, adv, **resolved)
+    if resolved.get("advantage_weighted") is False:
+        zero_adv = adv == 0
+        if method == "spo":
+            extra = -(r - 1) * r / resolved["eps"]
+        elif method in ("drpo", "mask_drpo"):
+            extra = -tv_shift(logp, old) * r / resolved["delta"]
+            if method == "mask_drpo":
+                extra = torch.zeros_like(extra)  # A == 0 is always inside the boundary
+        else:
+            extra = torch.zeros_like(r)
+        grad = torch.where(zero_adv, extra, grad)
+    return grad

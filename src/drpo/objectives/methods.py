@@ -1,0 +1,291 @@
+"""The trust-region methods: each a pure per-token objective paired with its closed-form
+gradient weight and its trust-region boundary.
+
+Notation (DESIGN.md section 1), per sampled response token:
+    mu = exp(old_logp)   behaviour (anchor) probability, detached
+    pi = exp(logp)       current policy probability, differentiable
+    r  = pi / mu         importance ratio, log-ratio clamped to +-LOG_RATIO_CLAMP
+    A  = advantage       detached
+    D  = pi - mu         signed Binary-TV shift
+
+Every method's gradient is `dJ/dlogp = A * r * w`; `w` is the method's gradient weight.
+
+Each method provides three pure functions of `[batch, seq]` tensors, all taking
+`(logp, old_logp, adv, **params)`:
+    objective -> (J, penalty): J is maximized (loss = -J); `penalty` is the explicit
+                 regularizer term subtracted from the surrogate (zeros if none).
+    weight    -> w, the closed-form gradient weight.
+    boundary  -> bool, tokens beyond the method's trust region in the harmful direction
+                 (where it stops or reverses a diverging push); None if the method has none.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from drpo.objectives.registry import register_method
+
+LOG_RATIO_CLAMP = 20.0
+
+
+def log_ratio(logp: Tensor, old_logp: Tensor) -> Tensor:
+    # Clamped before exp so one long-tail token cannot overflow the ratio.
+    return torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def ratio(logp: Tensor, old_logp: Tensor) -> Tensor:
+    return torch.exp(log_ratio(logp, old_logp))
+
+
+def tv_shift(logp: Tensor, old_logp: Tensor) -> Tensor:
+    """Signed Binary-TV shift D = pi - mu (no gradient)."""
+    return (logp.detach().exp() - old_logp.exp())
+
+
+def binary_kl(logp: Tensor, old_logp: Tensor) -> Tensor:
+    """Binary KL(mu || pi) over {sampled token, everything else} (no gradient)."""
+    pi = logp.detach().exp()
+    mu = old_logp.exp()
+    xlogy = torch.special.xlogy
+    return xlogy(mu, mu) - xlogy(mu, pi) + xlogy(1 - mu, 1 - mu) - xlogy(1 - mu, 1 - pi)
+
+
+def _zeros(x: Tensor) -> Tensor:
+    return torch.zeros_like(x)
+
+
+def _penalty_scale(adv: Tensor, advantage_weighted: bool) -> Tensor | float:
+    return adv.abs() if advantage_weighted else 1.0
+
+
+def _unweighted_weight(adv: Tensor, correction: Tensor) -> Tensor:
+    # With advantage_weighted=False the gradient is r*(A - correction), so w = 1 - correction/A.
+    # At A == 0 no finite weight reproduces it; we report 1 there (see `logp_gradient`).
+    safe = torch.where(adv == 0, torch.ones_like(adv), adv)
+    return torch.where(adv == 0, torch.ones_like(adv), 1 - correction / safe)
+
+
+# --------------------------------------------------------------------------- pg_is
+@register_method(
+    "pg_is",
+    params={},
+    formula="J = r*A",
+    weight_formula="w = 1",
+    description="Unregularized importance-sampled surrogate.",
+)
+class PgIs:
+    @staticmethod
+    def objective(logp, old_logp, adv):
+        r = ratio(logp, old_logp)
+        return r * adv, _zeros(r)
+
+    @staticmethod
+    def weight(logp, old_logp, adv):
+        return torch.ones_like(logp)
+
+    boundary = None
+
+
+# --------------------------------------------------------------------------- grpo
+@register_method(
+    "grpo",
+    params={"eps_low": 0.2, "eps_high": 0.2},
+    formula="J = min(r*A, clip(r, 1-eps_low, 1+eps_high)*A)",
+    weight_formula="w = 0 if (A>0 and r>1+eps_high) or (A<0 and r<1-eps_low) else 1",
+    description="PPO/GRPO ratio clipping (clip-higher: eps_high=0.28).",
+)
+class Grpo:
+    @staticmethod
+    def objective(logp, old_logp, adv, *, eps_low, eps_high):
+        r = ratio(logp, old_logp)
+        unclipped = r * adv
+        clipped = torch.clamp(r, 1 - eps_low, 1 + eps_high) * adv
+        j = torch.minimum(unclipped, clipped)
+        return j, unclipped.detach() - j.detach()
+
+    @staticmethod
+    def boundary(logp, old_logp, adv, *, eps_low, eps_high):
+        r = ratio(logp.detach(), old_logp)
+        return ((adv > 0) & (r > 1 + eps_high)) | ((adv < 0) & (r < 1 - eps_low))
+
+    @classmethod
+    def weight(cls, logp, old_logp, adv, *, eps_low, eps_high):
+        out = cls.boundary(logp, old_logp, adv, eps_low=eps_low, eps_high=eps_high)
+        return (~out).to(logp.dtype)
+
+
+# --------------------------------------------------------------------------- cispo
+@register_method(
+    "cispo",
+    params={"eps_high": 0.2},
+    formula="J = sg(min(r, 1+eps_high)) * A * log(pi)",
+    weight_formula="w = min(r, 1+eps_high) / r",
+    description="Clipped IS-weight policy optimization (MiniMax-M1).",
+)
+class Cispo:
+    @staticmethod
+    def objective(logp, old_logp, adv, *, eps_high):
+        r = ratio(logp, old_logp)
+        is_weight = torch.clamp(r, max=1 + eps_high).detach()
+        return is_weight * adv * logp, _zeros(r)
+
+    @staticmethod
+    def weight(logp, old_logp, adv, *, eps_high):
+        r = ratio(logp.detach(), old_logp)
+        return torch.clamp(r, max=1 + eps_high) / r
+
+    @staticmethod
+    def boundary(logp, old_logp, adv, *, eps_high):
+        r = ratio(logp.detach(), old_logp)
+        return (adv != 0) & (r > 1 + eps_high)
+
+
+# --------------------------------------------------------------------------- spo
+@register_method(
+    "spo",
+    params={"eps": 12.5, "advantage_weighted": True},
+    formula="J = r*A - |A|/(2*eps) * (r-1)^2",
+    weight_formula="w = 1 - sign(A)*(r-1)/eps   (unbounded as mu -> 0)",
+    description="Simple policy optimization: ratio-quadratic penalty (Pearson chi-square).",
+)
+class Spo:
+    @staticmethod
+    def objective(logp, old_logp, adv, *, eps, advantage_weighted):
+        r = ratio(logp, old_logp)
+        penalty = _penalty_scale(adv, advantage_weighted) * (r - 1) ** 2 / (2 * eps)
+        return r * adv - penalty, penalty.detach()
+
+    @staticmethod
+    def weight(logp, old_logp, adv, *, eps, advantage_weighted):
+        r = ratio(logp.detach(), old_logp)
+        if advantage_weighted:
+            return 1 - torch.sign(adv) * (r - 1) / eps
+        return _unweighted_weight(adv, (r - 1) / eps)
+
+    @staticmethod
+    def boundary(logp, old_logp, adv, *, eps, advantage_weighted):
+        r = ratio(logp.detach(), old_logp)
+        return ((adv > 0) & (r - 1 > eps)) | ((adv < 0) & (r - 1 < -eps))
+
+
+# --------------------------------------------------------------------------- dppo_tv
+def _tv_outside(logp, old_logp, adv, delta_low, delta_high):
+    d = tv_shift(logp, old_logp)
+    return ((adv > 0) & (d > delta_high)) | ((adv < 0) & (d < -delta_low))
+
+
+@register_method(
+    "dppo_tv",
+    params={"delta_low": 0.15, "delta_high": 0.15},
+    formula="J = M*r*A, M = sg(mask)",
+    weight_formula="w = 0 if (A>0 and D>delta_high) or (A<0 and D<-delta_low) else 1",
+    description="DPPO with a Binary-TV hard trust-region mask.",
+)
+class DppoTv:
+    @staticmethod
+    def objective(logp, old_logp, adv, *, delta_low, delta_high):
+        r = ratio(logp, old_logp)
+        outside = _tv_outside(logp, old_logp, adv, delta_low, delta_high)
+        return torch.where(outside, _zeros(r), r * adv), torch.where(outside, (r * adv).detach(), _zeros(r))
+
+    @staticmethod
+    def weight(logp, old_logp, adv, *, delta_low, delta_high):
+        return (~_tv_outside(logp, old_logp, adv, delta_low, delta_high)).to(logp.dtype)
+
+    @staticmethod
+    def boundary(logp, old_logp, adv, *, delta_low, delta_high):
+        return _tv_outside(logp, old_logp, adv, delta_low, delta_high)
+
+
+# --------------------------------------------------------------------------- dppo_kl
+def _kl_outside(logp, old_logp, adv, delta_low, delta_high):
+    kl = binary_kl(logp, old_logp)
+    d = tv_shift(logp, old_logp)
+    return ((adv > 0) & (d > 0) & (kl > delta_high)) | ((adv < 0) & (d < 0) & (kl > delta_low))
+
+
+@register_method(
+    "dppo_kl",
+    params={"delta_low": 0.05, "delta_high": 0.05},
+    formula="J = M*r*A, M = sg(mask), KL = mu*log(mu/pi) + (1-mu)*log((1-mu)/(1-pi))",
+    weight_formula="w = 0 if (A>0 and pi>mu and KL>delta_high) or (A<0 and pi<mu and KL>delta_low) else 1",
+    description="DPPO with a Binary-KL hard trust-region mask.",
+)
+class DppoKl:
+    @staticmethod
+    def objective(logp, old_logp, adv, *, delta_low, delta_high):
+        r = ratio(logp, old_logp)
+        outside = _kl_outside(logp, old_logp, adv, delta_low, delta_high)
+        return torch.where(outside, _zeros(r), r * adv), torch.where(outside, (r * adv).detach(), _zeros(r))
+
+    @staticmethod
+    def weight(logp, old_logp, adv, *, delta_low, delta_high):
+        return (~_kl_outside(logp, old_logp, adv, delta_low, delta_high)).to(logp.dtype)
+
+    @staticmethod
+    def boundary(logp, old_logp, adv, *, delta_low, delta_high):
+        return _kl_outside(logp, old_logp, adv, delta_low, delta_high)
+
+
+# --------------------------------------------------------------------------- drpo
+def _drpo_penalty(r, old_logp, adv, delta, advantage_weighted):
+    # |A| * mu * (r-1)^2 / (2 delta) == |A| * D^2 / (2 delta mu), written in r for autograd.
+    return _penalty_scale(adv, advantage_weighted) * old_logp.exp() * (r - 1) ** 2 / (2 * delta)
+
+
+def _drpo_weight(logp, old_logp, adv, delta, advantage_weighted):
+    d = tv_shift(logp, old_logp)
+    if advantage_weighted:
+        return 1 - torch.sign(adv) * d / delta
+    return _unweighted_weight(adv, d / delta)
+
+
+@register_method(
+    "drpo",
+    params={"delta": 12.5, "advantage_weighted": True},
+    formula="J = r*A - |A|*mu*(r-1)^2/(2*delta) = r*A - |A|*D^2/(2*delta*mu)",
+    weight_formula="w = 1 - sign(A)*D/delta, bounded in [1-1/delta, 1+1/delta]",
+    description="Divergence Regularized Policy Optimization: Binary-TV quadratic penalty.",
+)
+class Drpo:
+    @staticmethod
+    def objective(logp, old_logp, adv, *, delta, advantage_weighted):
+        r = ratio(logp, old_logp)
+        penalty = _drpo_penalty(r, old_logp, adv, delta, advantage_weighted)
+        return r * adv - penalty, penalty.detach()
+
+    @staticmethod
+    def weight(logp, old_logp, adv, *, delta, advantage_weighted):
+        return _drpo_weight(logp, old_logp, adv, delta, advantage_weighted)
+
+    @staticmethod
+    def boundary(logp, old_logp, adv, *, delta, advantage_weighted):
+        return _tv_outside(logp, old_logp, adv, delta, delta)
+
+
+# --------------------------------------------------------------------------- mask_drpo
+@register_method(
+    "mask_drpo",
+    params={"delta": 12.5, "advantage_weighted": True},
+    formula="J = r*A inside sign(A)*D <= delta, DRPO's J outside",
+    weight_formula="w = 1 if sign(A)*D <= delta else 1 - sign(A)*D/delta (negative)",
+    description="Ablation: DPPO's gradient inside the Binary-TV boundary, DRPO's outside.",
+)
+class MaskDrpo:
+    @staticmethod
+    def objective(logp, old_logp, adv, *, delta, advantage_weighted):
+        r = ratio(logp, old_logp)
+        outside = _tv_outside(logp, old_logp, adv, delta, delta)
+        penalty = torch.where(outside, _drpo_penalty(r, old_logp, adv, delta, advantage_weighted), _zeros(r))
+        return r * adv - penalty, penalty.detach()
+
+    @staticmethod
+    def weight(logp, old_logp, adv, *, delta, advantage_weighted):
+        outside = _tv_outside(logp, old_logp, adv, delta, delta)
+        w = _drpo_weight(logp, old_logp, adv, delta, advantage_weighted)
+        return torch.where(outside, w, torch.ones_like(w))
+
+    @staticmethod
+    def boundary(logp, old_logp, adv, *, delta, advantage_weighted):
+        return _tv_outside(logp, old_logp, adv, delta, delta)
