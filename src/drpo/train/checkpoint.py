@@ -1,0 +1,104 @@
+"""Checkpoints: written atomically (temp file, fsync, rename) with a SHA-256 sidecar, so a
+truncated or corrupt file is detected on load and the previous good one is used instead."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or corrupt."""
+
+
+def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:08d}.pt"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over `path`: readers
+    see the old file or the complete new one, never a partial write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], *, keep: int = 2) -> Path:
+    """Save `state` (model, optimizer, RNG states, step, data position...) as step_<step>.pt
+    plus step_<step>.pt.json holding its size and SHA-256; prune to the newest `keep`."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    path = checkpoint_path(ckpt_dir, step)
+    atomic_write_bytes(path, data)
+    meta = {"step": step, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    # The sidecar is written last: a checkpoint without one is incomplete.
+    atomic_write_bytes(path.with_name(path.name + ".json"), json.dumps(meta).encode())
+    for old in list_checkpoints(ckpt_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+        old.with_name(old.name + ".json").unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint files, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and verify one checkpoint; CheckpointError says what is wrong with it."""
+    path = Path(path)
+    meta_path = path.with_name(path.name + ".json")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not meta_path.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: its checksum file {meta_path.name} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+        expected_size, expected_sha = int(meta["bytes"]), str(meta["sha256"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: checksum file {meta_path.name} is unreadable ({err})") from None
+    data = path.read_bytes()
+    if len(data) != expected_size:
+        raise CheckpointError(f"checkpoint {path} is truncated: {len(data)} bytes, expected {expected_size}")
+    actual_sha = hashlib.sha256(data).hexdigest()
+    if actual_sha != expected_sha:
+        raise CheckpointError(f"checkpoint {path} is corrupt: sha256 {actual_sha[:16]}... != recorded {expected_sha[:16]}...")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as err:  # a valid checksum of a bad payload (written by something else)
+        raise CheckpointError(f"checkpoint {path} cannot be unpickled: {err}") from None
+
+
+def load_latest_checkpoint(ckpt_dir: Path, warn=print) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that verifies, skipping (and reporting through `warn`) corrupt
+    ones; None when there is none. Raises CheckpointError if checkpoints exist but all are bad."""
+    candidates = list_checkpoints(ckpt_dir)
+    errors = []
+    for path in reversed(candidates):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as err:
+            errors.append(str(err))
+            warn(f"warning: {err}; falling back to the previous checkpoint")
+    if candidates:
+        raise CheckpointError("no usable checkpoint in " + str(ckpt_dir) + ":\n  " + "\n  ".join(errors))
+    return None

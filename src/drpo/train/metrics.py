@@ -1,0 +1,122 @@
+"""Per-step metrics: one JSON object per line in metrics.jsonl, the same scalars in
+TensorBoard, and a PNG of the curves at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# Wall-clock dependent keys: everything else in metrics.jsonl is a function of config + seed.
+TIMING_KEYS = ("time/rollout", "time/reward", "time/update", "time/step", "tokens/per_second")
+
+# Curves in the end-of-run PNG, in panel order.
+PLOT_KEYS = (
+    "reward/mean",
+    "eval/accuracy",
+    "mismatch/abs_log_ratio",
+    "objective/kept_grad_mass",
+    "objective/weight_mean",
+    "response/length",
+    "grad_norm",
+    "objective/loss",
+)
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no inf/nan: write them as strings so the line stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    return rows
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, keep rows up to `last_step` (the checkpoint's step): rows logged after the
+    checkpoint are recomputed, so keeping them would duplicate steps. A torn last line
+    (killed mid-write) is dropped for the same reason."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # only the final line can be torn; everything after it is post-checkpoint anyway
+        if row.get("step", math.inf) <= last_step:
+            kept.append(line)
+    path.write_text("".join(k + "\n" for k in kept))
+
+
+class MetricsLogger:
+    """Appends rows to metrics.jsonl and TensorBoard."""
+
+    def __init__(self, out_dir: Path, *, tensorboard: bool = True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        step = int(row["step"])
+        self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def plot_curves(rows: list[dict[str, Any]], png_path: Path, title: str = "") -> Path:
+    """One panel per key in PLOT_KEYS that the rows contain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in PLOT_KEYS if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    if not keys:
+        raise ValueError("no plottable metrics in the rows")
+    cols = 4
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return png_path
