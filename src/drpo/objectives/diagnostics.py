@@ -101,7 +101,7 @@ def diagnostics(
 
     values = {
         "tokens": mask.sum().to(r.dtype),
-        "ratio_mean": _masked_mean(r, mask),
+        "ratio_mean": _masked_mean(r, mask) if bool(mask.any()) else torch.tensor(1.0),
         "ratio_min": _masked_extreme(r, mask, torch.min, 1.0),
         "ratio_max": _masked_extreme(r, mask, torch.max, 1.0),
         "abs_log_ratio": _masked_mean(lr.abs(), mask),
