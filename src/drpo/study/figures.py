@@ -1,0 +1,161 @@
+"""Figures of a comparison study (matplotlib, Agg backend): one panel per setting, one colour
+per objective variant, kept the same in every figure.
+
+- accuracy.png: eval accuracy over steps, mean over seeds, band = min..max over seeds
+- mismatch.png: training-inference mismatch mean |log(pi/mu)| over steps
+- beyond_boundary.png: fraction of tokens beyond the method's trust-region boundary
+- weights.png: how each method weighted its tokens' gradients (stacked fractions)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from drpo.study.stats import MISMATCH, series  # noqa: E402
+
+# weight categories over tokens with A != 0 (DESIGN.md section 2); what is left has w == 1
+WEIGHT_PARTS = (
+    ("objective/weight_zero_frac", "w = 0 (masked/clipped)", "#444444"),
+    ("objective/weight_attenuated_frac", "0 < w < 1 (attenuated)", "#6baed6"),
+    (None, "w = 1 (untouched)", "#e5e5e5"),
+    ("objective/weight_amplified_frac", "w > 1 (amplified)", "#fd8d3c"),
+    ("objective/weight_corrective_frac", "w < 0 (corrective)", "#d62728"),
+)
+BEYOND = ("objective/beyond_boundary_pos_frac", "objective/beyond_boundary_neg_frac")
+
+
+def variant_colors(variants: Sequence[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
+    return {v: cmap(i % cmap.N) for i, v in enumerate(variants)}
+
+
+def _panels(n: int, width: float = 4.6, height: float = 3.3):
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.9), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _legend(fig, handles_labels: dict) -> None:
+    handles, labels = list(handles_labels.values()), list(handles_labels)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False, fontsize=9)
+
+
+def _mean_curve(curves: Sequence[tuple[list[int], list[float]]]):
+    """Mean, min and max over seeds at the steps every seed logged."""
+    common = set(curves[0][0])
+    for steps, _ in curves[1:]:
+        common &= set(steps)
+    steps = sorted(common)
+    lookup = [dict(zip(s, v)) for s, v in curves]
+    vals = [[d[s] for d in lookup] for s in steps]
+    return steps, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
+def _curve_figure(groups: Mapping[str, Mapping[str, list]], key: str | tuple[str, ...], ylabel: str,
+                  title: str, colors: Mapping[str, tuple], path: Path, *, band: bool, logy: bool = False,
+                  setting_titles: Mapping[str, str] | None = None) -> Path:
+    fig, axes = _panels(len(groups))
+    legend = {}
+    for ax, (setting, by_variant) in zip(axes, groups.items()):
+        for variant, rows_per_seed in by_variant.items():
+            curves = [_metric_curve(rows, key) for rows in rows_per_seed]
+            curves = [c for c in curves if c[0]]
+            if not curves:
+                continue
+            steps, mean, lo, hi = _mean_curve(curves)
+            if not steps:
+                continue
+            (line,) = ax.plot(steps, mean, color=colors[variant], lw=1.6, marker="." if len(steps) < 12 else None)
+            if band and len(curves) > 1:
+                ax.fill_between(steps, lo, hi, color=colors[variant], alpha=0.15, lw=0)
+            legend.setdefault(variant, line)
+        ax.set_title((setting_titles or {}).get(setting, setting), fontsize=10)
+        ax.set_xlabel("training step (rollout batches)")
+        ax.set_ylabel(ylabel)
+        if logy:
+            ax.set_yscale("symlog", linthresh=1e-4)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=12)
+    _legend(fig, legend)
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(legend) > 6), 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _metric_curve(rows, key):
+    if isinstance(key, tuple):  # mean of several metrics (e.g. the two beyond-boundary fractions)
+        parts = [dict(zip(*series(rows, k))) for k in key]
+        steps = sorted(set.intersection(*(set(p) for p in parts)))
+        return steps, [sum(p[s] for p in parts) / len(parts) for s in steps]
+    return series(rows, key)
+
+
+def accuracy_figure(groups, colors, path: Path, setting_titles=None) -> Path:
+    return _curve_figure(groups, "eval/accuracy", "eval accuracy (fraction correct)",
+                         "Eval accuracy (mean over seeds; band = min..max over seeds)", colors, path,
+                         band=True, setting_titles=setting_titles)
+
+
+def mismatch_figure(groups, colors, path: Path, setting_titles=None) -> Path:
+    return _curve_figure(groups, MISMATCH, "mean |log(pi/mu)| (nats)",
+                         "Training-inference mismatch per step (mean over seeds)", colors, path,
+                         band=False, logy=True, setting_titles=setting_titles)
+
+
+def beyond_boundary_figure(groups, colors, path: Path, setting_titles=None) -> Path:
+    return _curve_figure(groups, BEYOND, "fraction of tokens beyond boundary",
+                         "Tokens beyond the trust-region boundary in the harmful direction "
+                         "(mean of A>0 and A<0 fractions; pg_is has no boundary)", colors, path,
+                         band=False, setting_titles=setting_titles)
+
+
+def weight_fractions(rows_per_seed: Sequence[Sequence[Mapping]]) -> dict[str, float]:
+    """Mean over seeds and steps of each weight category; the remainder is w == 1."""
+    out: dict[str, float] = {}
+    for key, label, _ in WEIGHT_PARTS:
+        if key is None:
+            continue
+        vals = [v for rows in rows_per_seed for v in series(rows, key)[1]]
+        out[label] = sum(vals) / len(vals) if vals else float("nan")
+    known = [v for v in out.values() if not math.isnan(v)]
+    out[WEIGHT_PARTS[2][1]] = max(0.0, 1.0 - sum(known)) if known else float("nan")
+    return out
+
+
+def weights_figure(groups, path: Path, setting_titles=None) -> Path:
+    n = len(groups)
+    nvar = max(len(v) for v in groups.values())
+    fig, axes = _panels(n, width=5.2, height=0.9 + 0.32 * nvar)
+    legend = {}
+    for ax, (setting, by_variant) in zip(axes, groups.items()):
+        names = list(by_variant)
+        fracs = [weight_fractions(by_variant[v]) for v in names]
+        left = [0.0] * len(names)
+        for _, label, color in WEIGHT_PARTS:
+            widths = [0.0 if math.isnan(f[label]) else f[label] for f in fracs]
+            bars = ax.barh(names, widths, left=left, color=color, edgecolor="white", lw=0.5)
+            legend.setdefault(label, bars)
+            left = [a + b for a, b in zip(left, widths)]
+        ax.set_xlim(0, 1)
+        ax.invert_yaxis()
+        ax.set_title((setting_titles or {}).get(setting, setting), fontsize=10)
+        ax.set_xlabel("fraction of tokens with A != 0 (mean over steps and seeds)")
+        ax.tick_params(axis="y", labelsize=8)
+    fig.suptitle("Gradient weight w per token: how each objective treats its tokens", fontsize=12)
+    _legend(fig, legend)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

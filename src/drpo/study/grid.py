@@ -1,0 +1,243 @@
+"""The comparison grid: settings x method variants x seeds, expanded into one `drpo train`
+run each. A grid is plain data (a preset in `drpo.study.presets` or a YAML file with the same
+fields), validated here so that a typo fails before an hour of runs starts:
+
+    name: my-grid
+    base: {train.steps: 20, train.eval_every: 5}       # `--set` overrides for every run
+    settings:                                          # mismatch settings (rows of the study)
+      fp32: {rollout.precision: fp32}
+      bf16: {rollout.precision: bf16}
+    methods: [grpo, drpo, {name: drpo-d0.15, method: drpo, params: {delta: 0.15}}]
+    seeds: [0, 1, 2]
+    sweeps:                                            # extra variants on a subset of settings
+      - settings: [bf16]
+        variants: [{name: drpo-noadv, method: drpo, params: {advantage_weighted: false}}]
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from drpo.objectives import get_method
+
+# run ids become directory names: keep them portable and unambiguous
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+# keys the grid itself owns: a setting or `base` must not set them behind its back
+_GRID_KEYS = ("seed", "objective.method")
+_GRID_PREFIXES = ("objective.params.",)
+
+Scalar = str | int | float | bool | None
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or "__" in name:
+        raise ValueError(
+            f"{kind} name {name!r} must be letters, digits, '.', '_', '+', '-' (no '__', no leading symbol)"
+        )
+    return name
+
+
+def _check_overrides(where: str, overrides: Mapping[str, Any]) -> dict[str, Scalar]:
+    out: dict[str, Scalar] = {}
+    for key, value in overrides.items():
+        if not isinstance(key, str) or not _KEY_RE.match(key):
+            raise ValueError(f"{where}: override key {key!r} must be a dotted config path like 'optim.lr'")
+        if key in _GRID_KEYS or key.startswith(_GRID_PREFIXES):
+            raise ValueError(
+                f"{where}: override key {key!r} is set by the grid itself (use `methods`/`sweeps`/`seeds`)"
+            )
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise ValueError(f"{where}: override {key!r} must be a scalar, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}: override {key!r} must be finite, got {value!r}")
+        out[key] = value
+    return out
+
+
+class Variant(BaseModel):
+    """One objective configuration: a registered method with parameter overrides."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    method: str
+    params: dict[str, float | bool] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name("variant", v)
+
+    @model_validator(mode="after")
+    def _known(self) -> "Variant":
+        try:
+            get_method(self.method).resolve_params(self.params)
+        except ValueError as err:
+            raise ValueError(f"variant {self.name!r}: {err}") from None
+        return self
+
+
+def _as_variant(entry: Any) -> Any:
+    # a bare method name means "that method with its registered defaults"
+    if isinstance(entry, str):
+        return {"name": entry, "method": entry}
+    return entry
+
+
+class Sweep(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    settings: list[str]
+    variants: list[Variant]
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _variants(cls, v: Any) -> Any:
+        return [_as_variant(e) for e in v] if isinstance(v, list) else v
+
+
+class Grid(BaseModel):
+    """A validated comparison grid."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    base: dict[str, Scalar] = Field(default_factory=dict)
+    settings: dict[str, dict[str, Scalar]]
+    setting_notes: dict[str, str] = Field(default_factory=dict)
+    methods: list[Variant]
+    seeds: list[int]
+    sweeps: list[Sweep] = Field(default_factory=list)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods(cls, v: Any) -> Any:
+        return [_as_variant(e) for e in v] if isinstance(v, list) else v
+
+    @field_validator("name")
+    @classmethod
+    def _gname(cls, v: str) -> str:
+        return _check_name("grid", v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Grid":
+        _check_overrides("base", self.base)
+        if not self.settings:
+            raise ValueError("settings: at least one setting is required")
+        for name, ov in self.settings.items():
+            _check_name("setting", name)
+            _check_overrides(f"settings.{name}", ov)
+        unknown_notes = sorted(set(self.setting_notes) - set(self.settings))
+        if unknown_notes:
+            raise ValueError(f"setting_notes: unknown setting(s) {unknown_notes}")
+        if not self.methods:
+            raise ValueError("methods: at least one method is required")
+        if not self.seeds:
+            raise ValueError("seeds: at least one seed is required")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: duplicates in {self.seeds}")
+        if any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds: must be >= 0, got {self.seeds}")
+        names = [v.name for v in self.methods]
+        for i, sweep in enumerate(self.sweeps):
+            for s in sweep.settings:
+                if s not in self.settings:
+                    raise ValueError(f"sweeps[{i}].settings: unknown setting {s!r}; known: {sorted(self.settings)}")
+            names += [v.name for v in sweep.variants]
+        # the same variant name must always mean the same objective
+        seen: dict[str, Variant] = {}
+        for v in self.methods + [v for sw in self.sweeps for v in sw.variants]:
+            if v.name in seen and seen[v.name] != v:
+                raise ValueError(f"variant name {v.name!r} is defined twice with different method/params")
+            seen[v.name] = v
+        return self
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One `drpo train` run of the grid."""
+
+    run_id: str
+    setting: str
+    variant: Variant
+    seed: int
+    overrides: dict[str, Scalar]  # every `--set key=value` passed to `drpo train`
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "setting": self.setting,
+            "variant": self.variant.name,
+            "method": self.variant.method,
+            "params": dict(self.variant.params),
+            "seed": self.seed,
+            "overrides": dict(self.overrides),
+        }
+
+
+def run_id(setting: str, variant: str, seed: int) -> str:
+    return f"{setting}__{variant}__s{seed}"
+
+
+def expand(grid: Grid) -> list[RunSpec]:
+    """All runs of the grid, settings-major, seed-minor; each (setting, variant, seed) once."""
+    cells: list[tuple[str, Variant]] = [(s, v) for s in grid.settings for v in grid.methods]
+    for sweep in grid.sweeps:
+        for s in sweep.settings:
+            cells += [(s, v) for v in sweep.variants]
+    runs: list[RunSpec] = []
+    seen: set[str] = set()
+    for setting, variant in cells:
+        for seed in grid.seeds:
+            rid = run_id(setting, variant.name, seed)
+            if rid in seen:  # a sweep may repeat a main-grid variant: run it once
+                continue
+            seen.add(rid)
+            overrides: dict[str, Scalar] = dict(grid.base)
+            overrides.update(grid.settings[setting])
+            overrides["seed"] = seed
+            overrides["objective.method"] = variant.method
+            for key, value in variant.params.items():
+                overrides[f"objective.params.{key}"] = value
+            runs.append(RunSpec(rid, setting, variant, seed, overrides))
+    return runs
+
+
+def parse_grid(data: Any, source: str = "grid") -> Grid:
+    """Validate grid data; errors name the source and the offending field."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a grid must be a mapping, got {type(data).__name__}")
+    try:
+        return Grid.model_validate(data)
+    except ValidationError as err:
+        lines = [f"{source}: invalid grid"]
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+        raise ValueError("\n".join(lines)) from None
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ValueError(f"grid file {str(path)!r}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"grid file {str(path)!r}: not valid YAML: {err}") from None
+    return parse_grid(data, source=str(path))
+
+
+def format_value(value: Scalar) -> str:
+    """A `--set` value that YAML parses back to the same scalar."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)

@@ -1,0 +1,375 @@
+"""`drpo report RESULTS_DIR`: read every run of a comparison study and write a summary table
+per setting (Markdown, JSON, CSV), the figures (PNG) and one self-contained HTML page.
+
+Every run of the grid appears: finished runs in the tables, unfinished or failed ones in a
+list of their own, so nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from drpo.study import figures
+from drpo.study.runner import LOG, RECORD, SUMMARY
+from drpo.study.stats import (
+    COLLAPSE_FRAC,
+    CellStats,
+    RunStats,
+    cell_stats,
+    default_target,
+    is_collapsed,
+    run_stats,
+)
+
+
+@dataclass
+class Run:
+    run_id: str
+    setting: str
+    variant: str
+    method: str
+    seed: int
+    record: dict
+    rows: list[dict]
+    finished: bool
+    summary: dict | None
+
+
+@dataclass
+class Study:
+    root: Path
+    grid: dict
+    runs: list[Run]
+    settings: list[str] = field(default_factory=list)  # in grid order
+    variants: list[str] = field(default_factory=list)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Parse metrics.jsonl; a malformed line is an error naming the file and line number,
+    except a truncated last line of an unfinished run (the process was killed mid-write)."""
+    rows: list[dict] = []
+    if not path.is_file():
+        return rows
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == len(lines) and not (path.parent / SUMMARY).is_file():
+                break  # half-written tail of a killed run; the rerun rewrites it
+            raise ValueError(f"{path}:{i}: malformed metrics line ({err.msg}): {line[:80]!r}") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise ValueError(f"{path}:{i}: a metrics line must be an object with a 'step' field, got {line[:80]!r}")
+        rows.append(row)
+    return rows
+
+
+def load_study(root: str | Path) -> Study:
+    root = Path(root)
+    runs_dir = root / "runs"
+    if not runs_dir.is_dir():
+        raise ValueError(f"{root}: not a study results directory (no runs/ folder; make one with `drpo compare`)")
+    grid_file = root / "grid.yaml"
+    grid = yaml.safe_load(grid_file.read_text()) if grid_file.is_file() else {}
+    runs = []
+    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        rec_path = d / RECORD
+        if not rec_path.is_file():
+            raise ValueError(f"{d}: run directory without {RECORD}; was it made by `drpo compare`?")
+        rec = json.loads(rec_path.read_text())
+        for key in ("run_id", "setting", "variant", "method", "seed"):
+            if key not in rec:
+                raise ValueError(f"{rec_path}: missing field {key!r}")
+        finished = (d / SUMMARY).is_file()
+        summary = json.loads((d / SUMMARY).read_text()) if finished else None
+        runs.append(Run(rec["run_id"], rec["setting"], rec["variant"], rec["method"], int(rec["seed"]), rec,
+                        read_metrics(d / "metrics.jsonl"), finished, summary))
+    if not runs:
+        raise ValueError(f"{root}: no runs under runs/")
+    settings = [s for s in grid.get("settings", {}) if any(r.setting == s for r in runs)]
+    settings += sorted({r.setting for r in runs} - set(settings))
+    order = [v["name"] for v in grid.get("methods", [])]
+    order += [v["name"] for sw in grid.get("sweeps", []) for v in sw.get("variants", [])]
+    variants = list(dict.fromkeys(v for v in order if any(r.variant == v for r in runs)))
+    variants += sorted({r.variant for r in runs} - set(variants))
+    return Study(root, grid, runs, settings, variants)
+
+
+def _wall(run: Run) -> float:
+    if run.record.get("wall_s"):
+        return float(run.record["wall_s"])
+    for key in ("wall_s", "time_s", "elapsed_s"):
+        if run.summary and isinstance(run.summary.get(key), (int, float)):
+            return float(run.summary[key])
+    return float("nan")
+
+
+@dataclass
+class Tables:
+    cells: dict[str, list[CellStats]]  # setting -> cells in variant order
+    targets: dict[str, float]
+    runs: list[RunStats]
+    unfinished: list[Run]
+
+
+def compute_tables(study: Study, target: float | None = None, collapse_frac: float = COLLAPSE_FRAC) -> Tables:
+    stats = [run_stats(r.run_id, r.setting, r.variant, r.seed, r.rows, _wall(r)) for r in study.runs if r.finished]
+    unfinished = [r for r in study.runs if not r.finished]
+    cells: dict[str, list[CellStats]] = {}
+    targets: dict[str, float] = {}
+    for setting in study.settings:
+        in_setting = [s for s in stats if s.setting == setting]
+        if not in_setting:
+            continue
+        by_variant = {v: [s for s in in_setting if s.variant == v] for v in study.variants}
+        by_variant = {v: rs for v, rs in by_variant.items() if rs}
+        if target is None:
+            init = sum(s.initial_acc for s in in_setting) / len(in_setting)
+            finals = [sum(r.final_acc for r in rs) / len(rs) for rs in by_variant.values()]
+            targets[setting] = default_target(init, finals)
+        else:
+            targets[setting] = target
+        cells[setting] = [cell_stats(rs, targets[setting], collapse_frac) for rs in by_variant.values()]
+    return Tables(cells, targets, stats, unfinished)
+
+
+def _pm(ms: tuple[float, float], digits: int = 3) -> str:
+    m, s = ms
+    if math.isnan(m):
+        return "n/a"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return format(x, fmt)
+
+
+TABLE_HEADER = ("method", "seeds", "final acc", "best acc", "AUC", "steps to target", "collapsed",
+                "mean abs log-ratio", "wall s/run", "tokens/s")
+
+
+def cell_row(c: CellStats) -> list[str]:
+    steps = "never" if c.steps_to_target is None else f"{c.steps_to_target:g}"
+    return [
+        c.variant,
+        str(c.n),
+        _pm(c.final),
+        _pm(c.best),
+        _pm(c.auc),
+        f"{steps} ({c.reached}/{c.n})",
+        f"{'yes' if c.collapsed else 'no'} ({c.collapsed}/{c.n})",
+        _num(c.mean_mismatch, ".2e"),
+        _num(c.wall_s, ".1f"),
+        _num(c.tokens_per_s, ".0f"),
+    ]
+
+
+def _setting_title(study: Study, setting: str) -> str:
+    ov = study.grid.get("settings", {}).get(setting, {})
+    note = study.grid.get("setting_notes", {}).get(setting, "")
+    desc = ", ".join(f"{k}={v}" for k, v in ov.items())
+    return f"{setting}: {note}" if note else (f"{setting} ({desc})" if desc else setting)
+
+
+def definitions(collapse_frac: float, target: float | None) -> list[str]:
+    tgt = (f"a fixed target accuracy of {target:g}" if target is not None else
+           "a per-setting target = warm-start accuracy + half of the best method's mean gain in that setting")
+    return [
+        "final / best acc: last / highest eval accuracy of a run (step 0 is the warm start); "
+        "mean ± sample std over seeds.",
+        "AUC: area under the eval-accuracy curve divided by the step span (time-averaged accuracy, 0..1).",
+        f"steps to target: median over seeds of the first eval step with accuracy >= target, using {tgt}; "
+        "(k/n) seeds reached it.",
+        f"collapsed: a run collapsed if its final accuracy is below {collapse_frac:g} x its warm-start accuracy, "
+        "or it logged a non-finite loss, grad norm or accuracy; (k/n) seeds collapsed.",
+        "mean abs log-ratio: mean over steps of the mean |log(pi/mu)| over response tokens "
+        "(the training-inference mismatch the objective saw).",
+        "wall s/run: wall-clock of the run's process(es); tokens/s: generated tokens / wall-clock.",
+    ]
+
+
+def _fig_paths(out: Path) -> dict[str, Path]:
+    fig_dir = out / "figures"
+    return {name: fig_dir / f"{name}.png" for name in ("accuracy", "mismatch", "beyond_boundary", "weights")}
+
+
+def make_figures(study: Study, out: Path) -> dict[str, Path]:
+    paths = _fig_paths(out)
+    paths["accuracy"].parent.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, dict[str, list]] = {}
+    for setting in study.settings:
+        by_variant = {}
+        for v in study.variants:
+            rows = [r.rows for r in study.runs if r.setting == setting and r.variant == v and r.finished]
+            if rows:
+                by_variant[v] = rows
+        if by_variant:
+            groups[setting] = by_variant
+    if not groups:
+        return {}
+    colors = figures.variant_colors(study.variants)
+    titles = {s: s for s in groups}
+    figures.accuracy_figure(groups, colors, paths["accuracy"], titles)
+    figures.mismatch_figure(groups, colors, paths["mismatch"], titles)
+    figures.beyond_boundary_figure(groups, colors, paths["beyond_boundary"], titles)
+    figures.weights_figure(groups, paths["weights"], titles)
+    return paths
+
+
+FIGURE_CAPTIONS = {
+    "accuracy": "Eval accuracy over training steps per setting (mean over seeds, band = min..max over seeds).",
+    "mismatch": "Training-inference mismatch mean |log(pi/mu)| over steps (mean over seeds).",
+    "beyond_boundary": "Fraction of tokens beyond each method's trust-region boundary in the harmful direction.",
+    "weights": "Gradient-weight categories per method (fractions of tokens with A != 0, mean over steps and seeds).",
+}
+
+
+def render_markdown(study: Study, tables: Tables, figs: Mapping[str, Path], out: Path, *,
+                    collapse_frac: float, target: float | None, command: str | None) -> str:
+    n_total = len(study.runs)
+    lines = [f"# Comparison study: {study.grid.get('name', study.root.name)}", ""]
+    if study.grid.get("description"):
+        lines += [study.grid["description"], ""]
+    if command:
+        lines += ["Produced by:", "", "```", command, "```", ""]
+    lines += [f"Runs: {n_total - len(tables.unfinished)} finished of {n_total} "
+              f"({len(study.settings)} settings, {len(study.variants)} objective variants).", ""]
+    lines += ["## Definitions", ""] + [f"- {d}" for d in definitions(collapse_frac, target)] + [""]
+    lines += ["## Summary per setting", ""]
+    for setting, cells in tables.cells.items():
+        lines += [f"### {_setting_title(study, setting)}", "",
+                  f"Target accuracy: {tables.targets[setting]:.3f}; warm-start accuracy "
+                  f"{_pm(_initial(cells))}.", ""]
+        lines.append("| " + " | ".join(TABLE_HEADER) + " |")
+        lines.append("|" + "|".join("---" for _ in TABLE_HEADER) + "|")
+        lines += ["| " + " | ".join(cell_row(c)) + " |" for c in cells]
+        lines.append("")
+    if figs:
+        lines += ["## Figures", ""]
+        for name, path in figs.items():
+            lines += [f"**{FIGURE_CAPTIONS[name]}**", "", f"![{name}]({path.relative_to(out).as_posix()})", ""]
+    lines += ["## Per-run results", "",
+              "| run | final acc | best acc | AUC | collapsed | mean abs log-ratio | wall s |",
+              "|---|---|---|---|---|---|---|"]
+    for r in tables.runs:
+        col = is_collapsed(r.initial_acc, r.final_acc, diverged=r.diverged, collapse_frac=collapse_frac)
+        lines.append(f"| {r.run_id} | {r.final_acc:.3f} | {r.best_acc:.3f} | {r.auc:.3f} | "
+                     f"{'yes' if col else 'no'} | {_num(r.mean_mismatch, '.2e')} | {_num(r.wall_s, '.1f')} |")
+    lines.append("")
+    if tables.unfinished:
+        lines += ["## Unfinished or failed runs", "",
+                  "These runs have no summary.json and are left out of the tables above; "
+                  "`drpo compare` with the same arguments reruns them.", ""]
+        for r in tables.unfinished:
+            err = r.record.get("error") or r.record.get("status", "pending")
+            lines.append(f"- {r.run_id}: {err} (log: runs/{r.run_id}/{LOG})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _initial(cells: Sequence[CellStats]) -> tuple[float, float]:
+    # every cell starts from the same warm start; report the mean of the cell means
+    ms = [c.initial[0] for c in cells]
+    m = sum(ms) / len(ms)
+    return m, max(c.initial[1] for c in cells)
+
+
+def render_html(markdown_title: str, study: Study, tables: Tables, figs: Mapping[str, Path], *,
+                collapse_frac: float, target: float | None, command: str | None) -> str:
+    esc = html.escape
+    parts = ["<!doctype html><html><head><meta charset='utf-8'>",
+             f"<title>{esc(markdown_title)}</title><style>",
+             "body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}",
+             "table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.9em}",
+             "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}",
+             "td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}",
+             "pre{background:#f6f6f6;padding:0.6em;overflow-x:auto}.yes{color:#b00;font-weight:600}",
+             "</style></head><body>", f"<h1>{esc(markdown_title)}</h1>"]
+    if study.grid.get("description"):
+        parts.append(f"<p>{esc(study.grid['description'])}</p>")
+    if command:
+        parts.append(f"<p>Produced by:</p><pre>{esc(command)}</pre>")
+    parts.append(f"<p>Runs: {len(study.runs) - len(tables.unfinished)} finished of {len(study.runs)}.</p>")
+    parts.append("<h2>Definitions</h2><ul>" + "".join(f"<li>{esc(d)}</li>" for d in
+                                                       definitions(collapse_frac, target)) + "</ul>")
+    parts.append("<h2>Summary per setting</h2>")
+    for setting, cells in tables.cells.items():
+        parts.append(f"<h3>{esc(_setting_title(study, setting))}</h3>")
+        parts.append(f"<p>Target accuracy {tables.targets[setting]:.3f}; warm-start accuracy "
+                     f"{esc(_pm(_initial(cells)))}.</p>")
+        parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in TABLE_HEADER) + "</tr>")
+        for c in cells:
+            row = cell_row(c)
+            cls = [" class='yes'" if i == 6 and c.collapsed else "" for i in range(len(row))]
+            parts.append("<tr>" + "".join(f"<td{k}>{esc(v)}</td>" for v, k in zip(row, cls)) + "</tr>")
+        parts.append("</table>")
+    if figs:
+        parts.append("<h2>Figures</h2>")
+        for name, path in figs.items():
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            parts.append(f"<h3>{esc(FIGURE_CAPTIONS[name])}</h3><img alt='{name}' src='data:image/png;base64,{data}'>")
+    if tables.unfinished:
+        parts.append("<h2>Unfinished or failed runs</h2><ul>")
+        for r in tables.unfinished:
+            err = r.record.get("error") or r.record.get("status", "pending")
+            parts.append(f"<li>{esc(r.run_id)}: {esc(str(err))}</li>")
+        parts.append("</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _cell_json(c: CellStats) -> dict[str, Any]:
+    d = asdict(c)
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+def write_report(root: str | Path, out: str | Path | None = None, *, target: float | None = None,
+                 collapse_frac: float = COLLAPSE_FRAC, command: str | None = None) -> dict[str, Path]:
+    """Write report.md, report.html, summary.json, summary.csv and figures/*.png under `out`
+    (default RESULTS_DIR/report). Returns the written paths by name."""
+    if not 0 < collapse_frac <= 1:
+        raise ValueError(f"collapse_frac must be in (0, 1], got {collapse_frac}")
+    if target is not None and not 0 <= target <= 1:
+        raise ValueError(f"target must be an accuracy in [0, 1], got {target}")
+    study = load_study(root)
+    out = Path(out) if out is not None else study.root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    if command is None:
+        cmd_file = study.root / "command.txt"
+        command = cmd_file.read_text().strip().splitlines()[-1] if cmd_file.is_file() else None
+    tables = compute_tables(study, target, collapse_frac)
+    figs = make_figures(study, out)
+    title = f"Comparison study: {study.grid.get('name', study.root.name)}"
+    md = render_markdown(study, tables, figs, out, collapse_frac=collapse_frac, target=target, command=command)
+    page = render_html(title, study, tables, figs, collapse_frac=collapse_frac, target=target, command=command)
+    paths = {"markdown": out / "report.md", "html": out / "report.html", "json": out / "summary.json",
+             "csv": out / "summary.csv", **{f"figure:{k}": v for k, v in figs.items()}}
+    paths["markdown"].write_text(md)
+    paths["html"].write_text(page)
+    paths["json"].write_text(json.dumps({
+        "grid": study.grid.get("name"),
+        "collapse_frac": collapse_frac,
+        "targets": tables.targets,
+        "cells": [_cell_json(c) for cells in tables.cells.values() for c in cells],
+        "unfinished": [r.run_id for r in tables.unfinished],
+    }, indent=2) + "\n")
+    with paths["csv"].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["setting", *TABLE_HEADER])
+        for setting, cells in tables.cells.items():
+            for c in cells:
+                w.writerow([setting, *cell_row(c)])
+    return paths

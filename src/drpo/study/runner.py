@@ -1,0 +1,255 @@
+"""Run a grid of `drpo train` processes into one results directory, resumably.
+
+Layout written under OUT:
+
+    OUT/grid.yaml                  the grid that was asked for (kept for the report)
+    OUT/runs/<run_id>/study_run.json   what this run is (setting, variant, seed, overrides)
+                                       and how it went (attempts, rc, wall_s)
+    OUT/runs/<run_id>/train.log    stdout+stderr of every attempt
+    OUT/runs/<run_id>/...          everything `drpo train --out` writes; summary.json last
+
+A run is finished iff its summary.json exists (the trainer writes it last), so a restart
+skips finished runs and reruns the others, with `--resume` when the run left a checkpoint.
+Each run is its own process (one torch thread each by default) so a crash or a NaN in one
+run cannot take the study down, and `workers` of them run at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+from tqdm.auto import tqdm
+
+from drpo.study.grid import Grid, RunSpec, format_value
+
+SUMMARY = "summary.json"
+RECORD = "study_run.json"
+LOG = "train.log"
+
+
+def default_workers(threads_per_run: int = 1) -> int:
+    """As many concurrent runs as there are usable cores for their threads (at least one)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, threads_per_run))
+
+
+def run_dir(out: Path, spec: RunSpec) -> Path:
+    return Path(out) / "runs" / spec.run_id
+
+
+def is_finished(path: Path) -> bool:
+    return (Path(path) / SUMMARY).is_file()
+
+
+def has_checkpoint(path: Path) -> bool:
+    """Whether a crashed run left something `drpo train --resume` can continue from."""
+    path = Path(path)
+    for name in ("checkpoint", "checkpoints", "ckpt", "last.pt", "checkpoint.pt"):
+        p = path / name
+        if p.is_file() or (p.is_dir() and any(p.iterdir())):
+            return True
+    return False
+
+
+def train_command(spec: RunSpec, out: Path, *, config: str | None = None, resume: bool = False,
+                  python: str = sys.executable) -> list[str]:
+    cmd = [python, "-m", "drpo.cli", "train"]
+    if config:
+        cmd += ["--config", str(config)]
+    for key, value in spec.overrides.items():
+        cmd += ["--set", f"{key}={format_value(value)}"]
+    cmd += ["--out", str(run_dir(out, spec))]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def _write_json(path: Path, data: dict) -> None:
+    # write-then-rename so a kill never leaves a half-written record
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_record(path: Path) -> dict | None:
+    p = Path(path) / RECORD
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{p}: corrupt run record ({err})") from None
+
+
+def prepare(grid: Grid, runs: Sequence[RunSpec], out: Path, config: str | None = None) -> None:
+    """Create OUT, save the grid, and write/check each run's record. A run directory that holds
+    a different run (other overrides) is an error, not something to silently overwrite."""
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    grid_file = out / "grid.yaml"
+    data = grid.model_dump(mode="json")
+    if config:
+        data["config"] = str(config)
+    grid_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    for spec in runs:
+        d = run_dir(out, spec)
+        d.mkdir(parents=True, exist_ok=True)
+        record = read_record(d)
+        want = spec.as_record()
+        if record is not None:
+            have = {k: record.get(k) for k in want}
+            if have != want:
+                diff = sorted(k for k in want if have.get(k) != want[k])
+                raise ValueError(
+                    f"{d}: this run directory was made for a different run (differs in {', '.join(diff)}); "
+                    f"use another --out or delete it"
+                )
+            continue
+        _write_json(d / RECORD, {**want, "status": "pending", "attempts": 0, "wall_s": 0.0})
+
+
+def _die_with_parent() -> None:
+    # Linux: the child gets SIGTERM when the compare process dies, even by SIGKILL, so a
+    # killed study leaves no orphan runs writing into directories the next start will reuse.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class _Active:
+    spec: RunSpec
+    proc: subprocess.Popen
+    log: object
+    started: float
+
+
+@dataclass
+class Outcome:
+    finished: list[str] = field(default_factory=list)  # finished in this invocation
+    skipped: list[str] = field(default_factory=list)  # already finished before
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (run_id, reason)
+
+
+def _launch(spec: RunSpec, out: Path, config: str | None, threads: int, python: str) -> _Active:
+    d = run_dir(out, spec)
+    resume = has_checkpoint(d)
+    cmd = train_command(spec, out, config=config, resume=resume, python=python)
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env["DRPO_NUM_THREADS"] = str(threads)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    record = read_record(d) or spec.as_record()
+    record.update(status="running", attempts=int(record.get("attempts", 0)) + 1, command=cmd, resumed=resume)
+    _write_json(d / RECORD, record)
+    log = open(d / LOG, "a")
+    log.write(f"\n=== attempt {record['attempts']} {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    return _Active(spec, proc, log, time.monotonic())
+
+
+def _settle(active: _Active, out: Path, rc: int) -> str | None:
+    """Record how a finished process went; returns a failure reason or None."""
+    active.log.close()
+    d = run_dir(out, active.spec)
+    record = read_record(d) or active.spec.as_record()
+    elapsed = time.monotonic() - active.started
+    record["wall_s"] = float(record.get("wall_s", 0.0)) + elapsed
+    record["rc"] = rc
+    reason = None
+    if rc != 0:
+        reason = f"exit code {rc}; see {d / LOG}"
+    elif not is_finished(d):
+        reason = f"exited 0 without writing {SUMMARY}; see {d / LOG}"
+    record["status"] = "finished" if reason is None else "failed"
+    if reason:
+        record["error"] = reason
+    else:
+        record.pop("error", None)
+    _write_json(d / RECORD, record)
+    return reason
+
+
+def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: int | None = None,
+             threads_per_run: int = 1, config: str | None = None, python: str = sys.executable,
+             poll_s: float = 0.2, progress: bool = True) -> Outcome:
+    """Run every unfinished run of `runs`, `workers` at a time. Finished runs are skipped."""
+    out = Path(out)
+    if threads_per_run < 1:
+        raise ValueError(f"threads_per_run must be >= 1, got {threads_per_run}")
+    workers = default_workers(threads_per_run) if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    prepare(grid, runs, out, config)
+    outcome = Outcome()
+    pending: list[RunSpec] = []
+    for spec in runs:
+        if is_finished(run_dir(out, spec)):
+            outcome.skipped.append(spec.run_id)
+        else:
+            pending.append(spec)
+    bar = tqdm(total=len(runs), initial=len(outcome.skipped), desc=f"drpo compare {grid.name}",
+               unit="run", disable=not progress, dynamic_ncols=True)
+    active: list[_Active] = []
+    # SIGTERM ends the study like Ctrl-C does: children are stopped, records stay consistent
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+    try:
+        while pending or active:
+            while pending and len(active) < workers:
+                active.append(_launch(pending.pop(0), out, config, threads_per_run, python))
+            time.sleep(poll_s)
+            for a in list(active):
+                rc = a.proc.poll()
+                if rc is None:
+                    continue
+                active.remove(a)
+                reason = _settle(a, out, rc)
+                if reason is None:
+                    outcome.finished.append(a.spec.run_id)
+                else:
+                    outcome.failed.append((a.spec.run_id, reason))
+                    tqdm.write(f"run {a.spec.run_id} failed: {reason}", file=sys.stderr)
+                bar.update(1)
+                bar.set_postfix(failed=len(outcome.failed), refresh=False)
+    finally:
+        for a in active:  # interrupted: stop the children, leave their records resumable
+            a.proc.terminate()
+        for a in active:
+            try:
+                a.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                a.proc.kill()
+                a.proc.wait()
+            _settle(a, out, a.proc.returncode if a.proc.returncode is not None else -1)
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return outcome
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_interrupt(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt(f"signal {signum}")
