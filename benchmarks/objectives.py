@@ -1,0 +1,101 @@
+"""Loss + backward time and peak memory of every method over a large token batch, as ratios to
+`grpo` measured in the same run.
+
+    .venv/bin/python benchmarks/objectives.py [--tokens 1048576] [--repeats 5]
+
+Peak memory is the high-water mark of torch's CPU allocations during one loss+backward,
+measured with torch.profiler's memory profiler (allocations only, not the interpreter).
+Last line: `objectives: drpo_time_vs_grpo=<x> drpo_memory_vs_grpo=<y>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's own logging out of the table
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from drpo.objectives import METHODS, policy_loss  # noqa: E402
+
+
+def make_batch(tokens: int, seq: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    batch = tokens // seq
+    old = -torch.rand(batch, seq, generator=g) * 4
+    logp = (old + torch.randn(batch, seq, generator=g) * 0.2).clamp(max=0)
+    adv = torch.randn(batch, generator=g)
+    mask = torch.rand(batch, seq, generator=g) < 0.9
+    return logp, old, adv, mask
+
+
+def step(method: str, logp, old, adv, mask, validate: bool):
+    x = logp.detach().requires_grad_(True)
+    loss, metrics = policy_loss(method, x, old, adv, mask, validate=validate)
+    loss.backward()
+    return x.grad
+
+
+def time_methods(methods, batch, repeats, validate) -> dict[str, float]:
+    """Median wall time per method; methods interleaved round by round so load spikes on a
+    shared machine hit all of them alike."""
+    for m in methods:
+        step(m, *batch, validate)  # warm-up
+    times = {m: [] for m in methods}
+    for _ in range(repeats):
+        for m in methods:
+            t0 = time.perf_counter()
+            step(m, *batch, validate)
+            times[m].append(time.perf_counter() - t0)
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def peak_memory(method, batch, validate) -> int:
+    """Peak bytes of live torch CPU allocations during one loss + backward."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+        step(method, *batch, validate)
+    # Replay allocation events in time order to find the high-water mark.
+    events = sorted(
+        (e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start
+    )
+    live = peak = 0
+    for e in events:
+        live += e.cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=1 << 20)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-validate", action="store_true", help="skip input validation (as a hot training loop may)")
+    args = ap.parse_args()
+    if args.tokens < args.seq:
+        raise SystemExit(f"--tokens ({args.tokens}) must be at least --seq ({args.seq})")
+    torch.manual_seed(0)
+    batch = make_batch(args.tokens, args.seq)
+    validate = not args.no_validate
+    methods = [m for m in ("grpo", "pg_is", "cispo", "spo", "dppo_tv", "dppo_kl", "drpo", "mask_drpo") if m in METHODS]
+    print(f"loss+backward over {batch[0].numel():,} tokens (fp32, {torch.get_num_threads()} threads), "
+          f"median of {args.repeats}; validate={validate}")
+    times = time_methods(methods, batch, args.repeats, validate)
+    results = {}
+    for m in methods:
+        results[m] = (times[m], peak_memory(m, batch, validate))
+        print(f"  measured {m:<10} {times[m] * 1e3:8.1f} ms  {results[m][1] / 2**20:8.1f} MiB", flush=True)
+    t_ref, m_ref = results["grpo"]
+    print(f"\n{'method':<10} {'time ms':>9} {'peak MiB':>9} {'time/grpo':>10} {'mem/grpo':>9}")
+    for m, (t, mem) in results.items():
+        print(f"{m:<10} {t * 1e3:9.1f} {mem / 2**20:9.1f} {t / t_ref:10.2f} {mem / m_ref:9.2f}")
+    t, mem = results["drpo"]
+    print(f"objectives: drpo_time_vs_grpo={t / t_ref:.3f} drpo_memory_vs_grpo={mem / m_ref:.3f}")
+
+
+if __name__ == "__main__":
+    main()
