@@ -1,0 +1,386 @@
+"""Token log-probs (and entropy) from hidden states without materializing the logits.
+
+The LM head turns `tokens x hidden` into `tokens x vocab` logits; at vocab 49k and 8k tokens
+the fp32 logits alone are 1.6 GB, and autograd keeps several copies of that size. Here the
+tokens are processed in chunks: forward keeps only the per-token log-sum-exp, backward
+recomputes each chunk's logits and turns them into gradients right away, so the peak extra
+memory is a few `chunk_size x vocab` blocks.
+
+    token_logprobs(hidden, weight, targets)        -> logp  (differentiable, exact to fp32 rounding)
+    fused_policy_loss("drpo", hidden, weight, ...) -> (loss, metrics)  (gradients computed in the
+                                                      forward pass, one logits pass in total)
+    sequence_logprobs(model, input_ids, attention_mask, response_start=P) -> logp of the response
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from drpo.objectives import aggregate, get_method, policy_loss
+from drpo.objectives.loss import _prepare
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_inputs(hidden: Any, weight: Any, targets: Any, temperature: float, chunk_size: int) -> None:
+    for name, x in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if not hidden.is_floating_point():
+        raise TypeError(f"`hidden` must be a floating-point tensor, got dtype {hidden.dtype}")
+    if not weight.is_floating_point():
+        raise TypeError(f"`weight` must be a floating-point tensor, got dtype {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"`weight` must be the LM head [vocab, hidden], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"`hidden` last dim must equal the LM head's hidden size {weight.shape[1]}, got shape {tuple(hidden.shape)}"
+        )
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"`targets` must be an integer (long) tensor, got dtype {targets.dtype}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"`targets` shape {tuple(targets.shape)} must equal `hidden` shape without its last dim "
+            f"{tuple(hidden.shape[:-1])}"
+        )
+    if targets.numel() > 0:
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= weight.shape[0]:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"`targets` holds token id {bad}, outside the vocabulary [0, {weight.shape[0]})")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"`temperature` must be a number > 0, got {temperature!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
+
+
+# ----------------------------------------------------------------------------- chunk math
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    """fp32 logits / T of one chunk. The matmul runs in the inputs' dtype (as the model's own
+    LM head would), the softmax math in fp32."""
+    z = h @ weight.t()
+    z = z.float() if z.dtype != torch.float32 else z
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+def _chunk_grad_logits(
+    z: Tensor, lse: Tensor, targets: Tensor, g_logp: Tensor, g_ent: Tensor | None, ent: Tensor | None
+) -> Tensor:
+    """d(sum g_logp*logp + g_ent*entropy)/dz for one chunk, overwriting `z` (fp32 logits/T).
+
+    logp_t = z_t - lse             -> d/dz = onehot - p
+    H = -sum p log p               -> d/dz_j = -p_j (log p_j + H)
+    """
+    logp_all = z.sub_(lse[:, None])  # in place: z now holds log p
+    if g_ent is None:
+        grad = logp_all.exp_().mul_(-g_logp[:, None])
+    else:
+        p = logp_all.exp()
+        grad = logp_all.add_(ent[:, None]).mul_(-g_ent[:, None]).sub_(g_logp[:, None]).mul_(p)
+    rows = torch.arange(grad.shape[0], device=grad.device)
+    grad[rows, targets] += g_logp
+    return grad
+
+
+def _chunks(n: int, chunk_size: int):
+    for start in range(0, n, chunk_size):
+        yield start, min(start + chunk_size, n)
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """hidden [N, H], weight [V, H], targets [N] -> (logp [N], entropy [N] or empty) in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):
+        n = hidden.shape[0]
+        logp = hidden.new_empty(n, dtype=torch.float32)
+        lse = hidden.new_empty(n, dtype=torch.float32)
+        ent = hidden.new_empty(n if with_entropy else 0, dtype=torch.float32)
+        for s, e in _chunks(n, chunk_size):
+            z = _chunk_logits(hidden[s:e], weight, temperature)
+            lse[s:e] = torch.logsumexp(z, dim=-1)
+            logp[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+            if with_entropy:
+                # H = lse - sum p z
+                p = z.sub(lse[s:e, None]).exp_()
+                ent[s:e] = lse[s:e] - (p * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        ctx.with_entropy = with_entropy
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        g_logp = g_logp.float()
+        if not ctx.with_entropy or g_ent is None:
+            g_ent = None
+        else:
+            g_ent = g_ent.float()
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        t = ctx.temperature
+        for s, e in _chunks(hidden.shape[0], ctx.chunk_size):
+            h = hidden[s:e]
+            z = _chunk_logits(h, weight, t)
+            grad_z = _chunk_grad_logits(
+                z, lse[s:e], targets[s:e], g_logp[s:e], None if g_ent is None else g_ent[s:e], ent[s:e] if g_ent is not None else None
+            )
+            _accumulate_grads(grad_z, h, weight, t, grad_h, grad_w, s, e)
+        if grad_w is not None and grad_w.dtype != weight.dtype:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
+def _accumulate_grads(
+    grad_z: Tensor, h: Tensor, weight: Tensor, temperature: float, grad_h: Tensor | None, grad_w: Tensor | None, s: int, e: int
+) -> None:
+    """Chain rule through z = h @ W.T / T for one chunk: grad_h[s:e] = G W / T, grad_W += G.T h / T."""
+    if temperature != 1.0:
+        grad_z.div_(temperature)
+    g = grad_z if grad_z.dtype == h.dtype else grad_z.to(h.dtype)
+    if grad_h is not None:
+        torch.mm(g, weight.to(h.dtype) if weight.dtype != h.dtype else weight, out=grad_h[s:e])
+    if grad_w is not None:
+        if h.dtype == torch.float32:
+            grad_w.addmm_(g.t(), h)
+        else:
+            grad_w.add_((g.t() @ h).float())
+
+
+def _flatten(hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
+
+
+def token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """log softmax(hidden @ weight.T / temperature)[targets], chunked over tokens.
+
+    hidden [..., H] (any float dtype), weight [V, H], targets [...] integer ids.
+    Returns logp [...] fp32, and entropy [...] fp32 of the same distribution if
+    `with_entropy`. Differentiable w.r.t. hidden and weight; never holds more than one
+    `chunk_size x V` fp32 logits block (two with entropy) at a time.
+    """
+    _check_inputs(hidden, weight, targets, temperature, chunk_size)
+    shape = targets.shape
+    h2, t2 = _flatten(hidden, targets)
+    logp, ent = _ChunkedLogprobs.apply(h2, weight, t2, float(temperature), chunk_size, bool(with_entropy))
+    if with_entropy:
+        return logp.reshape(shape), ent.reshape(shape)
+    return logp.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- fused loss
+
+
+def _aggregation_coefficients(mask: Tensor, agg: str, horizon: int | None) -> Tensor:
+    """Every aggregation mode is linear in the per-token loss: loss = sum_t c_t * l_t. Its
+    gradient at any point is c, which lets each chunk's loss gradient be computed on the
+    spot, with the same semantics as `drpo.objectives.aggregate` (reused, not re-derived)."""
+    x = torch.zeros(mask.shape, dtype=torch.float32, requires_grad=True)
+    with torch.enable_grad():
+        (c,) = torch.autograd.grad(aggregate(x, mask, agg, horizon=horizon), x)
+    return c
+
+
+class _FusedPolicyLoss(torch.autograd.Function):
+    """Forward computes logp, the loss and its gradients w.r.t. hidden and weight in one
+    pass over the logits chunks (the loss is a sum of per-token terms, so each chunk's
+    gradient is known as soon as its logits are); backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, old, adv, coef, mask, method, params, temperature, chunk_size, with_grad):
+        n = hidden.shape[0]
+        need_h, need_w = (ctx.needs_input_grad[0] and with_grad), (ctx.needs_input_grad[1] and with_grad)
+        logp = hidden.new_empty(n, dtype=torch.float32)
+        loss = torch.zeros((), dtype=torch.float64)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s, e in _chunks(n, chunk_size):
+            h = hidden[s:e]
+            z = _chunk_logits(h, weight, temperature)
+            lse = torch.logsumexp(z, dim=-1)
+            lp = z.gather(1, targets[s:e, None]).squeeze(1) - lse
+            logp[s:e] = lp
+            chunk_loss, g_logp = _chunk_loss_and_grad(lp, old[s:e], adv[s:e], coef[s:e], mask[s:e], method, params)
+            loss += chunk_loss
+            if need_h or need_w:
+                grad_z = _chunk_grad_logits(z, lse, targets[s:e], g_logp, None, None)
+                _accumulate_grads(grad_z, h, weight, temperature, grad_h, grad_w, s, e)
+        if grad_w is not None and grad_w.dtype != weight.dtype:
+            grad_w = grad_w.to(weight.dtype)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.has = (grad_h is not None, grad_w is not None)
+        ctx.mark_non_differentiable(logp)
+        return loss.float(), logp
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_logp):
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0) * g_loss.to(saved[0].dtype) if ctx.has[0] else None
+        grad_w = saved.pop(0) * g_loss.to(saved[0].dtype) if ctx.has[1] else None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None
+
+
+def _chunk_loss_and_grad(
+    logp: Tensor, old: Tensor, adv: Tensor, coef: Tensor, mask: Tensor, method, params: dict
+) -> tuple[Tensor, Tensor]:
+    """sum_t c_t * (-J_t) over one chunk and its gradient w.r.t. the chunk's logp, with the
+    same neutral padding as `policy_loss` (padding positions get no gradient)."""
+    with torch.enable_grad():
+        lp = logp.detach().requires_grad_(True)
+        zero = torch.zeros((), dtype=lp.dtype)
+        lp_c = torch.where(mask, lp, zero).clamp(max=0.0)
+        old_c = torch.where(mask, old, zero).clamp(max=0.0)
+        adv_c = torch.where(mask, adv, zero)
+        j, _ = method.objective(lp_c[None], old_c[None], adv_c[None], **params)
+        chunk_loss = (-j[0] * coef).sum()
+        (g,) = torch.autograd.grad(chunk_loss, lp)
+    return chunk_loss.detach().double(), g
+
+
+def fused_policy_loss(
+    method: str,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    agg: str = "token-mean",
+    horizon: int | None = None,
+    with_metrics: bool = True,
+    **params: Any,
+) -> tuple[Tensor, dict[str, float]]:
+    """`policy_loss(method, token_logprobs(hidden, weight, targets), old_logp, advantages, mask, ...)`
+    without ever holding the full logits, and with one logits pass (the loss gradient is
+    computed chunk by chunk during the forward, as Liger-Kernel's fused losses do).
+
+    hidden [B, S, H], weight [V, H], targets/old_logp/mask [B, S], advantages [B], [B, 1] or
+    [B, S]. Returns the same loss (value and gradients w.r.t. hidden and weight) and the same
+    metrics as `policy_loss` on the naive log-probs.
+    """
+    _check_inputs(hidden, weight, targets, temperature, chunk_size)
+    if targets.dim() != 2:
+        raise ValueError(f"`targets` must be shaped [batch, seq], got shape {tuple(targets.shape)}")
+    m = get_method(method)
+    resolved = m.resolve_params(params)
+    # Validate the small tensors exactly as policy_loss does (logp itself is not known yet).
+    probe = torch.zeros(targets.shape, dtype=torch.float32)
+    _, old_c, adv_c, mask_b = _prepare(probe, old_logp, advantages, mask)
+    coef = _aggregation_coefficients(mask_b, agg, horizon).to(old_c.dtype)
+    h2, t2 = _flatten(hidden, targets)
+    loss, logp = _FusedPolicyLoss.apply(
+        h2, weight, t2, old_c.reshape(-1), adv_c.reshape(-1), coef.reshape(-1), mask_b.reshape(-1),
+        m, resolved, float(temperature), chunk_size, torch.is_grad_enabled(),
+    )
+    metrics: dict[str, float] = {}
+    if with_metrics:
+        # Metrics (and the loss value they report) from the same log-probs, via policy_loss itself.
+        _, metrics = policy_loss(
+            method, logp.reshape(targets.shape), old_logp, advantages, mask, agg=agg, horizon=horizon, **params
+        )
+        metrics["loss"] = float(loss.detach())
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def lm_head_weight(model) -> Tensor:
+    """The LM head matrix [V, H] of a causal LM, refusing heads this module cannot reproduce
+    (a bias, logit soft-capping or scaling would make the log-probs wrong)."""
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), Tensor):
+        raise ValueError(f"model {type(model).__name__} has no output embedding (LM head) weight")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"model {type(model).__name__}: LM heads with a bias are not supported")
+    cfg = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(cfg, attr, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"model {type(model).__name__}: config.{attr}={value!r} is not supported")
+    return head.weight
+
+
+def backbone(model):
+    """The transformer body that yields last hidden states (no LM head)."""
+    get = getattr(model, "get_decoder", None)
+    body = get() if callable(get) else None
+    if body is None or body is model:
+        body = getattr(model, "base_model", None)
+    if body is None or body is model:
+        raise ValueError(f"cannot find the backbone (decoder / base_model) of {type(model).__name__}")
+    return body
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only (left padding gets position 0), as in HF generate."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def sequence_logprobs(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    response_start: int,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """log-probs (fp32) of input_ids[:, response_start:] given everything before them, for any
+    HF causal LM: backbone hidden states, then `token_logprobs` with the LM head weight.
+    Returns [B, L - response_start] (and the entropies of the same distributions)."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"`input_ids` must be a [batch, length] tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
+    if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"`attention_mask` must match `input_ids` shape {tuple(input_ids.shape)}, "
+            f"got {getattr(attention_mask, 'shape', attention_mask)!r}"
+        )
+    length = input_ids.shape[1]
+    if isinstance(response_start, bool) or not isinstance(response_start, int) or not 1 <= response_start < length:
+        raise ValueError(f"`response_start` must be an int in [1, {length - 1}], got {response_start!r}")
+    weight = lm_head_weight(model)
+    out = backbone(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state[:, response_start - 1 : -1]
+    return token_logprobs(
+        hidden,
+        weight,
+        input_ids[:, response_start:],
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+    )

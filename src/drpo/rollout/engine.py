@@ -1,0 +1,223 @@
+"""The rollout engine: its own copy of the policy weights in its own precision, synced from
+the trainer every k steps, sampling groups of completions with a KV cache.
+
+    engine = make_engine(policy, "bf16")
+    rollout = generate(engine, prompts, n_samples=8, max_new_tokens=32, eos_token_id=..., pad_token_id=...)
+    ...  # optimizer steps on `policy`
+    sync_weights(engine, policy, step)
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from drpo.logprobs import position_ids_from_mask
+from drpo.models.precision import check_precision, fake_quantize_weights_
+from drpo.rollout.sampling import check_sampling_params, sample_tokens, sampling_logprobs
+
+
+@dataclass
+class RolloutEngine:
+    model: nn.Module  # the engine's own weights, in `precision`
+    precision: str
+    weights_step: int = 0  # trainer step whose weights the engine holds
+
+
+@dataclass
+class Rollout:
+    """N = len(prompts) * n_samples rows; rows i*n..(i+1)*n-1 are prompt i's samples.
+
+    input_ids       [N, P+R]  left-padded prompt (length P), then the response right-padded to R
+    attention_mask  [N, P+R]  1 on prompt and response tokens (EOS included), 0 on padding
+    response_mask   [N, R]    bool, response tokens incl. EOS, excluding padding after it
+    behaviour_logp  [N, R]    fp32 log-prob of each sampled token under the distribution sampled
+                              from (temperature, top-k, top-p, renormalized); 0 on padding
+    prompt_len      P
+    group_index     [N]       long, the prompt index of each row
+    finished        [N]       bool, the response ended with EOS (else it hit max_new_tokens)
+    weights_step    the engine's weights_step when it sampled (policy staleness)
+
+    R is the longest response in the batch (<= max_new_tokens).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    behaviour_logp: Tensor
+    prompt_len: int
+    group_index: Tensor
+    finished: Tensor
+    weights_step: int = 0
+
+    @property
+    def response_ids(self) -> Tensor:
+        return self.input_ids[:, self.prompt_len :]
+
+    @property
+    def response_lengths(self) -> Tensor:
+        return self.response_mask.sum(-1)
+
+
+def make_engine(policy: nn.Module, precision: str, *, weights_step: int = 0) -> RolloutEngine:
+    """A rollout engine holding a deep copy of `policy` with `precision` applied, in eval
+    mode and without gradients (the policy itself is not touched)."""
+    check_precision(precision)
+    model = copy.deepcopy(policy)
+    fake_quantize_weights_(model, precision)
+    model.eval().requires_grad_(False)
+    return RolloutEngine(model=model, precision=precision, weights_step=weights_step)
+
+
+@torch.no_grad()
+def sync_weights(engine: RolloutEngine, policy: nn.Module, step: int) -> None:
+    """Copy the trainer's current weights into the engine and re-apply its precision.
+    Call it outside `quantized_forward` (inside it the policy's weights are parametrized)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"`step` must be an int >= 0, got {step!r}")
+    src = dict(policy.named_parameters(remove_duplicate=False))
+    src.update(dict(policy.named_buffers(remove_duplicate=False)))
+    dst = dict(engine.model.named_parameters(remove_duplicate=False))
+    dst.update(dict(engine.model.named_buffers(remove_duplicate=False)))
+    if src.keys() != dst.keys():
+        missing = sorted(dst.keys() - src.keys())[:3]
+        extra = sorted(src.keys() - dst.keys())[:3]
+        raise ValueError(
+            f"policy and engine have different tensors (missing in policy: {missing}, unexpected: {extra}); "
+            "was the policy inside quantized_forward?"
+        )
+    for name, tensor in dst.items():
+        if src[name].shape != tensor.shape:
+            raise ValueError(f"sync_weights: {name!r} has shape {tuple(src[name].shape)} in the policy, "
+                             f"{tuple(tensor.shape)} in the engine")
+        tensor.copy_(src[name])
+    fake_quantize_weights_(engine.model, engine.precision)
+    engine.weights_step = step
+
+
+def _check_prompts(prompts, vocab_size: int) -> None:
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError(f"`prompts` must be a non-empty list of token-id lists, got {type(prompts).__name__} "
+                         f"of length {len(prompts) if hasattr(prompts, '__len__') else '?'}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (list, tuple)) or len(p) == 0:
+            raise ValueError(f"`prompts[{i}]` must be a non-empty list of token ids, got {p!r}")
+        for tok in p:
+            if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab_size:
+                raise ValueError(f"`prompts[{i}]` holds {tok!r}, not a token id in [0, {vocab_size})")
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """[B, P] ids and attention mask, prompts right-aligned."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()  # not inference_mode: the Rollout tensors must be usable in autograd later
+def generate(
+    engine: RolloutEngine,
+    prompts: list[list[int]],
+    *,
+    n_samples: int,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample `n_samples` completions per prompt, all in one batch with a KV cache.
+
+    Each prompt is prefilled once and its cache expanded across its samples; rows that
+    emitted EOS are dropped from the batch (and the cache) so they cost nothing more; the
+    loop ends when every row has finished or after `max_new_tokens`. Sampling draws from
+    `generator` only, so a seeded generator reproduces the rollout. With `greedy` the
+    argmax token is taken; its behaviour_logp is still its log-prob under the
+    temperature/top-k/top-p distribution (greedy decoding is for evaluation)."""
+    model = engine.model
+    vocab = model.get_output_embeddings().weight.shape[0]
+    _check_prompts(prompts, vocab)
+    _check_int("n_samples", n_samples, 1)
+    _check_int("max_new_tokens", max_new_tokens, 1)
+    _check_int("eos_token_id", eos_token_id, 0)
+    _check_int("pad_token_id", pad_token_id, 0)
+    check_sampling_params(temperature, top_p, top_k)
+
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id)
+    n_rows = len(prompts) * n_samples
+    logits, cache, mask, next_pos = _prefill(model, prompt_ids, prompt_mask, n_samples)
+
+    tokens = torch.full((n_rows, max_new_tokens), pad_token_id, dtype=torch.long)
+    logps = torch.zeros((n_rows, max_new_tokens), dtype=torch.float32)
+    finished = torch.zeros(n_rows, dtype=torch.bool)
+    active = torch.arange(n_rows)  # rows still generating, in cache order
+    steps = 0
+    for t in range(max_new_tokens):
+        dist = sampling_logprobs(logits, temperature=temperature, top_p=top_p, top_k=top_k)
+        tok = sample_tokens(dist, greedy=greedy, generator=generator)
+        tokens[active, t] = tok
+        logps[active, t] = dist.gather(-1, tok[:, None]).squeeze(-1)
+        steps = t + 1
+        done = tok == eos_token_id
+        finished[active[done]] = True
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            active, tok, mask, next_pos = active[keep], tok[keep], mask[keep], next_pos[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        logits = _decode_step(model, tok, mask, next_pos, cache)
+        next_pos = next_pos + 1
+
+    return _assemble(prompt_ids, prompt_mask, tokens[:, :steps], logps[:, :steps], finished, n_samples,
+                     eos_token_id, pad_token_id, engine.weights_step)
+
+
+def _prefill(model, prompt_ids: Tensor, prompt_mask: Tensor, n_samples: int):
+    """Run each prompt once, then repeat its cache, last logits and mask for its samples."""
+    positions = position_ids_from_mask(prompt_mask)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache = out.past_key_values
+    if n_samples > 1:
+        cache.batch_repeat_interleave(n_samples)
+    logits = out.logits[:, -1].float().repeat_interleave(n_samples, dim=0)
+    mask = prompt_mask.repeat_interleave(n_samples, dim=0)
+    next_pos = positions[:, -1].repeat_interleave(n_samples, dim=0) + 1
+    return logits, cache, mask, next_pos
+
+
+def _decode_step(model, tok: Tensor, mask: Tensor, positions: Tensor, cache) -> Tensor:
+    out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=positions[:, None],
+                past_key_values=cache, use_cache=True)
+    return out.logits[:, -1].float()
+
+
+def _assemble(prompt_ids, prompt_mask, tokens, logps, finished, n_samples, eos_token_id, pad_token_id, step):
+    """Masks from the tokens: a response runs up to and including its first EOS."""
+    is_eos = tokens == eos_token_id
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    response_mask = ~after_eos
+    tokens = tokens.masked_fill(after_eos, pad_token_id)
+    logps = logps.masked_fill(after_eos, 0.0)
+    ids = torch.cat([prompt_ids.repeat_interleave(n_samples, dim=0), tokens], dim=1)
+    attn = torch.cat([prompt_mask.repeat_interleave(n_samples, dim=0), response_mask.long()], dim=1)
+    group = torch.arange(prompt_ids.shape[0]).repeat_interleave(n_samples)
+    return Rollout(input_ids=ids, attention_mask=attn, response_mask=response_mask, behaviour_logp=logps,
+                   prompt_len=prompt_ids.shape[1], group_index=group, finished=finished, weights_step=step)
