@@ -35,6 +35,7 @@ _GRID_KEYS = ("seed", "objective.method")
 _GRID_PREFIXES = ("objective.params.",)
 
 Scalar = str | int | float | bool | None
+_UNION_MEMBERS = ("str", "int", "float", "bool", "none")
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -218,8 +219,13 @@ def parse_grid(data: Any, source: str = "grid") -> Grid:
     except ValidationError as err:
         lines = [f"{source}: invalid grid"]
         for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+            loc = list(e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            if loc and loc[-1] in _UNION_MEMBERS:  # pydantic reports each scalar type it tried
+                loc, msg = loc[:-1], "must be a scalar (string, number, bool or null)"
+            line = f"  {'.'.join(str(p) for p in loc) or '(top level)'}: {msg} (got {e.get('input')!r})"
+            if line not in lines:
+                lines.append(line)
         raise ValueError("\n".join(lines)) from None
 
 
