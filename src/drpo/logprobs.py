@@ -111,9 +111,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
             lse[s:e] = torch.logsumexp(z, dim=-1)
             logp[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
             if with_entropy:
-                # H = lse - sum p z
-                p = z.sub(lse[s:e, None]).exp_()
-                ent[s:e] = lse[s:e] - (p * z).sum(-1)
+                # H = -sum p log p on the shifted logits (lse - sum p z would cancel badly).
+                lp_all = z.sub_(lse[s:e, None])
+                ent[s:e] = -(lp_all.exp().mul_(lp_all)).sum(-1)
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
@@ -239,10 +239,15 @@ class _FusedPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_logp):
-        saved = list(ctx.saved_tensors)
-        grad_h = saved.pop(0) * g_loss.to(saved[0].dtype) if ctx.has[0] else None
-        grad_w = saved.pop(0) * g_loss.to(saved[0].dtype) if ctx.has[1] else None
+        saved = iter(ctx.saved_tensors)
+        grad_h = _scaled(next(saved), g_loss) if ctx.has[0] else None
+        grad_w = _scaled(next(saved), g_loss) if ctx.has[1] else None
         return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None
+
+
+def _scaled(grad: Tensor, g_loss: Tensor) -> Tensor:
+    # The common case (loss.backward()) needs no extra full-size multiply.
+    return grad if bool(g_loss == 1) else grad * g_loss.to(grad.dtype)
 
 
 def _chunk_loss_and_grad(
