@@ -1,0 +1,265 @@
+"""Every drpo method as a verl policy loss (verl >= 0.9.1).
+
+Importing this module registers each method in `drpo.objectives.METHODS` into verl's
+policy-loss registry (`verl.trainer.ppo.core_algos.register_policy_loss`), so a verl run
+selects one with
+
+    actor_rollout_ref.actor.policy_loss.loss_mode=drpo
+
+verl imports the module in every process that does `import verl` (driver and Ray workers)
+through the setuptools entry point `drpo = "drpo.integrations.verl"` in the group
+`verl.plugins`, which `pip install drpo[verl]` installs; `VERL_USE_EXTERNAL_MODULES=
+drpo.integrations.verl` does the same without the entry point. verl swallows plugin import
+errors (it logs them at DEBUG), so check with `python -c "import verl; from
+verl.trainer.ppo.core_algos import get_policy_loss_fn; get_policy_loss_fn('drpo')"`.
+
+Names. A method keeps its drpo name unless verl already ships a loss under it; then it is
+registered as `drpo_<name>` and verl's own loss is left untouched. With verl 0.9.1:
+
+    drpo, mask_drpo, spo, pg_is, grpo       -> same name
+    dppo_tv, dppo_kl, cispo (verl has them) -> drpo_dppo_tv, drpo_dppo_kl, drpo_cispo
+
+`VERL_LOSS_NAMES` maps drpo method -> verl loss_mode after import.
+
+Parameters, read from verl's actor config (`actor_rollout_ref.actor`), later wins:
+  1. the method's drpo defaults (`METHODS[name].params`; DRPO's delta is 12.5);
+  2. the PPO clip keys, for the methods whose parameter is the same quantity, read exactly
+     as verl's own vanilla / cispo / dppo_* losses read them (`clip_ratio_low` and
+     `clip_ratio_high`, each falling back to `clip_ratio`):
+         grpo     eps_low <- clip_ratio_low,   eps_high <- clip_ratio_high
+         cispo    eps_high <- clip_ratio_high
+         dppo_tv, dppo_kl   delta_low <- clip_ratio_low, delta_high <- clip_ratio_high
+  3. `policy_loss.drpo_params` (a dict, e.g. `{delta: 0.15, advantage_weighted: false}`).
+     verl's PolicyLossConfig rejects unknown keys, so set `policy_loss._target_=
+     drpo.integrations.verl.DRPOPolicyLossConfig` (a PolicyLossConfig subclass with that one
+     extra field) to pass it from the command line.
+
+Aggregation. `loss_agg_mode` maps 1:1 to `drpo.objectives.aggregate` (token-mean,
+seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm; `token-sum` is the
+token-mean times the micro-batch's token count). The horizon of seq-mean-token-sum-norm is
+verl's `loss_scale_factor` when set, else the padded response length, as in verl's
+`agg_loss`. verl normalizes each micro-batch by the *global* mini-batch (its
+`config.global_batch_info`: dp_size, batch_num_tokens, global_batch_size) so gradient
+accumulation and data parallelism give the mini-batch mean; we compute drpo's micro-batch
+loss and rescale it by the same factor (local tokens or sequences * dp_size / global count).
+Known difference: for seq-mean-token-mean verl divides each sequence's sum by
+`count + 1e-8`, drpo by `count` (relative 1e-8/count; below fp32 resolution).
+
+`rollout_is_weights` (verl's rollout-correction IS weights, [batch, response_len]) multiply
+the per-token loss before aggregation, as verl's own losses do. The diagnostics (returned
+as `actor/drpo/<metric>`, averaged over micro-batches by verl) are those of the unweighted
+tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
+from verl.workers.config import PolicyLossConfig
+
+from drpo.objectives import METHODS, aggregate, get_method, per_token_objective, policy_loss
+
+logger = logging.getLogger(__name__)
+
+METRIC_PREFIX = "actor/drpo/"
+VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+# drpo parameter <- verl actor-config key, for parameters that are the same quantity as
+# verl's clip range (verl's own dppo_tv / dppo_kl read their thresholds from it too).
+VERL_CLIP_KEYS: Mapping[str, Mapping[str, str]] = {
+    "grpo": {"eps_low": "clip_ratio_low", "eps_high": "clip_ratio_high"},
+    "cispo": {"eps_high": "clip_ratio_high"},
+    "dppo_tv": {"delta_low": "clip_ratio_low", "delta_high": "clip_ratio_high"},
+    "dppo_kl": {"delta_low": "clip_ratio_low", "delta_high": "clip_ratio_high"},
+}
+
+# drpo method name -> the verl loss_mode it is registered under (filled by register_all).
+VERL_LOSS_NAMES: dict[str, str] = {}
+
+
+@dataclass
+class DRPOPolicyLossConfig(PolicyLossConfig):
+    """verl's PolicyLossConfig plus `drpo_params`: the drpo method's parameters by name."""
+
+    drpo_params: dict[str, Any] = field(default_factory=dict)
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    # verl hands losses either its ActorConfig dataclass or an OmegaConf DictConfig.
+    if config is None:
+        return default
+    if isinstance(config, Mapping) or hasattr(config, "get"):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def _clip_value(config: Any, key: str) -> Any:
+    value = _get(config, key)
+    return _get(config, "clip_ratio") if value is None else value
+
+
+def _drpo_params(config: Any) -> dict[str, Any]:
+    raw = _get(_get(config, "policy_loss"), "drpo_params")
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        try:  # OmegaConf DictConfig
+            from omegaconf import OmegaConf
+
+            raw = OmegaConf.to_container(raw, resolve=True)
+        except Exception:
+            pass
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"actor.policy_loss.drpo_params must be a mapping of parameter -> value, got {raw!r}")
+    return dict(raw)
+
+
+def method_params(method: str, config: Any) -> dict[str, Any]:
+    """The parameters a verl run gives `method`: drpo defaults, overridden by verl's clip
+    keys where they mean the same thing, overridden by `policy_loss.drpo_params`."""
+    m = get_method(method)
+    params: dict[str, Any] = {}
+    for param, key in VERL_CLIP_KEYS.get(method, {}).items():
+        value = _clip_value(config, key)
+        if value is not None:
+            params[param] = value
+    params.update(_drpo_params(config))
+    try:
+        return m.resolve_params(params)
+    except ValueError as err:
+        raise ValueError(f"verl actor config for drpo method {method!r}: {err}") from None
+
+
+def _horizon(config: Any, info: Mapping[str, Any]) -> int | None:
+    factor = info.get("loss_scale_factor")
+    if factor is None:
+        factor = _get(config, "loss_scale_factor")
+    if factor is None:
+        return None  # drpo's default, like verl's: the padded response length
+    if isinstance(factor, bool) or not float(factor).is_integer() or factor <= 0:
+        raise ValueError(f"actor.loss_scale_factor must be a positive integer, got {factor!r}")
+    return int(factor)
+
+
+def _global_scale(agg: str, mask: Tensor, info: Mapping[str, Any]) -> Tensor | float:
+    """Factor turning drpo's micro-batch aggregate into verl's global-batch-normalized one."""
+    dp_size = info.get("dp_size") or 1
+    if agg in ("token-mean", "token-sum"):
+        local = mask.sum()
+        if agg == "token-sum":
+            return local * dp_size
+        total = info.get("batch_num_tokens")
+    else:
+        local = (mask.sum(-1) > 0).sum()
+        total = info.get("global_batch_size")
+    if total is None:
+        if dp_size > 1:
+            raise ValueError(f"verl global_batch_info has dp_size={dp_size} but no global count for {agg!r}")
+        return 1.0
+    return local * dp_size / total
+
+
+def _weighted_per_token_loss(
+    method: str, logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, weights: Tensor, params: dict
+) -> Tensor:
+    """-J * rollout_is_weights per token (policy_loss has already validated the inputs)."""
+    if weights.shape != logp.shape:
+        raise ValueError(
+            f"rollout_is_weights shape {tuple(weights.shape)} does not match log_prob shape {tuple(logp.shape)}"
+        )
+    w = weights.detach()
+    bad = mask & ~(torch.isfinite(w) & (w >= 0))
+    if bad.any():
+        idx = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"rollout_is_weights must be finite and >= 0, got {w[idx].item()} at position {idx}")
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+    # Same neutral padding as policy_loss (pi = mu = 1, A = 0), so padding cannot produce NaN.
+    logp = torch.where(mask, logp.to(dtype), zero).clamp(max=0.0)
+    old = torch.where(mask, old_logp.detach().to(dtype), zero).clamp(max=0.0)
+    adv = torch.where(mask, adv.detach().to(dtype).expand_as(logp), zero)
+    j, _ = per_token_objective(method, logp, old, adv, **params)
+    return -j * torch.where(mask, w.to(dtype), zero)
+
+
+def compute_policy_loss(
+    method: str,
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """verl's policy-loss contract for drpo `method`: returns (loss, metrics)."""
+    if config is None:
+        raise ValueError(f"drpo loss {method!r}: verl must pass the actor config (`config`), got None")
+    if loss_agg_mode not in VERL_AGG_MODES:
+        raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; verl's modes are {', '.join(VERL_AGG_MODES)}")
+    params = method_params(method, config)
+    info = _get(config, "global_batch_info") or {}
+    horizon = _horizon(config, info)
+    agg = "token-mean" if loss_agg_mode == "token-sum" else loss_agg_mode
+    loss, metrics = policy_loss(
+        method, log_prob, old_log_prob, advantages, response_mask, agg=agg, horizon=horizon, **params
+    )
+    mask = response_mask != 0  # validated 0/1 by policy_loss
+    if rollout_is_weights is not None:
+        per_token = _weighted_per_token_loss(
+            method, log_prob, old_log_prob, advantages, mask, rollout_is_weights, params
+        )
+        loss = aggregate(per_token, mask, agg, horizon=horizon)
+    loss = loss * _global_scale(loss_agg_mode, mask, info)
+    return loss, {METRIC_PREFIX + k: v for k, v in metrics.items() if k != "loss"}
+
+
+def make_verl_policy_loss(method: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
+    """A function with verl's exact policy-loss signature computing drpo `method`."""
+    get_method(method)
+
+    def loss_fn(
+        old_log_prob: Tensor,
+        log_prob: Tensor,
+        advantages: Tensor,
+        response_mask: Tensor,
+        loss_agg_mode: str = "token-mean",
+        config: Any = None,
+        rollout_is_weights: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        return compute_policy_loss(
+            method, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
+        )
+
+    loss_fn.__name__ = f"drpo_{method}_policy_loss"
+    loss_fn.__qualname__ = loss_fn.__name__
+    loss_fn.__doc__ = f"drpo method {method!r} as a verl policy loss (see drpo.integrations.verl)."
+    loss_fn.drpo_method = method  # marks the entry as ours, so re-registration is idempotent
+    return loss_fn
+
+
+def _is_ours(fn: Any, method: str) -> bool:
+    return getattr(fn, "drpo_method", None) == method
+
+
+def register_all() -> dict[str, str]:
+    """Register every drpo method (built-in and user-registered) into verl's registry,
+    never replacing one of verl's own losses. Returns drpo name -> verl loss_mode."""
+    for method in METHODS:
+        name = method
+        if name in POLICY_LOSS_REGISTRY and not _is_ours(POLICY_LOSS_REGISTRY[name], method):
+            name = f"drpo_{method}"
+        if name in POLICY_LOSS_REGISTRY and not _is_ours(POLICY_LOSS_REGISTRY[name], method):
+            logger.warning("verl already has policy losses %r and %r; drpo method %r not registered", method, name, method)
+            continue
+        register_policy_loss(name)(make_verl_policy_loss(method))
+        VERL_LOSS_NAMES[method] = name
+    return dict(VERL_LOSS_NAMES)
+
+
+register_all()
