@@ -137,8 +137,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("drpo compare: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    print(f"drpo compare: {len(outcome.finished)} run(s) finished now, {len(outcome.skipped)} already done, "
-          f"{len(outcome.failed)} failed", file=sys.stderr)
+    print(f"drpo compare: {len(outcome.finished)} run(s) finished now, {len(outcome.diverged)} diverged, "
+          f"{len(outcome.skipped)} already done, {len(outcome.failed)} failed", file=sys.stderr)
     for rid, reason in outcome.failed:
         print(f"  failed: {rid}: {reason}", file=sys.stderr)
     if not args.no_report:

@@ -64,9 +64,11 @@ def _mean_curve(curves: Sequence[tuple[list[int], list[float]]]):
 
 def _curve_figure(groups: Mapping[str, Mapping[str, list]], key: str | tuple[str, ...], ylabel: str,
                   title: str, colors: Mapping[str, tuple], path: Path, *, band: bool, logy: bool = False,
-                  setting_titles: Mapping[str, str] | None = None) -> Path:
+                  setting_titles: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+    """Draws the figure; returns what it drew: setting -> variants with a line."""
     fig, axes = _panels(len(groups))
     legend = {}
+    drawn: dict[str, list[str]] = {s: [] for s in groups}
     for ax, (setting, by_variant) in zip(axes, groups.items()):
         for variant, rows_per_seed in by_variant.items():
             curves = [_metric_curve(rows, key) for rows in rows_per_seed]
@@ -80,6 +82,7 @@ def _curve_figure(groups: Mapping[str, Mapping[str, list]], key: str | tuple[str
             if band and len(curves) > 1:
                 ax.fill_between(steps, lo, hi, color=colors[variant], alpha=0.15, lw=0)
             legend.setdefault(variant, line)
+            drawn[setting].append(variant)
         ax.set_title((setting_titles or {}).get(setting, setting), fontsize=10)
         ax.set_xlabel("training step (rollout batches)")
         ax.set_ylabel(ylabel)
@@ -91,7 +94,7 @@ def _curve_figure(groups: Mapping[str, Mapping[str, list]], key: str | tuple[str
     fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(legend) > 6), 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return drawn
 
 
 def _metric_curve(rows, key):
@@ -102,19 +105,19 @@ def _metric_curve(rows, key):
     return series(rows, key)
 
 
-def accuracy_figure(groups, colors, path: Path, setting_titles=None) -> Path:
+def accuracy_figure(groups, colors, path: Path, setting_titles=None) -> dict[str, list[str]]:
     return _curve_figure(groups, "eval/accuracy", "eval accuracy (fraction correct)",
                          "Eval accuracy (mean over seeds; band = min..max over seeds)", colors, path,
                          band=True, setting_titles=setting_titles)
 
 
-def mismatch_figure(groups, colors, path: Path, setting_titles=None) -> Path:
+def mismatch_figure(groups, colors, path: Path, setting_titles=None) -> dict[str, list[str]]:
     return _curve_figure(groups, MISMATCH, "mean |log(pi/mu)| (nats)",
                          "Training-inference mismatch per step (mean over seeds)", colors, path,
                          band=False, logy=True, setting_titles=setting_titles)
 
 
-def beyond_boundary_figure(groups, colors, path: Path, setting_titles=None) -> Path:
+def beyond_boundary_figure(groups, colors, path: Path, setting_titles=None) -> dict[str, list[str]]:
     return _curve_figure(groups, BEYOND, "fraction of tokens beyond boundary",
                          "Tokens beyond the trust-region boundary in the harmful direction "
                          "(mean of A>0 and A<0 fractions; pg_is has no boundary)", colors, path,
@@ -134,14 +137,16 @@ def weight_fractions(rows_per_seed: Sequence[Sequence[Mapping]]) -> dict[str, fl
     return out
 
 
-def weights_figure(groups, path: Path, setting_titles=None) -> Path:
+def weights_figure(groups, path: Path, setting_titles=None) -> dict[str, list[str]]:
     n = len(groups)
+    drawn: dict[str, list[str]] = {}
     nvar = max(len(v) for v in groups.values())
     fig, axes = _panels(n, width=5.2, height=0.9 + 0.32 * nvar)
     legend = {}
     for ax, (setting, by_variant) in zip(axes, groups.items()):
         names = list(by_variant)
         fracs = [weight_fractions(by_variant[v]) for v in names]
+        drawn[setting] = [v for v, f in zip(names, fracs) if not all(math.isnan(x) for x in f.values())]
         left = [0.0] * len(names)
         for _, label, color in WEIGHT_PARTS:
             widths = [0.0 if math.isnan(f[label]) else f[label] for f in fracs]
@@ -158,4 +163,4 @@ def weights_figure(groups, path: Path, setting_titles=None) -> Path:
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return drawn

@@ -40,8 +40,13 @@ class Run:
     seed: int
     record: dict
     rows: list[dict]
-    finished: bool
+    finished: bool  # summary.json written
     summary: dict | None
+    diverged: bool = False  # stopped on a non-finite loss: a result, counted as a collapse
+
+    @property
+    def has_result(self) -> bool:
+        return self.finished or self.diverged
 
 
 @dataclass
@@ -75,6 +80,18 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def diverged_rows(rows: list[dict], record: dict) -> list[dict]:
+    """A run that stopped on a non-finite loss has no usable policy from the step it diverged
+    on: its accuracy counts as 0 from that step to the planned last step (so final accuracy,
+    AUC and the curves show the collapse instead of the last accuracy before it)."""
+    last = max((int(r["step"]) for r in rows), default=0)
+    planned = record.get("overrides", {}).get("train.steps")
+    out = list(rows) + [{"step": last + 1, "eval/accuracy": 0.0, "diverged": True}]
+    if isinstance(planned, int) and planned > last + 1:
+        out.append({"step": planned, "eval/accuracy": 0.0, "diverged": True})
+    return out
+
+
 def load_study(root: str | Path) -> Study:
     root = Path(root)
     runs_dir = root / "runs"
@@ -93,8 +110,12 @@ def load_study(root: str | Path) -> Study:
                 raise ValueError(f"{rec_path}: missing field {key!r}")
         finished = (d / SUMMARY).is_file()
         summary = json.loads((d / SUMMARY).read_text()) if finished else None
+        diverged = not finished and rec.get("status") == "diverged"
+        rows = read_metrics(d / "metrics.jsonl")
+        if diverged:
+            rows = diverged_rows(rows, rec)
         runs.append(Run(rec["run_id"], rec["setting"], rec["variant"], rec["method"], int(rec["seed"]), rec,
-                        read_metrics(d / "metrics.jsonl"), finished, summary))
+                        rows, finished, summary, diverged))
     if not runs:
         raise ValueError(f"{root}: no runs under runs/")
     settings = [s for s in grid.get("settings", {}) if any(r.setting == s for r in runs)]
@@ -124,8 +145,9 @@ class Tables:
 
 
 def compute_tables(study: Study, target: float | None = None, collapse_frac: float = COLLAPSE_FRAC) -> Tables:
-    stats = [run_stats(r.run_id, r.setting, r.variant, r.seed, r.rows, _wall(r)) for r in study.runs if r.finished]
-    unfinished = [r for r in study.runs if not r.finished]
+    stats = [run_stats(r.run_id, r.setting, r.variant, r.seed, r.rows, _wall(r), stopped_diverged=r.diverged)
+             for r in study.runs if r.has_result]
+    unfinished = [r for r in study.runs if not r.has_result]
     cells: dict[str, list[CellStats]] = {}
     targets: dict[str, float] = {}
     for setting in study.settings:
@@ -194,7 +216,8 @@ def definitions(collapse_frac: float, target: float | None) -> list[str]:
         f"steps to target: median over seeds of the first eval step with accuracy >= target, using {tgt}; "
         "(k/n) seeds reached it.",
         f"collapsed: a run collapsed if its final accuracy is below {collapse_frac:g} x its warm-start accuracy, "
-        "or it logged a non-finite loss, grad norm or accuracy; (k/n) seeds collapsed.",
+        "or it diverged (logged a non-finite loss, grad norm or accuracy, or training stopped on a non-finite "
+        "loss; such a run counts as accuracy 0 from that step on); (k/n) seeds collapsed.",
         "mean abs log-ratio: mean over steps of the mean |log(pi/mu)| over response tokens "
         "(the training-inference mismatch the objective saw).",
         "wall s/run: wall-clock of the run's process(es); tokens/s: generated tokens / wall-clock.",
@@ -206,27 +229,30 @@ def _fig_paths(out: Path) -> dict[str, Path]:
     return {name: fig_dir / f"{name}.png" for name in ("accuracy", "mismatch", "beyond_boundary", "weights")}
 
 
-def make_figures(study: Study, out: Path) -> dict[str, Path]:
+def make_figures(study: Study, out: Path) -> tuple[dict[str, Path], dict[str, dict[str, list[str]]]]:
+    """Write the figures; returns their paths and, per figure, setting -> variants drawn."""
     paths = _fig_paths(out)
     paths["accuracy"].parent.mkdir(parents=True, exist_ok=True)
     groups: dict[str, dict[str, list]] = {}
     for setting in study.settings:
         by_variant = {}
         for v in study.variants:
-            rows = [r.rows for r in study.runs if r.setting == setting and r.variant == v and r.finished]
+            rows = [r.rows for r in study.runs if r.setting == setting and r.variant == v and r.has_result]
             if rows:
                 by_variant[v] = rows
         if by_variant:
             groups[setting] = by_variant
     if not groups:
-        return {}
+        return {}, {}
     colors = figures.variant_colors(study.variants)
     titles = {s: s for s in groups}
-    figures.accuracy_figure(groups, colors, paths["accuracy"], titles)
-    figures.mismatch_figure(groups, colors, paths["mismatch"], titles)
-    figures.beyond_boundary_figure(groups, colors, paths["beyond_boundary"], titles)
-    figures.weights_figure(groups, paths["weights"], titles)
-    return paths
+    drawn = {
+        "accuracy": figures.accuracy_figure(groups, colors, paths["accuracy"], titles),
+        "mismatch": figures.mismatch_figure(groups, colors, paths["mismatch"], titles),
+        "beyond_boundary": figures.beyond_boundary_figure(groups, colors, paths["beyond_boundary"], titles),
+        "weights": figures.weights_figure(groups, paths["weights"], titles),
+    }
+    return paths, drawn
 
 
 FIGURE_CAPTIONS = {
@@ -248,7 +274,10 @@ def render_markdown(study: Study, tables: Tables, figs: Mapping[str, Path], out:
     lines += [f"Runs: {n_total - len(tables.unfinished)} finished of {n_total} "
               f"({len(study.settings)} settings, {len(study.variants)} objective variants).", ""]
     lines += ["## Definitions", ""] + [f"- {d}" for d in definitions(collapse_frac, target)] + [""]
-    lines += ["## Summary per setting", ""]
+    lines += ["## Objective variants", "", "| variant | method | parameters (registered defaults filled in) |",
+              "|---|---|---|"]
+    lines += [f"| {name} | {method} | {params} |" for name, method, params in variant_table(study)]
+    lines += ["", "## Summary per setting", ""]
     for setting, cells in tables.cells.items():
         lines += [f"### {_setting_title(study, setting)}", "",
                   f"Target accuracy: {tables.targets[setting]:.3f}; warm-start accuracy "
@@ -280,6 +309,22 @@ def render_markdown(study: Study, tables: Tables, figs: Mapping[str, Path], out:
     return "\n".join(lines)
 
 
+def variant_table(study: Study) -> list[tuple[str, str, str]]:
+    """(variant, method, resolved parameters) for every variant that has runs."""
+    from drpo.objectives import get_method
+
+    out = []
+    for v in study.variants:
+        run = next(r for r in study.runs if r.variant == v)
+        given = run.record.get("params", {})
+        try:
+            params = get_method(run.method).resolve_params(given)
+        except ValueError:
+            params = given
+        out.append((v, run.method, ", ".join(f"{k}={p}" for k, p in params.items()) or "(none)"))
+    return out
+
+
 def _initial(cells: Sequence[CellStats]) -> tuple[float, float]:
     # every cell starts from the same warm start; report the mean of the cell means
     ms = [c.initial[0] for c in cells]
@@ -305,7 +350,9 @@ def render_html(markdown_title: str, study: Study, tables: Tables, figs: Mapping
     parts.append(f"<p>Runs: {len(study.runs) - len(tables.unfinished)} finished of {len(study.runs)}.</p>")
     parts.append("<h2>Definitions</h2><ul>" + "".join(f"<li>{esc(d)}</li>" for d in
                                                        definitions(collapse_frac, target)) + "</ul>")
-    parts.append("<h2>Summary per setting</h2>")
+    parts.append("<h2>Objective variants</h2><table><tr><th>variant</th><th>method</th><th>parameters</th></tr>")
+    parts += [f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{esc(c)}</td></tr>" for a, b, c in variant_table(study)]
+    parts.append("</table><h2>Summary per setting</h2>")
     for setting, cells in tables.cells.items():
         parts.append(f"<h3>{esc(_setting_title(study, setting))}</h3>")
         parts.append(f"<p>Target accuracy {tables.targets[setting]:.3f}; warm-start accuracy "
@@ -351,7 +398,7 @@ def write_report(root: str | Path, out: str | Path | None = None, *, target: flo
         cmd_file = study.root / "command.txt"
         command = cmd_file.read_text().strip().splitlines()[-1] if cmd_file.is_file() else None
     tables = compute_tables(study, target, collapse_frac)
-    figs = make_figures(study, out)
+    figs, drawn = make_figures(study, out)
     title = f"Comparison study: {study.grid.get('name', study.root.name)}"
     md = render_markdown(study, tables, figs, out, collapse_frac=collapse_frac, target=target, command=command)
     page = render_html(title, study, tables, figs, collapse_frac=collapse_frac, target=target, command=command)
@@ -364,7 +411,13 @@ def write_report(root: str | Path, out: str | Path | None = None, *, target: flo
         "collapse_frac": collapse_frac,
         "targets": tables.targets,
         "cells": [_cell_json(c) for cells in tables.cells.values() for c in cells],
+        "runs": [{"run_id": r.run_id, "setting": r.setting, "variant": r.variant, "seed": r.seed,
+                  "initial_acc": r.initial_acc, "final_acc": r.final_acc, "best_acc": r.best_acc, "auc": r.auc,
+                  "diverged": r.diverged,
+                  "collapsed": is_collapsed(r.initial_acc, r.final_acc, diverged=r.diverged,
+                                            collapse_frac=collapse_frac)} for r in tables.runs],
         "unfinished": [r.run_id for r in tables.unfinished],
+        "figures_drawn": drawn,
     }, indent=2) + "\n")
     with paths["csv"].open("w", newline="") as f:
         w = csv.writer(f)

@@ -50,27 +50,47 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
     return Path(out) / "runs" / spec.run_id
 
 
+# `drpo train` stops on a non-finite loss; that is the method's outcome (a divergence), not a
+# crash to retry: deterministic given the seed, so rerunning it would only diverge again.
+DIVERGED_EXIT = 3
+DIVERGED_MARKERS = ("FloatingPointError", "non-finite loss")
+
+
 def is_finished(path: Path) -> bool:
-    return (Path(path) / SUMMARY).is_file()
-
-
-def has_checkpoint(path: Path) -> bool:
-    """Whether a crashed run left something `drpo train --resume` can continue from."""
+    """Finished: summary.json written, or the run ended in a recorded divergence."""
     path = Path(path)
-    for name in ("checkpoint", "checkpoints", "ckpt", "last.pt", "checkpoint.pt"):
-        p = path / name
-        if p.is_file() or (p.is_dir() and any(p.iterdir())):
-            return True
-    return False
+    if (path / SUMMARY).is_file():
+        return True
+    record = read_record(path)
+    return bool(record and record.get("status") == "diverged")
+
+
+def _diverged(log_path: Path, rc: int, since: int) -> bool:
+    if rc == DIVERGED_EXIT:
+        return True
+    with open(log_path, "rb") as f:
+        f.seek(since)
+        tail = f.read().decode("utf-8", "replace")
+    return any(m in tail for m in DIVERGED_MARKERS)
+
+
+def has_started(path: Path) -> bool:
+    """Whether an earlier attempt left a run behind. `drpo train` refuses to overwrite one, so
+    the rerun passes --resume: it continues from the last good checkpoint, or starts over
+    (dropping the stale metrics) when there is none."""
+    path = Path(path)
+    return (path / "metrics.jsonl").exists() or (path / "checkpoints").exists()
 
 
 def train_command(spec: RunSpec, out: Path, *, config: str | None = None, resume: bool = False,
-                  python: str = sys.executable) -> list[str]:
-    cmd = [python, "-m", "drpo.cli", "train"]
+                  threads: int | None = None, python: str = sys.executable) -> list[str]:
+    cmd = [python, "-m", "drpo.cli", "train", "--no-progress"]
     if config:
         cmd += ["--config", str(config)]
     for key, value in spec.overrides.items():
         cmd += ["--set", f"{key}={format_value(value)}"]
+    if threads is not None and "train.threads" not in spec.overrides:
+        cmd += ["--set", f"train.threads={threads}"]
     cmd += ["--out", str(run_dir(out, spec))]
     if resume:
         cmd.append("--resume")
@@ -137,23 +157,24 @@ class _Active:
     proc: subprocess.Popen
     log: object
     started: float
+    log_offset: int  # where this attempt's output starts in train.log
 
 
 @dataclass
 class Outcome:
     finished: list[str] = field(default_factory=list)  # finished in this invocation
     skipped: list[str] = field(default_factory=list)  # already finished before
+    diverged: list[str] = field(default_factory=list)  # stopped on a non-finite loss (a result)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (run_id, reason)
 
 
 def _launch(spec: RunSpec, out: Path, config: str | None, threads: int, python: str) -> _Active:
     d = run_dir(out, spec)
-    resume = has_checkpoint(d)
-    cmd = train_command(spec, out, config=config, resume=resume, python=python)
+    resume = has_started(d)
+    cmd = train_command(spec, out, config=config, resume=resume, threads=threads, python=python)
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
-    env["DRPO_NUM_THREADS"] = str(threads)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     record = read_record(d) or spec.as_record()
     record.update(status="running", attempts=int(record.get("attempts", 0)) + 1, command=cmd, resumed=resume)
@@ -161,31 +182,36 @@ def _launch(spec: RunSpec, out: Path, config: str | None, threads: int, python: 
     log = open(d / LOG, "a")
     log.write(f"\n=== attempt {record['attempts']} {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
     log.flush()
+    offset = log.tell()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-    return _Active(spec, proc, log, time.monotonic())
+    record["pid"] = proc.pid
+    _write_json(d / RECORD, record)
+    return _Active(spec, proc, log, time.monotonic(), offset)
 
 
-def _settle(active: _Active, out: Path, rc: int) -> str | None:
-    """Record how a finished process went; returns a failure reason or None."""
+def _settle(active: _Active, out: Path, rc: int, interrupted: bool = False) -> tuple[str, str | None]:
+    """Record how a finished process went; returns (status, failure reason or None)."""
     active.log.close()
     d = run_dir(out, active.spec)
     record = read_record(d) or active.spec.as_record()
     elapsed = time.monotonic() - active.started
     record["wall_s"] = float(record.get("wall_s", 0.0)) + elapsed
     record["rc"] = rc
-    reason = None
-    if rc != 0:
-        reason = f"exit code {rc}; see {d / LOG}"
-    elif not is_finished(d):
-        reason = f"exited 0 without writing {SUMMARY}; see {d / LOG}"
-    record["status"] = "finished" if reason is None else "failed"
+    reason, status = None, "finished"
+    if rc != 0 and not interrupted and _diverged(d / LOG, rc, active.log_offset):
+        status = "diverged"
+    elif rc != 0:
+        reason, status = f"exit code {rc}; see {d / LOG}", "failed"
+    elif not (d / SUMMARY).is_file():
+        reason, status = f"exited 0 without writing {SUMMARY}; see {d / LOG}", "failed"
+    record["status"] = "interrupted" if interrupted else status
     if reason:
         record["error"] = reason
     else:
         record.pop("error", None)
     _write_json(d / RECORD, record)
-    return reason
+    return status, reason
 
 
 def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: int | None = None,
@@ -221,9 +247,12 @@ def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: i
                 if rc is None:
                     continue
                 active.remove(a)
-                reason = _settle(a, out, rc)
-                if reason is None:
+                status, reason = _settle(a, out, rc)
+                if status == "finished":
                     outcome.finished.append(a.spec.run_id)
+                elif status == "diverged":
+                    outcome.diverged.append(a.spec.run_id)
+                    tqdm.write(f"run {a.spec.run_id} diverged (non-finite loss); kept as a result", file=sys.stderr)
                 else:
                     outcome.failed.append((a.spec.run_id, reason))
                     tqdm.write(f"run {a.spec.run_id} failed: {reason}", file=sys.stderr)
@@ -238,7 +267,7 @@ def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: i
             except subprocess.TimeoutExpired:
                 a.proc.kill()
                 a.proc.wait()
-            _settle(a, out, a.proc.returncode if a.proc.returncode is not None else -1)
+            _settle(a, out, a.proc.returncode if a.proc.returncode is not None else -1, interrupted=True)
         bar.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -7,7 +7,7 @@ Definitions (also printed in the report):
   the step span, i.e. the time-averaged accuracy, in [0, 1]; comparable across grids.
 - steps to target: the first eval step whose accuracy is >= the target; None if never.
 - collapse: a run collapsed if it diverged (a non-finite loss, grad norm or accuracy was
-  logged, or it crashed) or its final accuracy is below `collapse_frac` (default 0.5) times
+  logged, or training stopped on a non-finite loss) or its final accuracy is below `collapse_frac` (default 0.5) times
   its warm-start accuracy.
 """
 
@@ -120,7 +120,7 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def run_stats(run_id: str, setting: str, variant: str, seed: int, rows: Sequence[Mapping],
-              wall_s: float) -> RunStats:
+              wall_s: float, *, stopped_diverged: bool = False) -> RunStats:
     steps, accs = accuracy_curve(rows)
     if not steps:
         raise ValueError(f"run {run_id}: metrics.jsonl has no '{ACC}' rows")
@@ -138,7 +138,7 @@ def run_stats(run_id: str, setting: str, variant: str, seed: int, rows: Sequence
         accs=accs,
         mean_mismatch=_mean(series(rows, MISMATCH)[1]),
         mean_kl=_mean(series(rows, KL)[1]),
-        diverged=diverged(rows),
+        diverged=stopped_diverged or diverged(rows),
         tokens=sum(series(rows, TOKENS)[1]),
         wall_s=float(wall_s),
     )

@@ -1,0 +1,174 @@
+"""End to end: `drpo compare` runs real (tiny, short) `drpo train` processes, `drpo report`
+summarizes them, and a killed study resumes with only its unfinished runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from drpo.cli import main
+
+pytestmark = pytest.mark.slow
+
+# small enough for seconds per run; warm start kept tiny and cached per test session
+TINY_BASE = {
+    "train.steps": 4,
+    "train.eval_every": 2,
+    "train.save_every": 1,
+    "rollout.prompts_per_step": 4,
+    "rollout.n_samples": 4,
+    "task.eval_size": 16,
+    "warmstart.steps": 10,
+}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("drpo-cache")
+
+
+def write_grid(path: Path, cache: Path, **extra) -> Path:
+    grid = {
+        "name": "tiny",
+        "base": {**TINY_BASE, "warmstart.cache_dir": str(cache)},
+        "settings": {"fp32": {"rollout.precision": "fp32"}, "fp8_e2e": {"rollout.precision": "fp8_e2e"}},
+        "methods": ["grpo", {"name": "drpo", "method": "drpo", "params": {"delta": 0.15}}],
+        "seeds": [0],
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_compare_and_report_hold_every_run(tmp_path, cache_dir):
+    grid = write_grid(tmp_path / "grid.yaml", cache_dir)
+    out = tmp_path / "results"
+    rc = main(["compare", "--grid", str(grid), "--out", str(out), "--workers", "2", "--quiet"])
+    assert rc == 0
+    expected = {f"{s}__{m}__s0" for s in ("fp32", "fp8_e2e") for m in ("grpo", "drpo")}
+    assert {p.name for p in (out / "runs").iterdir()} == expected
+    for rid in expected:
+        d = out / "runs" / rid
+        assert (d / "summary.json").is_file() and (d / "metrics.jsonl").is_file()
+        rec = json.loads((d / "study_run.json").read_text())
+        assert rec["status"] == "finished" and rec["attempts"] == 1 and rec["wall_s"] > 0
+        cfg = yaml.safe_load((d / "config.yaml").read_text())  # the trainer got the grid's overrides
+        assert cfg["objective"]["method"] == rec["method"]
+        assert cfg["rollout"]["precision"] == rid.split("__")[0]
+        assert cfg["train"]["threads"] == 1
+
+    report = out / "report"
+    md = (report / "report.md").read_text()
+    for rid in expected:
+        assert f"| {rid} |" in md  # per-run table holds every run
+    summary = json.loads((report / "summary.json").read_text())
+    assert {(c["setting"], c["variant"]) for c in summary["cells"]} == {
+        (s, m) for s in ("fp32", "fp8_e2e") for m in ("grpo", "drpo")}
+    assert all(c["n"] == 1 for c in summary["cells"]) and summary["unfinished"] == []
+    # the table's numbers are the runs' own eval accuracies
+    for r in summary["runs"]:
+        rows = [json.loads(x) for x in (out / "runs" / r["run_id"] / "metrics.jsonl").read_text().splitlines()]
+        accs = [row["eval/accuracy"] for row in rows if "eval/accuracy" in row]
+        assert [row["step"] for row in rows if "eval/accuracy" in row] == [0, 2, 4]
+        assert r["initial_acc"] == accs[0] and r["final_acc"] == accs[-1] and r["best_acc"] == max(accs)
+    for name in ("accuracy", "mismatch", "beyond_boundary", "weights"):
+        png = report / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        drawn = summary["figures_drawn"][name]
+        assert {(s, v) for s, vs in drawn.items() for v in vs} == {
+            (s, m) for s in ("fp32", "fp8_e2e") for m in ("grpo", "drpo")}, name
+    page = (report / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "<img" in page and "src='figures" not in page
+
+    # `drpo report` on its own, into another directory, with a fixed target
+    rc = main(["report", str(out), "--out", str(tmp_path / "rep2"), "--target", "0.0"])
+    assert rc == 0
+    s2 = json.loads((tmp_path / "rep2" / "summary.json").read_text())
+    assert all(c["reached"] == 1 and c["steps_to_target"] == 0 for c in s2["cells"])  # 0.0 is met at step 0
+
+    # a second compare finds everything done and launches nothing
+    before = {rid: (out / "runs" / rid / "summary.json").stat().st_mtime_ns for rid in expected}
+    assert main(["compare", "--grid", str(grid), "--out", str(out), "--quiet", "--no-report"]) == 0
+    assert before == {rid: (out / "runs" / rid / "summary.json").stat().st_mtime_ns for rid in expected}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); look at its state
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_killed_compare_reruns_only_unfinished_runs(tmp_path, cache_dir):
+    grid = write_grid(tmp_path / "grid.yaml", cache_dir, settings={"fp32": {"rollout.precision": "fp32"}},
+                      methods=["grpo", "dppo_tv", "pg_is"])
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "drpo.cli", "compare", "--grid", str(grid), "--out", str(out),
+           "--workers", "1", "--quiet", "--no-report"]
+    first, second, third = (out / "runs" / f"fp32__{m}__s0" for m in ("grpo", "dppo_tv", "pg_is"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        # kill the study while the second run is underway (it has logged at least its step-0 eval)
+        while not ((first / "summary.json").is_file() and (second / "metrics.jsonl").is_file()):
+            assert proc.poll() is None, "compare exited before it could be killed"
+            assert time.monotonic() < deadline, "runs did not progress"
+            time.sleep(0.1)
+        child = json.loads((second / "study_run.json").read_text())["pid"]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # the running `drpo train` dies with the study instead of writing on as an orphan
+    deadline = time.monotonic() + 20
+    while _pid_alive(child):
+        assert time.monotonic() < deadline, f"orphaned train process {child} still running"
+        time.sleep(0.1)
+    assert not (second / "summary.json").is_file() and not (third / "summary.json").is_file()
+    first_done = (first / "summary.json").stat().st_mtime_ns
+
+    rc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stderr
+    assert "2 run(s) finished now" in rc.stderr and "1 already done" in rc.stderr
+    assert (first / "summary.json").stat().st_mtime_ns == first_done  # not rerun
+    records = {d.name: json.loads((d / "study_run.json").read_text()) for d in (first, second, third)}
+    assert records[first.name]["attempts"] == 1
+    assert records[second.name]["attempts"] == 2 and records[second.name]["resumed"] is True
+    assert records[third.name]["attempts"] == 1
+    assert all(r["status"] == "finished" for r in records.values())
+    # the resumed run's log holds one row per step, no duplicates from the killed attempt
+    steps = [json.loads(x)["step"] for x in (second / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 4
+
+
+def test_run_dir_of_another_run_is_refused(tmp_path, cache_dir):
+    grid = write_grid(tmp_path / "grid.yaml", cache_dir, settings={"fp32": {"rollout.precision": "fp32"}},
+                      methods=["grpo"])
+    out = tmp_path / "results"
+    d = out / "runs" / "fp32__grpo__s0"
+    d.mkdir(parents=True)
+    (d / "study_run.json").write_text(json.dumps({
+        "run_id": "fp32__grpo__s0", "setting": "fp32", "variant": "grpo", "method": "grpo", "params": {},
+        "seed": 0, "overrides": {"train.steps": 999}}))
+    assert main(["compare", "--grid", str(grid), "--out", str(out), "--quiet"]) == 2
+    assert not (d / "metrics.jsonl").exists()
+
+
+def test_report_errors(tmp_path):
+    assert main(["report", str(tmp_path)]) == 2  # no runs/ folder
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    assert main(["report", str(tmp_path)]) == 2  # a run directory without a record
