@@ -291,11 +291,11 @@ def test_bad_input_is_named():
     bad = actor_config(policy_loss=plugin.DRPOPolicyLossConfig(loss_mode="drpo", drpo_params={"detla": 0.1}))
     with pytest.raises(ValueError, match="'detla'"):
         call(fn, old, logp, adv, mask, "token-mean", bad)
-    with pytest.raises(ValueError, match="rollout_is_weights shape"):
+    with pytest.raises(ValueError, match="`rollout_is_weights` shape"):
         call(fn, old, logp, adv, mask, "token-mean", actor_config(), torch.ones(2, 2, dtype=old.dtype))
     neg = torch.ones_like(old)
     neg[0, 0] = -1.0
-    with pytest.raises(ValueError, match="rollout_is_weights must be finite and >= 0"):
+    with pytest.raises(ValueError, match="`rollout_is_weights` must be finite and >= 0"):
         call(fn, old, logp, adv, mask, "token-mean", actor_config(), neg)
     nan_logp = logp.clone()
     nan_logp[0, 0] = float("nan")

@@ -57,12 +57,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-import torch
 from torch import Tensor
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
 from verl.workers.config import PolicyLossConfig
 
-from drpo.objectives import METHODS, aggregate, get_method, per_token_objective, policy_loss
+from drpo.integrations._weighted import weighted_policy_loss
+from drpo.objectives import METHODS, get_method
 
 logger = logging.getLogger(__name__)
 
@@ -164,29 +164,6 @@ def _global_scale(agg: str, mask: Tensor, info: Mapping[str, Any]) -> Tensor | f
     return local * dp_size / total
 
 
-def _weighted_per_token_loss(
-    method: str, logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, weights: Tensor, params: dict
-) -> Tensor:
-    """-J * rollout_is_weights per token (policy_loss has already validated the inputs)."""
-    if weights.shape != logp.shape:
-        raise ValueError(
-            f"rollout_is_weights shape {tuple(weights.shape)} does not match log_prob shape {tuple(logp.shape)}"
-        )
-    w = weights.detach()
-    bad = mask & ~(torch.isfinite(w) & (w >= 0))
-    if bad.any():
-        idx = tuple(bad.nonzero()[0].tolist())
-        raise ValueError(f"rollout_is_weights must be finite and >= 0, got {w[idx].item()} at position {idx}")
-    dtype = torch.promote_types(logp.dtype, torch.float32)
-    zero = torch.zeros((), dtype=dtype, device=logp.device)
-    # Same neutral padding as policy_loss (pi = mu = 1, A = 0), so padding cannot produce NaN.
-    logp = torch.where(mask, logp.to(dtype), zero).clamp(max=0.0)
-    old = torch.where(mask, old_logp.detach().to(dtype), zero).clamp(max=0.0)
-    adv = torch.where(mask, adv.detach().to(dtype).expand_as(logp), zero)
-    j, _ = per_token_objective(method, logp, old, adv, **params)
-    return -j * torch.where(mask, w.to(dtype), zero)
-
-
 def compute_policy_loss(
     method: str,
     old_log_prob: Tensor,
@@ -206,16 +183,19 @@ def compute_policy_loss(
     info = _get(config, "global_batch_info") or {}
     horizon = _horizon(config, info)
     agg = "token-mean" if loss_agg_mode == "token-sum" else loss_agg_mode
-    loss, metrics = policy_loss(
-        method, log_prob, old_log_prob, advantages, response_mask, agg=agg, horizon=horizon, **params
+    loss, metrics = weighted_policy_loss(
+        method,
+        log_prob,
+        old_log_prob,
+        advantages,
+        response_mask,
+        rollout_is_weights,
+        agg=agg,
+        horizon=horizon,
+        weights_name="rollout_is_weights",
+        **params,
     )
-    mask = response_mask != 0  # validated 0/1 by policy_loss
-    if rollout_is_weights is not None:
-        per_token = _weighted_per_token_loss(
-            method, log_prob, old_log_prob, advantages, mask, rollout_is_weights, params
-        )
-        loss = aggregate(per_token, mask, agg, horizon=horizon)
-    loss = loss * _global_scale(loss_agg_mode, mask, info)
+    loss = loss * _global_scale(loss_agg_mode, response_mask != 0, info)
     return loss, {METRIC_PREFIX + k: v for k, v in metrics.items() if k != "loss"}
 
 
