@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from drpo.study import figures
+from drpo.study.claims import MIN_MARGIN, Claim, check_claims
 from drpo.study.runner import LOG, RECORD, SUMMARY
 from drpo.study.stats import (
     COLLAPSE_FRAC,
@@ -264,7 +265,8 @@ FIGURE_CAPTIONS = {
 
 
 def render_markdown(study: Study, tables: Tables, figs: Mapping[str, Path], out: Path, *,
-                    collapse_frac: float, target: float | None, command: str | None) -> str:
+                    collapse_frac: float, target: float | None, command: str | None,
+                    claims: Sequence[Claim] = ()) -> str:
     n_total = len(study.runs)
     lines = [f"# Comparison study: {study.grid.get('name', study.root.name)}", ""]
     if study.grid.get("description"):
@@ -286,6 +288,13 @@ def render_markdown(study: Study, tables: Tables, figs: Mapping[str, Path], out:
         lines.append("|" + "|".join("---" for _ in TABLE_HEADER) + "|")
         lines += ["| " + " | ".join(cell_row(c)) + " |" for c in cells]
         lines.append("")
+    lines += ["## The paper's claims, checked mechanically", "",
+              f"Each verdict follows the stated rule on the tables above; a difference counts only beyond "
+              f"max({MIN_MARGIN}, standard error of the difference). See the discussion that accompanies the "
+              f"study for what the verdicts do and do not show.", ""]
+    for c in claims:
+        lines += [f"### {c.statement}", "", f"**Verdict: {c.verdict}.** Rule: {c.rule}", ""]
+        lines += [f"- {e}" for e in c.evidence] + [""]
     if figs:
         lines += ["## Figures", ""]
         for name, path in figs.items():
@@ -333,7 +342,8 @@ def _initial(cells: Sequence[CellStats]) -> tuple[float, float]:
 
 
 def render_html(markdown_title: str, study: Study, tables: Tables, figs: Mapping[str, Path], *,
-                collapse_frac: float, target: float | None, command: str | None) -> str:
+                collapse_frac: float, target: float | None, command: str | None,
+                claims: Sequence[Claim] = ()) -> str:
     esc = html.escape
     parts = ["<!doctype html><html><head><meta charset='utf-8'>",
              f"<title>{esc(markdown_title)}</title><style>",
@@ -363,6 +373,10 @@ def render_html(markdown_title: str, study: Study, tables: Tables, figs: Mapping
             cls = [" class='yes'" if i == 6 and c.collapsed else "" for i in range(len(row))]
             parts.append("<tr>" + "".join(f"<td{k}>{esc(v)}</td>" for v, k in zip(row, cls)) + "</tr>")
         parts.append("</table>")
+    parts.append("<h2>The paper's claims, checked mechanically</h2>")
+    for c in claims:
+        parts.append(f"<h3>{esc(c.statement)}</h3><p><b>Verdict: {esc(c.verdict)}.</b> Rule: {esc(c.rule)}</p>")
+        parts.append("<ul>" + "".join(f"<li>{esc(e)}</li>" for e in c.evidence) + "</ul>")
     if figs:
         parts.append("<h2>Figures</h2>")
         for name, path in figs.items():
@@ -400,8 +414,11 @@ def write_report(root: str | Path, out: str | Path | None = None, *, target: flo
     tables = compute_tables(study, target, collapse_frac)
     figs, drawn = make_figures(study, out)
     title = f"Comparison study: {study.grid.get('name', study.root.name)}"
-    md = render_markdown(study, tables, figs, out, collapse_frac=collapse_frac, target=target, command=command)
-    page = render_html(title, study, tables, figs, collapse_frac=collapse_frac, target=target, command=command)
+    claims = check_claims(tables.cells, study.grid)
+    md = render_markdown(study, tables, figs, out, collapse_frac=collapse_frac, target=target, command=command,
+                         claims=claims)
+    page = render_html(title, study, tables, figs, collapse_frac=collapse_frac, target=target, command=command,
+                       claims=claims)
     paths = {"markdown": out / "report.md", "html": out / "report.html", "json": out / "summary.json",
              "csv": out / "summary.csv", **{f"figure:{k}": v for k, v in figs.items()}}
     paths["markdown"].write_text(md)
@@ -418,6 +435,7 @@ def write_report(root: str | Path, out: str | Path | None = None, *, target: flo
                                             collapse_frac=collapse_frac)} for r in tables.runs],
         "unfinished": [r.run_id for r in tables.unfinished],
         "figures_drawn": drawn,
+        "claims": [asdict(c) for c in claims],
     }, indent=2) + "\n")
     with paths["csv"].open("w", newline="") as f:
         w = csv.writer(f)

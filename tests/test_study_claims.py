@@ -1,0 +1,114 @@
+"""Claim verdicts from hand-built cells: each rule must be able to support, contradict and
+stay undecided."""
+
+import math
+
+import pytest
+
+from drpo.study.claims import MIN_MARGIN, check_claims, compare, margin
+from drpo.study.stats import CellStats
+
+GRID = {
+    "methods": [{"name": m, "method": m, "params": {}} for m in ("pg_is", "grpo", "spo", "dppo_tv", "mask_drpo")]
+    + [{"name": "drpo", "method": "drpo", "params": {"delta": 0.15}}],
+    "settings": {"fp32": {"rollout.precision": "fp32"}, "bf16": {"rollout.precision": "bf16"},
+                 "fp8": {"rollout.precision": "fp8_e4m3"},
+                 "stress": {"rollout.precision": "bf16", "optim.lr": 0.01}},
+    "sweeps": [{"settings": ["fp32"], "variants": [
+        {"name": "drpo-d1", "method": "drpo", "params": {"delta": 1.0}},
+        {"name": "drpo-noadv", "method": "drpo", "params": {"delta": 0.15, "advantage_weighted": False}}]}],
+}
+
+
+def cell(setting, variant, final, auc=None, *, collapsed=0, n=3, std=0.0, initial=0.5):
+    auc = final if auc is None else auc
+    return CellStats(setting, variant, n, (initial, 0.0), (final, std), (max(final, initial), std), (auc, std),
+                     n, 5.0, collapsed, 1e-3, 10.0, 100.0)
+
+
+def table(spec):
+    cells = {}
+    for (setting, variant), kw in spec.items():
+        cells.setdefault(setting, []).append(cell(setting, variant, **kw))
+    return cells
+
+
+def verdicts(spec):
+    return {c.key: c.verdict for c in check_claims(table(spec), GRID)}
+
+
+def test_margin_and_compare_by_hand():
+    a, b = cell("s", "a", 0.60, std=0.05), cell("s", "b", 0.50, std=0.05)
+    se = math.sqrt(0.05**2 / 3 + 0.05**2 / 3)  # 0.0408
+    assert margin(a.final, b.final, 3, 3) == pytest.approx(se)
+    assert compare(a, b, "final") == "better" and compare(b, a, "final") == "worse"
+    c = cell("s", "c", 0.55, std=0.05)  # 0.05 difference vs margin 0.0408 -> better
+    assert compare(c, b, "final") == "better"
+    d = cell("s", "d", 0.53, std=0.05)  # 0.03 < 0.0408 -> tie
+    assert compare(d, b, "final") == "tie"
+    # with no seed spread the floor MIN_MARGIN applies
+    assert compare(cell("s", "e", 0.5 + MIN_MARGIN / 2), cell("s", "f", 0.5), "final") == "tie"
+
+
+def base(**over):
+    spec = {}
+    for s in ("fp32", "bf16", "fp8", "stress"):
+        for v in ("pg_is", "grpo", "spo", "dppo_tv", "mask_drpo", "drpo"):
+            spec[(s, v)] = {"final": 0.6}
+    spec[("fp32", "drpo-d1")] = {"final": 0.6}
+    spec[("fp32", "drpo-noadv")] = {"final": 0.6}
+    for k, v in over.items():
+        spec[tuple(k.split("__"))] = v
+    return spec
+
+
+def test_all_equal_cells_give_honest_verdicts():
+    v = verdicts(base())
+    assert v["ratio_collapse"] == "contradicts"  # no ratio method collapsed under low precision
+    assert v["dppo_slower"] == "cannot tell"  # all ties
+    assert v["pg_is_drops"] == "contradicts"  # 0.6 final vs 0.5 warm start: no drop anywhere
+    assert v["mask_matches"] == "supports"
+    assert v["abs_adv"] == "cannot tell"
+    assert v["threshold"] == "cannot tell"
+
+
+def test_ratio_collapse_supported_only_in_pure_precision_settings():
+    v = verdicts(base(bf16__grpo={"final": 0.1, "collapsed": 2}))
+    assert v["ratio_collapse"] == "supports"
+    # a collapse only in the stress setting (which also changes the lr) is not evidence
+    assert verdicts(base(stress__grpo={"final": 0.1, "collapsed": 3}))["ratio_collapse"] == "contradicts"
+    # DRPO collapsing too: cannot tell
+    v = verdicts(base(bf16__grpo={"final": 0.1, "collapsed": 2}, fp8__drpo={"final": 0.1, "collapsed": 2}))
+    assert v["ratio_collapse"] == "cannot tell"
+    # a minority of seeds collapsing: not contradicted, not supported
+    assert verdicts(base(fp8__spo={"final": 0.55, "collapsed": 1}))["ratio_collapse"] == "cannot tell"
+
+
+def test_dppo_slower():
+    better = {f"{s}__drpo": {"final": 0.7, "auc": 0.65} for s in ("fp32", "bf16", "fp8", "stress")}
+    assert verdicts(base(**better))["dppo_slower"] == "supports"
+    worse = {f"{s}__dppo_tv": {"final": 0.7, "auc": 0.68} for s in ("fp32", "bf16", "fp8")}
+    assert verdicts(base(**worse))["dppo_slower"] == "contradicts"
+    assert verdicts(base(fp8__dppo_tv={"final": 0.1, "collapsed": 3}))["dppo_slower"] == "contradicts"
+
+
+def test_pg_is_drops_counts_settings():
+    assert verdicts(base(fp8__pg_is={"final": 0.3}))["pg_is_drops"] == "cannot tell"
+    assert verdicts(base(fp8__pg_is={"final": 0.3}, stress__pg_is={"final": 0.45}))["pg_is_drops"] == "supports"
+
+
+def test_mask_matches():
+    differs = {f"{s}__mask_drpo": {"final": 0.4} for s in ("fp32", "bf16", "fp8")}
+    assert verdicts(base(**differs))["mask_matches"] == "contradicts"
+    assert verdicts(base(fp8__mask_drpo={"final": 0.4}))["mask_matches"] == "cannot tell"
+
+
+def test_abs_adv_and_threshold():
+    assert verdicts(base(**{"fp32__drpo-noadv": {"final": 0.5}}))["abs_adv"] == "supports"
+    assert verdicts(base(**{"fp32__drpo-noadv": {"final": 0.7}}))["abs_adv"] == "contradicts"
+    assert verdicts(base(**{"fp32__drpo-d1": {"final": 0.45}}))["threshold"] == "supports"
+
+
+def test_missing_cells_are_not_tested():
+    v = {c.key: c.verdict for c in check_claims({"fp32": [cell("fp32", "grpo", 0.5)]}, GRID)}
+    assert set(v.values()) == {"not tested"}
