@@ -95,6 +95,19 @@ def test_dppo_slower():
 def test_pg_is_drops_counts_settings():
     assert verdicts(base(fp8__pg_is={"final": 0.3}))["pg_is_drops"] == "cannot tell"
     assert verdicts(base(fp8__pg_is={"final": 0.3}, stress__pg_is={"final": 0.45}))["pg_is_drops"] == "supports"
+    # a drop that DRPO shares is the setting's, not the surrogate's
+    shared = base(fp8__pg_is={"final": 0.3}, fp8__drpo={"final": 0.3},
+                  stress__pg_is={"final": 0.45}, stress__drpo={"final": 0.45})
+    assert verdicts(shared)["pg_is_drops"] == "contradicts"
+
+
+def test_settings_where_everything_collapsed_are_left_out():
+    spec = base(**{f"stress__{v}": {"final": 0.0, "collapsed": 3}
+                   for v in ("pg_is", "grpo", "spo", "dppo_tv", "mask_drpo", "drpo")})
+    claims = check_claims(table(spec), GRID)
+    v = {c.key: c.verdict for c in claims}
+    assert v["dppo_slower"] == "cannot tell" and v["pg_is_drops"] == "contradicts"
+    assert all(any("left out: setting(s) stress" in e for e in c.evidence) for c in claims)
 
 
 def test_mask_matches():
