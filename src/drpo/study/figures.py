@@ -87,7 +87,11 @@ def _curve_figure(groups: Mapping[str, Mapping[str, list]], key: str | tuple[str
         ax.set_xlabel("training step (rollout batches)")
         ax.set_ylabel(ylabel)
         if logy:
-            ax.set_yscale("symlog", linthresh=1e-4)
+            ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+            if ys and min(ys) > 0:
+                ax.set_yscale("log")
+            else:  # zeros (an exactly on-policy step) need a linear part around 0
+                ax.set_yscale("symlog", linthresh=1e-7)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=12)
     _legend(fig, legend)
@@ -137,20 +141,31 @@ def weight_fractions(rows_per_seed: Sequence[Sequence[Mapping]]) -> dict[str, fl
     return out
 
 
+def weight_range(rows_per_seed: Sequence[Sequence[Mapping]]) -> tuple[float, float]:
+    """Smallest weight_min and largest weight_max over all steps and seeds (nan if not logged).
+    Shown next to the bars because the categories are exact: DRPO's w = 1 - 1e-6 counts as
+    attenuated although it is practically 1."""
+    lows = [v for rows in rows_per_seed for v in series(rows, "objective/weight_min")[1]]
+    highs = [v for rows in rows_per_seed for v in series(rows, "objective/weight_max")[1]]
+    return (min(lows) if lows else float("nan"), max(highs) if highs else float("nan"))
+
+
 def weights_figure(groups, path: Path, setting_titles=None) -> dict[str, list[str]]:
     n = len(groups)
     drawn: dict[str, list[str]] = {}
     nvar = max(len(v) for v in groups.values())
-    fig, axes = _panels(n, width=5.2, height=0.9 + 0.32 * nvar)
+    fig, axes = _panels(n, width=6.4, height=0.9 + 0.32 * nvar)
     legend = {}
     for ax, (setting, by_variant) in zip(axes, groups.items()):
         names = list(by_variant)
         fracs = [weight_fractions(by_variant[v]) for v in names]
+        labels = [f"{v}  w in [{lo:.3g}, {hi:.3g}]" for v, (lo, hi) in
+                  ((v, weight_range(by_variant[v])) for v in names)]
         drawn[setting] = [v for v, f in zip(names, fracs) if not all(math.isnan(x) for x in f.values())]
         left = [0.0] * len(names)
         for _, label, color in WEIGHT_PARTS:
             widths = [0.0 if math.isnan(f[label]) else f[label] for f in fracs]
-            bars = ax.barh(names, widths, left=left, color=color, edgecolor="white", lw=0.5)
+            bars = ax.barh(labels, widths, left=left, color=color, edgecolor="white", lw=0.5)
             legend.setdefault(label, bars)
             left = [a + b for a, b in zip(left, widths)]
         ax.set_xlim(0, 1)
