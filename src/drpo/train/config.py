@@ -30,13 +30,14 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name: str = "tiny"  # "tiny" | "smollm2" | a local Hugging Face model directory
     # Sizes of the tiny Llama-style default (ignored for other models).
-    hidden_size: int = Field(64, gt=0)
-    num_layers: int = Field(2, gt=0)
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
     num_heads: int = Field(4, gt=0)
-    intermediate_size: int = Field(256, gt=0)
+    intermediate_size: int = Field(384, gt=0)
     max_position: int = Field(64, gt=0)
-    # Apply the tokenizer's chat template to prompts; None = when the tokenizer has one.
-    chat_template: bool | None = None
+    # System turn for chat-templated models (prompts use the chat template whenever the
+    # tokenizer has one, e.g. SmolLM2); None = no system turn.
+    system_prompt: str | None = None
 
     @model_validator(mode="after")
     def _heads_divide(self):

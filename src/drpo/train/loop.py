@@ -1,0 +1,408 @@
+"""The RLVR training loop, one short function per stage:
+
+    prompts -> rollout (engine's own weights/precision) -> rewards -> group advantages
+    -> updates_per_rollout optimizer steps on the policy objective -> weight sync -> log/eval/save
+
+`train(cfg, out_dir, resume=False)` runs it and returns the summary dict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from drpo.advantages import group_advantages
+from drpo.logprobs import sequence_logprobs
+from drpo.models import build_tiny_model, load_policy, make_char_tokenizer, quantized_forward
+from drpo.objectives import METRIC_NAMES, policy_loss
+from drpo.rollout import generate, make_engine, sync_weights
+from drpo.tasks import Task, make_task
+from drpo.train.batching import decode_completions, encode_prompts
+from drpo.train.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
+from drpo.train.config import Config, to_yaml
+from drpo.train.metrics import MetricsLogger, plot_curves, read_metrics, truncate_metrics
+from drpo.train.warmstart import warm_start, warmup_cosine
+
+EVAL_BATCH = 128  # prompts per greedy eval batch
+
+
+class RunError(RuntimeError):
+    """The output directory or a resume request is inconsistent."""
+
+
+@dataclass
+class RunState:
+    """Everything besides model/optimizer weights that a resumed run needs."""
+
+    step: int = 0  # RL steps completed
+    data_pos: int = 0  # next training example index
+    last_sync: int = -1  # step at which the rollout engine was last synced
+    # Policy weights the engine was last synced from, kept only when sync_every > 1 so a
+    # resumed run can rebuild the engine's stale copy exactly.
+    synced_from: dict | None = None
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+
+# ---------------------------------------------------------------- setup
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("train.device='cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def load_model(cfg: Config, task: Task, device: torch.device, log=print):
+    """The policy (fp32) and its tokenizer; the tiny default gets its cached warm start."""
+    if cfg.model.name == "tiny":
+        tokenizer = make_char_tokenizer()
+        m = cfg.model
+        model = build_tiny_model(
+            tokenizer,
+            hidden_size=m.hidden_size,
+            num_layers=m.num_layers,
+            num_heads=m.num_heads,
+            intermediate_size=m.intermediate_size,
+            max_position=m.max_position,
+            seed=cfg.seed,
+        ).to(device)
+        info = warm_start(model, tokenizer, task, cfg, log=log) if cfg.warmstart.enabled else {}
+        return model, tokenizer, info
+    model, tokenizer = load_policy(cfg.model.name, seed=cfg.seed)
+    return model.to(device), tokenizer, {}
+
+
+def make_optimizer(model, cfg: Config):
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
+    )
+    total = cfg.train.steps * o.updates_per_rollout
+    # Linear warmup, then constant: RL runs are short and the objective is itself the brake.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, warmup_cosine(s, o.warmup_steps, total)) if s < o.warmup_steps else 1.0
+    )
+    return optimizer, scheduler
+
+
+def prepare_out_dir(out_dir: Path, cfg: Config, resume: bool) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    has_run = (out_dir / "metrics.jsonl").exists() or (out_dir / "checkpoints").exists()
+    if has_run and not resume:
+        raise RunError(f"output directory {out_dir} already holds a run; pass --resume to continue it or pick another --out")
+    saved = out_dir / "config.yaml"
+    if resume and saved.exists() and saved.read_text() != to_yaml(cfg):
+        raise RunError(f"--resume with a config different from the one saved in {saved}; resume with the same config")
+    saved.write_text(to_yaml(cfg))
+
+
+# ---------------------------------------------------------------- one step
+
+
+def next_prompts(task: Task, state: RunState, n: int):
+    examples = [task.train_example(state.data_pos + i) for i in range(n)]
+    state.data_pos += n
+    return examples
+
+
+def sample(engine, tokenizer, examples, cfg: Config, generator, *, greedy=False, n_samples=None):
+    prompts = encode_prompts(tokenizer, examples, cfg.task.prompt_template, system=cfg.model.system_prompt)
+    r = cfg.rollout
+    return generate(
+        engine,
+        prompts,
+        n_samples=r.n_samples if n_samples is None else n_samples,
+        max_new_tokens=r.max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        greedy=greedy,
+        generator=generator,
+    )
+
+
+def score(task: Task, tokenizer, rollout, examples, n_samples: int) -> tuple[torch.Tensor, list[str]]:
+    """One reward per sample; rows i*G..(i+1)*G-1 belong to examples[i]."""
+    response_ids = rollout.input_ids[:, rollout.prompt_len :].cpu()
+    texts = decode_completions(tokenizer, response_ids, rollout.response_mask.cpu())
+    answers = [ex.answer for ex in examples for _ in range(n_samples)]
+    rewards = torch.tensor([task.reward(t, a) for t, a in zip(texts, answers)], dtype=torch.float32)
+    return rewards, texts
+
+
+def policy_logprobs(model, input_ids, attention_mask, prompt_len: int, cfg: Config):
+    """Train-side log-probs of the response tokens at the sampling temperature; under
+    fp8_e2e the training forward is quantized too."""
+    ctx = quantized_forward(model, "fp8_e2e") if cfg.rollout.precision == "fp8_e2e" else nullcontext()
+    with ctx:
+        return sequence_logprobs(
+            model, input_ids, attention_mask, response_start=prompt_len, temperature=cfg.rollout.temperature
+        )
+
+
+def anchor_logprobs(model, rollout, cfg: Config, micro: int) -> torch.Tensor:
+    """The 'old' log-probs: the rollout's behaviour log-probs (default) or a train-side
+    recomputation before the first update."""
+    if cfg.objective.anchor == "rollout":
+        return rollout.behaviour_logp
+    with torch.no_grad():
+        parts = [
+            policy_logprobs(model, rollout.input_ids[s : s + micro], rollout.attention_mask[s : s + micro], rollout.prompt_len, cfg)
+            for s in range(0, rollout.input_ids.shape[0], micro)
+        ]
+    return torch.cat(parts)
+
+
+def mismatch_stats(logp: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over response tokens of |log r|, the k3 KL estimate and the max |log r|, where
+    r = pi_train / mu_rollout before any optimizer step."""
+    lr = (logp.detach() - behaviour).masked_fill(~mask, 0.0)
+    k3 = (torch.exp(lr) - 1 - lr).masked_fill(~mask, 0.0)
+    return {"abs": lr.abs().sum(), "k3": k3.sum(), "max": lr.abs().max(), "n": mask.sum()}
+
+
+def reduce_objective_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Diagnostics of all micro-batches: extremes for min/max, sum for counts, else mean."""
+    out = {}
+    for key in rows[0]:
+        vals = [r[key] for r in rows]
+        if key.endswith("_min"):
+            out[key] = min(vals)
+        elif key.endswith("_max"):
+            out[key] = max(vals)
+        elif key == "tokens":
+            out[key] = float(sum(vals))
+        else:
+            out[key] = float(sum(vals) / len(vals))
+    return out
+
+
+def update(model, optimizer, scheduler, rollout, advantages, cfg: Config, generator) -> dict[str, float]:
+    """updates_per_rollout optimizer steps, each over one shuffled mini-batch split into
+    grad_accum micro-batches. The mismatch is measured during the first mini-batch, before
+    any optimizer step."""
+    o, obj = cfg.optim, cfg.objective
+    n = rollout.input_ids.shape[0]
+    mini = n // o.updates_per_rollout
+    micro = mini // o.grad_accum
+    params = obj.resolved_params
+    model.train()
+    anchor = anchor_logprobs(model, rollout, cfg, micro)
+    order = torch.randperm(n, generator=generator).to(rollout.input_ids.device)
+    obj_rows, grad_norms, mm = [], [], []
+    for u in range(o.updates_per_rollout):
+        optimizer.zero_grad(set_to_none=True)
+        for a in range(o.grad_accum):
+            idx = order[u * mini + a * micro : u * mini + (a + 1) * micro]
+            mask = rollout.response_mask[idx]
+            logp = policy_logprobs(model, rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_len, cfg)
+            if u == 0:
+                mm.append(mismatch_stats(logp, rollout.behaviour_logp[idx], mask))
+            loss, metrics = policy_loss(
+                obj.method, logp, anchor[idx], advantages[idx], mask, agg=obj.agg, horizon=obj.horizon, **params
+            )
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at update {u}, micro-batch {a}")
+            (loss / o.grad_accum).backward()
+            obj_rows.append(metrics)
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)))
+        optimizer.step()
+        scheduler.step()
+    model.eval()
+    n_tok = sum(float(m["n"]) for m in mm)
+    row = {f"objective/{k}": v for k, v in reduce_objective_metrics(obj_rows).items()}
+    row["mismatch/abs_log_ratio"] = sum(float(m["abs"]) for m in mm) / max(n_tok, 1.0)
+    row["mismatch/k3_kl"] = sum(float(m["k3"]) for m in mm) / max(n_tok, 1.0)
+    row["mismatch/max_abs_log_ratio"] = max(float(m["max"]) for m in mm)
+    row["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    row["grad_norm_max"] = max(grad_norms)
+    row["lr"] = scheduler.get_last_lr()[0]
+    return row
+
+
+@torch.no_grad()
+def evaluate(eval_engine, model, tokenizer, task: Task, cfg: Config, step: int) -> dict[str, float]:
+    """Greedy accuracy on the held-out split, sampled from a freshly synced copy of the policy
+    at the rollout precision (what a deployment would serve)."""
+    sync_weights(eval_engine, model, step)
+    examples = list(task.eval_examples)
+    correct, lengths = 0.0, 0.0
+    for s in range(0, len(examples), EVAL_BATCH):
+        batch = examples[s : s + EVAL_BATCH]
+        rollout = sample(eval_engine, tokenizer, batch, cfg, None, greedy=True, n_samples=1)
+        rewards, _ = score(task, tokenizer, rollout, batch, 1)
+        correct += float(rewards.sum())
+        lengths += float(rollout.response_mask.sum())
+    return {"eval/accuracy": correct / len(examples), "eval/response_length": lengths / len(examples)}
+
+
+def rl_step(step, model, engine, optimizer, scheduler, tokenizer, task, cfg: Config, state: RunState) -> dict:
+    r = cfg.rollout
+    if state.last_sync < 0 or step - state.last_sync >= r.sync_every:
+        sync_weights(engine, model, step)
+        state.last_sync = step
+        if r.sync_every > 1:
+            state.synced_from = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    t0 = time.perf_counter()
+    examples = next_prompts(task, state, r.prompts_per_step)
+    rollout = sample(engine, tokenizer, examples, cfg, state.generator)
+    t1 = time.perf_counter()
+    rewards, _ = score(task, tokenizer, rollout, examples, r.n_samples)
+    adv = group_advantages(rewards, r.n_samples, cfg.advantage.estimator).to(rollout.behaviour_logp.device)
+    t2 = time.perf_counter()
+    row = update(model, optimizer, scheduler, rollout, adv, cfg, state.generator)
+    t3 = time.perf_counter()
+    lengths = rollout.response_mask.sum(dim=1).float()
+    groups = rewards.view(-1, r.n_samples)
+    row = {
+        "step": step,
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std(unbiased=False)),
+        "reward/accuracy": float((rewards >= 1.0).float().mean()),
+        "advantage/zero_groups_frac": float((groups.max(1).values == groups.min(1).values).float().mean()),
+        "response/length": float(lengths.mean()),
+        "response/finished_frac": float(rollout.finished.float().mean()),
+        "tokens/generated": int(lengths.sum()),
+        "staleness": step - state.last_sync,
+        **row,
+        "time/rollout": t1 - t0,
+        "time/reward": t2 - t1,
+        "time/update": t3 - t2,
+    }
+    return row
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_state(model, optimizer, scheduler, state: RunState) -> dict:
+    return {
+        "model": model.state_dict(),
+        "synced_from": state.synced_from,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": state.step,
+        "data_pos": state.data_pos,
+        "last_sync": state.last_sync,
+        "generator": state.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state(),
+    }
+
+
+def restore(ckpt: dict, model, engine, optimizer, scheduler, state: RunState) -> None:
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    state.step, state.data_pos, state.last_sync = ckpt["step"], ckpt["data_pos"], ckpt["last_sync"]
+    state.generator.set_state(ckpt["generator"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    random.setstate(ckpt["python_rng"])
+    np.random.set_state(ckpt["numpy_rng"])
+    state.synced_from = ckpt["synced_from"]
+    if state.synced_from is not None:  # re-create the engine's stale copy, then the policy
+        model.load_state_dict(state.synced_from)
+        sync_weights(engine, model, state.last_sync)
+        model.load_state_dict(ckpt["model"])
+    elif state.last_sync >= 0:
+        sync_weights(engine, model, state.last_sync)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def summarize(rows: list[dict], wall: float, warm: dict, resumed: bool) -> dict:
+    evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+    steps = [r for r in rows if "reward/mean" in r]
+    tokens = sum(r.get("tokens/generated", 0) for r in steps)
+    rollout_time = sum(r.get("time/rollout", 0.0) for r in steps)
+    return {
+        "steps": max((r["step"] for r in rows), default=0),
+        "warmstart_accuracy": evals[0][1] if evals and evals[0][0] == 0 else None,
+        "final_accuracy": evals[-1][1] if evals else None,
+        "best_accuracy": max((a for _, a in evals), default=None),
+        "final_reward": steps[-1]["reward/mean"] if steps else None,
+        "mean_mismatch": sum(r["mismatch/abs_log_ratio"] for r in steps) / len(steps) if steps else None,
+        "wall_clock_s": wall,
+        "tokens_generated": tokens,
+        "rollout_tokens_per_s": tokens / rollout_time if rollout_time > 0 else None,
+        "warmstart": warm,
+        "resumed": resumed,
+    }
+
+
+def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print, progress: bool = True) -> dict:
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    prepare_out_dir(out_dir, cfg, resume)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    state = RunState(generator=seed_everything(cfg.seed))
+    task = make_task(cfg.task, cfg.seed)
+    model, tokenizer, warm = load_model(cfg, task, device, log=log)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    engine = make_engine(model, cfg.rollout.precision)
+    eval_engine = make_engine(model, cfg.rollout.precision)
+
+    found = load_latest_checkpoint(out_dir / "checkpoints", warn=log) if resume else None
+    if found:
+        path, ckpt = found
+        restore(ckpt, model, engine, optimizer, scheduler, state)
+        truncate_metrics(out_dir / "metrics.jsonl", state.step)
+        log(f"resumed from {path} at step {state.step}")
+    elif resume:
+        truncate_metrics(out_dir / "metrics.jsonl", -1)
+        log("no checkpoint found: starting from scratch")
+    logger = MetricsLogger(out_dir)
+
+    if state.step == 0 and not found:
+        logger.log({"step": 0, **evaluate(eval_engine, model, tokenizer, task, cfg, 0)})
+    last = {k: v for r in read_metrics(logger.path) for k, v in r.items()}
+    bar = tqdm(range(state.step + 1, cfg.train.steps + 1), desc="drpo train", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        row = rl_step(step, model, engine, optimizer, scheduler, tokenizer, task, cfg, state)
+        state.step = step
+        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+            row.update(evaluate(eval_engine, model, tokenizer, task, cfg, step))
+        logger.log(row)
+        last.update(row)
+        bar.set_postfix(
+            reward=f"{row['reward/mean']:.3f}",
+            eval_acc=f"{last.get('eval/accuracy', float('nan')):.3f}",
+            mismatch=f"{row['mismatch/abs_log_ratio']:.2e}",
+        )
+        if step % cfg.train.save_every == 0 or step == cfg.train.steps:
+            save_checkpoint(
+                out_dir / "checkpoints", step, checkpoint_state(model, optimizer, scheduler, state),
+                keep=cfg.train.keep_checkpoints,
+            )
+    logger.close()
+
+    rows = read_metrics(out_dir / "metrics.jsonl")
+    plot_curves(rows, out_dir / "curves.png", title=f"{cfg.objective.method} / {cfg.model.name} / seed {cfg.seed}")
+    summary = summarize(rows, time.perf_counter() - t_start, warm, resumed=bool(found))
+    # Written last: its presence marks a finished run.
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

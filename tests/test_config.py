@@ -1,0 +1,127 @@
+"""Config loading, overrides and the errors they must produce."""
+
+import subprocess
+import sys
+
+import pytest
+
+from drpo.objectives import METHODS
+from drpo.train.config import PRECISIONS, Config, ConfigError, load_config, to_yaml
+
+import yaml
+
+
+def test_defaults_validate_and_roundtrip(tmp_path):
+    cfg = load_config()
+    assert cfg.objective.method == "drpo"
+    assert cfg.objective.resolved_params == dict(METHODS["drpo"].params)
+    p = tmp_path / "c.yaml"
+    p.write_text(to_yaml(cfg))
+    assert load_config(p) == cfg
+
+
+def test_precisions_match_the_engine():
+    from drpo.models import PRECISIONS as ENGINE_PRECISIONS
+
+    assert tuple(PRECISIONS) == tuple(ENGINE_PRECISIONS)
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: 3\nrollout:\n  precision: bf16\n  n_samples: 4\nobjective:\n  method: grpo\n")
+    cfg = load_config(p, ["rollout.n_samples=2", "objective.params.eps_high=0.28", "train.threads=1"])
+    assert (cfg.seed, cfg.rollout.precision, cfg.rollout.n_samples) == (3, "bf16", 2)
+    assert cfg.objective.resolved_params["eps_high"] == 0.28
+    assert cfg.objective.resolved_params["eps_low"] == METHODS["grpo"].params["eps_low"]
+    assert cfg.train.threads == 1
+
+
+def test_set_delta_override():
+    cfg = load_config(None, ["objective.params.delta=0.15"])
+    assert cfg.objective.resolved_params["delta"] == 0.15
+
+
+def test_shipped_presets_validate():
+    from pathlib import Path
+
+    presets = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+    assert presets, "no presets in configs/"
+    for p in presets:
+        load_config(p)
+
+
+@pytest.mark.parametrize(
+    "overrides, must_contain",
+    [
+        (["rollout.precision=fp9"], ["rollout.precision", "'fp9'"]),
+        (["rollout.n_samples=0"], ["rollout.n_samples", "0", "greater than or equal to 1"]),
+        (["optim.lr=-1"], ["optim.lr", "-1"]),
+        (["optim.lr=fast"], ["optim.lr", "'fast'"]),
+        (["rollout.top_p=1.5"], ["rollout.top_p", "1.5"]),
+        (["objective.agg=sum"], ["objective.agg", "'sum'"]),
+        (["advantage.estimator=median"], ["advantage.estimator", "'median'"]),
+        (["objective.method=ppo2"], ["unknown method 'ppo2'", "drpo"]),
+        (["objective.params.delta=-0.1"], ["'delta'", "-0.1"]),
+        (["objective.params.eps=0.2"], ["unknown parameter", "'eps'"]),
+        (["rollout.temprature=0.7"], ["unknown config key 'rollout.temprature'"]),
+        (["nonsense=1"], ["unknown config key 'nonsense'"]),
+        (["task.name=jsonl"], ["task.dataset"]),
+        (["rollout.prompts_per_step=3", "rollout.n_samples=3", "optim.updates_per_rollout=2"], ["optim.updates_per_rollout=2"]),
+        (["model.hidden_size=130"], ["num_heads"]),
+    ],
+)
+def test_invalid_values_name_key_and_value(overrides, must_contain):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    for piece in must_contain:
+        assert piece in str(err.value)
+
+
+@pytest.mark.parametrize("item", ["novalue", "=3", "a..b=1"])
+def test_malformed_set(item):
+    with pytest.raises(ConfigError, match="--set expects key=value"):
+        load_config(None, [item])
+
+
+def test_set_into_a_value_is_an_error():
+    with pytest.raises(ConfigError, match="'seed' is a value, not a section"):
+        load_config(None, ["seed=1", "seed.x=2"])
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at top level"):
+        load_config(lst)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "drpo.cli", "train", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_rejects_bad_config_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    res = _cli("--out", str(out), "--set", "objective.method=nope")
+    assert res.returncode == 2
+    assert "unknown method 'nope'" in res.stderr
+    assert not out.exists()  # stopped at start: nothing written
+
+
+def test_cli_missing_dataset_file(tmp_path):
+    res = _cli("--out", str(tmp_path / "run"), "--set", "task.name=jsonl", "--set", f"task.dataset={tmp_path}/none.jsonl")
+    assert res.returncode == 2
+    assert "dataset file not found" in res.stderr and "none.jsonl" in res.stderr
+
+
+def test_cli_malformed_dataset_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2"\n')
+    res = _cli("--out", str(tmp_path / "run"), "--set", "task.name=jsonl", "--set", f"task.dataset={data}")
+    assert res.returncode == 2
+    assert f"{data}:2: invalid JSON" in res.stderr
