@@ -61,35 +61,79 @@ def _check_inputs(hidden: Any, weight: Any, targets: Any, temperature: float, ch
 
 
 # ----------------------------------------------------------------------------- chunk math
+#
+# Every chunk writes its logits into one preallocated [chunk_size, V] fp32 buffer and all
+# softmax math happens in place there: no allocation (and no page faulting of fresh memory)
+# per chunk, and at most one or two chunk-sized blocks alive at any time.
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, temperature: float) -> Tensor:
-    """fp32 logits / T of one chunk. The matmul runs in the inputs' dtype (as the model's own
-    LM head would), the softmax math in fp32."""
-    z = h @ weight.t()
-    z = z.float() if z.dtype != torch.float32 else z
+def _logits_into(buf: Tensor, h: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    """fp32 logits / T of one chunk, written into buf[:n]. The matmul runs in the inputs'
+    (common) dtype, as the model's own LM head would; the softmax math in fp32."""
+    z = buf[: h.shape[0]]
+    if weight.dtype == torch.float32:
+        torch.mm(h, weight.t(), out=z)
+    else:
+        z.copy_(h @ weight.t())
     if temperature != 1.0:
         z.div_(temperature)
     return z
 
 
-def _chunk_grad_logits(
-    z: Tensor, lse: Tensor, targets: Tensor, g_logp: Tensor, g_ent: Tensor | None, ent: Tensor | None
-) -> Tensor:
-    """d(sum g_logp*logp + g_ent*entropy)/dz for one chunk, overwriting `z` (fp32 logits/T).
+def _softmax_stats_(z: Tensor, targets: Tensor, ebuf: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(lse, target logp, entropy or None) of fp32 logits z, destroying z.
 
-    logp_t = z_t - lse             -> d/dz = onehot - p
-    H = -sum p log p               -> d/dz_j = -p_j (log p_j + H)
-    """
-    logp_all = z.sub_(lse[:, None])  # in place: z now holds log p
+    entropy = -sum p log p = log s - sum(e x)/s with x = z - max, e = exp(x), s = sum e:
+    both terms are >= 0, so there is no cancellation (unlike lse - sum p z)."""
+    target_z = z.gather(1, targets[:, None]).squeeze(1)
+    m = z.amax(dim=-1)
+    x = z.sub_(m[:, None])
+    if ebuf is None:
+        log_s = x.exp_().sum(-1).log_()
+        ent = None
+    else:
+        e = torch.exp(x, out=ebuf[: z.shape[0]])
+        sum_e = e.sum(-1)
+        log_s = sum_e.log()
+        ent = log_s - torch.mul(e, x, out=e).sum(-1) / sum_e
+    lse = m + log_s
+    return lse, target_z - lse, ent
+
+
+def _grad_logits_(
+    z: Tensor, lse: Tensor, targets: Tensor, g_logp: Tensor, g_ent: Tensor | None, ent: Tensor | None,
+    ebuf: Tensor | None, temperature: float,
+) -> Tensor:
+    """d(sum g_logp*logp + g_ent*entropy)/d(logits) for one chunk, overwriting z (fp32 logits/T).
+
+    logp_t = z_t - lse   -> d/dz_j = 1[j = t] - p_j
+    H = -sum p log p     -> d/dz_j = -p_j (log p_j + H)
+    and z = logits / T adds a factor 1/T."""
+    logp_all = z.sub_(lse[:, None])
     if g_ent is None:
         grad = logp_all.exp_().mul_(-g_logp[:, None])
     else:
-        p = logp_all.exp()
+        p = torch.exp(logp_all, out=ebuf[: z.shape[0]])
         grad = logp_all.add_(ent[:, None]).mul_(-g_ent[:, None]).sub_(g_logp[:, None]).mul_(p)
     rows = torch.arange(grad.shape[0], device=grad.device)
-    grad[rows, targets] += g_logp
+    grad.index_put_((rows, targets), g_logp, accumulate=True)
+    if temperature != 1.0:
+        grad.div_(temperature)
     return grad
+
+
+def _accumulate_grads(grad_z: Tensor, h: Tensor, w32: Tensor, grad_h: Tensor | None, grad_w: Tensor | None,
+                      s: int, e: int) -> None:
+    """Chain rule through logits = h @ W.T, in fp32 whatever the inputs' dtype (rounding each
+    chunk's product to bf16 before summing would bias the weight gradient):
+    grad_h[s:e] = G W, grad_W += G.T h."""
+    if grad_h is not None:
+        if grad_h.dtype == torch.float32:
+            torch.mm(grad_z, w32, out=grad_h[s:e])
+        else:
+            grad_h[s:e] = grad_z @ w32
+    if grad_w is not None:
+        grad_w.addmm_(grad_z.t(), h if h.dtype == torch.float32 else h.float())
 
 
 def _chunks(n: int, chunk_size: int):
@@ -97,23 +141,33 @@ def _chunks(n: int, chunk_size: int):
         yield start, min(start + chunk_size, n)
 
 
+def _buffer(n: int, chunk_size: int, vocab: int, device) -> Tensor:
+    return torch.empty((min(n, chunk_size), vocab), dtype=torch.float32, device=device)
+
+
+def _common(hidden: Tensor, weight: Tensor) -> tuple[torch.dtype, Tensor]:
+    """The matmul dtype and the weight in it (a copy only for mixed-dtype inputs)."""
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return dtype, (weight if weight.dtype == dtype else weight.to(dtype))
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
     """hidden [N, H], weight [V, H], targets [N] -> (logp [N], entropy [N] or empty) in fp32."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        dtype, w = _common(hidden, weight)
         logp = hidden.new_empty(n, dtype=torch.float32)
         lse = hidden.new_empty(n, dtype=torch.float32)
         ent = hidden.new_empty(n if with_entropy else 0, dtype=torch.float32)
+        zbuf = _buffer(n, chunk_size, vocab, hidden.device)
+        ebuf = _buffer(n, chunk_size, vocab, hidden.device) if with_entropy else None
         for s, e in _chunks(n, chunk_size):
-            z = _chunk_logits(hidden[s:e], weight, temperature)
-            lse[s:e] = torch.logsumexp(z, dim=-1)
-            logp[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+            z = _logits_into(zbuf, hidden[s:e].to(dtype), w, temperature)
+            lse[s:e], logp[s:e], ent_c = _softmax_stats_(z, targets[s:e], ebuf)
             if with_entropy:
-                # H = -sum p log p on the shifted logits (lse - sum p z would cancel badly).
-                lp_all = z.sub_(lse[s:e, None])
-                ent[s:e] = -(lp_all.exp().mul_(lp_all)).sum(-1)
+                ent[s:e] = ent_c
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
@@ -126,42 +180,25 @@ class _ChunkedLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         hidden, weight, targets, lse, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if g_logp is None:
-            g_logp = torch.zeros_like(lse)
-        g_logp = g_logp.float()
-        if not ctx.with_entropy or g_ent is None:
-            g_ent = None
-        else:
-            g_ent = g_ent.float()
+        n, vocab, t = hidden.shape[0], weight.shape[0], ctx.temperature
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
+        g_ent = g_ent.float() if (ctx.with_entropy and g_ent is not None) else None
+        dtype, w = _common(hidden, weight)
+        w32 = weight.float()
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        t = ctx.temperature
-        for s, e in _chunks(hidden.shape[0], ctx.chunk_size):
-            h = hidden[s:e]
-            z = _chunk_logits(h, weight, t)
-            grad_z = _chunk_grad_logits(
-                z, lse[s:e], targets[s:e], g_logp[s:e], None if g_ent is None else g_ent[s:e], ent[s:e] if g_ent is not None else None
-            )
-            _accumulate_grads(grad_z, h, weight, t, grad_h, grad_w, s, e)
+        zbuf = _buffer(n, ctx.chunk_size, vocab, hidden.device)
+        ebuf = _buffer(n, ctx.chunk_size, vocab, hidden.device) if g_ent is not None else None
+        for s, e in _chunks(n, ctx.chunk_size):
+            h = hidden[s:e].to(dtype)
+            z = _logits_into(zbuf, h, w, t)
+            grad_z = _grad_logits_(z, lse[s:e], targets[s:e], g_logp[s:e],
+                                   None if g_ent is None else g_ent[s:e], ent[s:e] if g_ent is not None else None,
+                                   ebuf, t)
+            _accumulate_grads(grad_z, hidden[s:e], w32, grad_h, grad_w, s, e)
         if grad_w is not None and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None
-
-
-def _accumulate_grads(
-    grad_z: Tensor, h: Tensor, weight: Tensor, temperature: float, grad_h: Tensor | None, grad_w: Tensor | None, s: int, e: int
-) -> None:
-    """Chain rule through z = h @ W.T / T for one chunk: grad_h[s:e] = G W / T, grad_W += G.T h / T."""
-    if temperature != 1.0:
-        grad_z.div_(temperature)
-    g = grad_z if grad_z.dtype == h.dtype else grad_z.to(h.dtype)
-    if grad_h is not None:
-        torch.mm(g, weight.to(h.dtype) if weight.dtype != h.dtype else weight, out=grad_h[s:e])
-    if grad_w is not None:
-        if h.dtype == torch.float32:
-            grad_w.addmm_(g.t(), h)
-        else:
-            grad_w.add_((g.t() @ h).float())
 
 
 def _flatten(hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -219,17 +256,26 @@ class _FusedPolicyLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float64)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        dtype, w = _common(hidden, weight)
+        w32 = weight.float()
+        zbuf = _buffer(n, chunk_size, weight.shape[0], hidden.device)
         for s, e in _chunks(n, chunk_size):
-            h = hidden[s:e]
-            z = _chunk_logits(h, weight, temperature)
-            lse = torch.logsumexp(z, dim=-1)
-            lp = z.gather(1, targets[s:e, None]).squeeze(1) - lse
+            h = hidden[s:e].to(dtype)
+            z = _logits_into(zbuf, h, w, temperature)
+            # After this z holds exp(z - max) (no entropy buffer): p = z / sum, which is all the
+            # gradient needs, so the logits are never recomputed.
+            _, lp, _ = _softmax_stats_(z, targets[s:e], None)
             logp[s:e] = lp
             chunk_loss, g_logp = _chunk_loss_and_grad(lp, old[s:e], adv[s:e], coef[s:e], mask[s:e], method, params)
             loss += chunk_loss
             if need_h or need_w:
-                grad_z = _chunk_grad_logits(z, lse, targets[s:e], g_logp, None, None)
-                _accumulate_grads(grad_z, h, weight, temperature, grad_h, grad_w, s, e)
+                # d loss/d z_j = g (1[j = t] - p_j), times 1/T
+                grad_z = z.mul_((-g_logp / z.sum(-1))[:, None])
+                rows = torch.arange(grad_z.shape[0], device=grad_z.device)
+                grad_z.index_put_((rows, targets[s:e]), g_logp, accumulate=True)
+                if temperature != 1.0:
+                    grad_z.div_(temperature)
+                _accumulate_grads(grad_z, hidden[s:e], w32, grad_h, grad_w, s, e)
         if grad_w is not None and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))

@@ -91,6 +91,7 @@ def load_policy(name_or_path: str, *, seed: int = 0):
         kwargs = dict(gguf_file=path.name, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kwargs)
+        _drop_gguf_quantizer(model)
         _fill_pad_token(model, tokenizer)
         return model.eval(), tokenizer
     path = Path(name)
@@ -103,6 +104,23 @@ def load_policy(name_or_path: str, *, seed: int = 0):
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
     _fill_pad_token(model, tokenizer)
     return model.eval(), tokenizer
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """transformers de-quantizes GGUF tensors to plain fp32 on load but keeps the model marked
+    as quantized, which forbids dtype casts and would save a GGUF quantization config. The
+    weights are ordinary fp32 parameters, so the marker is removed."""
+    for p in model.parameters():
+        if p.dtype != torch.float32:
+            raise ValueError(f"GGUF load left a {p.dtype} parameter; expected de-quantized fp32 weights")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:  # a read-only property derived from hf_quantizer
+            pass
 
 
 def _fill_pad_token(model, tokenizer) -> None:
