@@ -98,3 +98,24 @@ def test_run_stats_needs_eval_rows():
 def test_default_target_is_halfway_to_best_gain():
     assert stats.default_target(0.4, [0.5, 0.8, float("nan")]) == pytest.approx(0.6)
     assert stats.default_target(0.4, [0.3, 0.35]) == pytest.approx(0.4)
+
+
+def test_weight_fractions_and_range_by_hand():
+    from drpo.study.figures import weight_fractions, weight_range
+
+    seed0 = [{"step": 1, "objective/weight_zero_frac": 0.1, "objective/weight_attenuated_frac": 0.2,
+              "objective/weight_amplified_frac": 0.0, "objective/weight_corrective_frac": 0.0,
+              "objective/weight_min": 0.0, "objective/weight_max": 1.0},
+             {"step": 2, "objective/weight_zero_frac": 0.3, "objective/weight_attenuated_frac": 0.0,
+              "objective/weight_amplified_frac": 0.1, "objective/weight_corrective_frac": 0.1,
+              "objective/weight_min": -0.5, "objective/weight_max": 1.2}]
+    seed1 = [{"step": 1, "objective/weight_zero_frac": 0.2, "objective/weight_attenuated_frac": 0.1,
+              "objective/weight_amplified_frac": 0.2, "objective/weight_corrective_frac": 0.0,
+              "objective/weight_min": 0.3, "objective/weight_max": 2.0}]
+    f = weight_fractions([seed0, seed1])
+    assert f["w = 0 (masked/clipped)"] == pytest.approx((0.1 + 0.3 + 0.2) / 3)
+    assert f["0 < w < 1 (attenuated)"] == pytest.approx(0.1)
+    assert f["w > 1 (amplified)"] == pytest.approx(0.1)
+    assert f["w < 0 (corrective)"] == pytest.approx(0.1 / 3)
+    assert f["w = 1 (untouched)"] == pytest.approx(1 - 0.2 - 0.1 - 0.1 - 0.1 / 3)
+    assert weight_range([seed0, seed1]) == (-0.5, 2.0)
