@@ -87,10 +87,11 @@ def make_drpo_stepper(cfg):
     optimizer, scheduler = make_optimizer(model, cfg)
     engine = make_engine(model, cfg.rollout.precision)
 
-    def step(i: int) -> tuple[float, float, int]:
+    def step(i: int) -> tuple[float, float, int, dict]:
         t0, c0 = time.perf_counter(), time.process_time()
         row = rl_step(i, model, engine, optimizer, scheduler, tokenizer, task, cfg, state)
-        return time.perf_counter() - t0, time.process_time() - c0, int(row["tokens/generated"])
+        stages = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("time/")}
+        return time.perf_counter() - t0, time.process_time() - c0, int(row["tokens/generated"]), stages
 
     return step
 
@@ -127,7 +128,7 @@ def run_interleaved(cfg, total_steps: int, drpo_step) -> tuple[list[tuple], list
             self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
-            trl_rows.append((time.perf_counter() - self.t0, time.process_time() - self.c0, generated[-1]))
+            trl_rows.append((time.perf_counter() - self.t0, time.process_time() - self.c0, generated[-1], {}))
             drpo_rows.append(drpo_step(state.global_step))
             bar.update()
 
@@ -175,15 +176,19 @@ def run_interleaved(cfg, total_steps: int, drpo_step) -> tuple[list[tuple], list
 
 
 def summarize(name: str, rows: list[tuple]) -> tuple[float, float, float]:
-    wall = [w for w, _, _ in rows]
-    cpu = sum(c for _, c, _ in rows)
-    tokens = sum(t for _, _, t in rows)
+    wall = [row[0] for row in rows]
+    cpu = sum(row[1] for row in rows)
+    tokens = sum(row[2] for row in rows)
     steps_per_s, tokens_per_s = len(rows) / sum(wall), tokens / sum(wall)
     print(
         f"{name:>5}: {len(rows)} steps, {steps_per_s:.3f} steps/s, {tokens_per_s:.1f} generated tokens/s, "
         f"median step {statistics.median(wall) * 1e3:.0f} ms, CPU {cpu / len(rows) * 1e3:.0f} ms/step, "
         f"{tokens / len(rows):.0f} tokens/step"
     )
+    stages = [row[3] for row in rows if row[3]]
+    if stages:
+        split = {k: sum(s[k] for s in stages) / sum(wall) for k in stages[0]}
+        print("       wall-time split: " + ", ".join(f"{k} {v:.0%}" for k, v in split.items()))
     return steps_per_s, tokens_per_s, len(rows) / cpu
 
 
