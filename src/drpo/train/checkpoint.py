@@ -37,15 +37,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], *, keep: int = 2) -> Path:
     """Save `state` (model, optimizer, RNG states, step, data position...) as step_<step>.pt
     plus step_<step>.pt.json holding its size and SHA-256; prune to the newest `keep`."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
     path = checkpoint_path(ckpt_dir, step)
-    atomic_write_bytes(path, data)
-    meta = {"step": step, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Stream to a temp file (no second in-memory copy of a large model), fsync, rename.
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    meta = {"step": step, "bytes": tmp.stat().st_size, "sha256": _sha256_file(tmp)}
+    os.replace(tmp, path)
     # The sidecar is written last: a checkpoint without one is incomplete.
     atomic_write_bytes(path.with_name(path.name + ".json"), json.dumps(meta).encode())
     for old in list_checkpoints(ckpt_dir)[:-keep]:

@@ -143,6 +143,7 @@ class TrainConfig(_Section):
     steps: int = Field(60, ge=1)
     eval_every: int = Field(10, ge=1)
     save_every: int = Field(10, ge=1)
+    save_final: bool = True  # also checkpoint the last step
     keep_checkpoints: int = Field(2, ge=1)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch default

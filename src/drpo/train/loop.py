@@ -178,7 +178,8 @@ def mismatch_stats(logp: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tens
     r = pi_train / mu_rollout before any optimizer step."""
     lr = (logp.detach() - behaviour).masked_fill(~mask, 0.0)
     k3 = (torch.exp(lr) - 1 - lr).masked_fill(~mask, 0.0)
-    return {"abs": lr.abs().sum(), "k3": k3.sum(), "max": lr.abs().max(), "n": mask.sum()}
+    dev = (torch.exp(lr) - 1).abs()
+    return {"abs": lr.abs().sum(), "k3": k3.sum(), "max": lr.abs().max(), "ratio_dev": dev.max(), "n": mask.sum()}
 
 
 def reduce_objective_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -234,6 +235,7 @@ def update(model, optimizer, scheduler, rollout, advantages, cfg: Config, genera
     row["mismatch/abs_log_ratio"] = sum(float(m["abs"]) for m in mm) / max(n_tok, 1.0)
     row["mismatch/k3_kl"] = sum(float(m["k3"]) for m in mm) / max(n_tok, 1.0)
     row["mismatch/max_abs_log_ratio"] = max(float(m["max"]) for m in mm)
+    row["mismatch/max_ratio_dev"] = max(float(m["ratio_dev"]) for m in mm)  # max |r - 1|
     row["grad_norm"] = sum(grad_norms) / len(grad_norms)
     row["grad_norm_max"] = max(grad_norms)
     row["lr"] = scheduler.get_last_lr()[0]
@@ -393,7 +395,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print, 
             eval_acc=f"{last.get('eval/accuracy', float('nan')):.3f}",
             mismatch=f"{row['mismatch/abs_log_ratio']:.2e}",
         )
-        if step % cfg.train.save_every == 0 or step == cfg.train.steps:
+        if step % cfg.train.save_every == 0 or (step == cfg.train.steps and cfg.train.save_final):
             save_checkpoint(
                 out_dir / "checkpoints", step, checkpoint_state(model, optimizer, scheduler, state),
                 keep=cfg.train.keep_checkpoints,

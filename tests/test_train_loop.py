@@ -1,0 +1,101 @@
+"""The training loop's stages on a real (small) policy: ratio at the first update, the
+rollout-vs-train mismatch by precision, the run's outputs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from drpo.objectives import METRIC_NAMES
+from drpo.rollout import make_engine, sync_weights
+from drpo.tasks import make_task
+from drpo.train.loop import load_model, policy_logprobs, sample, train
+from drpo.train.metrics import read_metrics
+from train_helpers import fast_config
+
+
+def test_first_update_ratio_is_one_on_every_token(tmp_path):
+    # fp32 rollout, freshly synced, anchor = rollout log-probs; a non-unit temperature and
+    # top-k off: the train-side log-probs must reproduce the sampled distribution exactly.
+    cfg = fast_config(tmp_path, "rollout.temperature=0.7", "rollout.n_samples=8", "rollout.max_new_tokens=6")
+    torch.manual_seed(0)
+    task = make_task(cfg.task, cfg.seed)
+    model, tok, _ = load_model(cfg, task, torch.device("cpu"), log=lambda *_: None)
+    engine = make_engine(model, "fp32")
+    sync_weights(engine, model, 0)
+    examples = [task.train_example(i) for i in range(4)]
+    rollout = sample(engine, tok, examples, cfg, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logp = policy_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, cfg)
+    mask = rollout.response_mask
+    assert mask.sum() > 20
+    ratio = torch.exp(logp - rollout.behaviour_logp)[mask]
+    assert (ratio - 1).abs().max().item() <= 1e-4
+
+
+def test_first_update_ratio_logged_by_the_loop(tmp_path):
+    # sync_every=2: steps 1 and 3 sample from freshly synced weights (ratio 1), step 2 from
+    # weights one optimizer step old. Weight decay moves the weights even when every reward
+    # is equal (zero advantages), so the stale step must show a mismatch: the check can fail.
+    cfg = fast_config(
+        tmp_path, "train.steps=3", "rollout.sync_every=2", "objective.anchor=rollout",
+        "optim.updates_per_rollout=2", "rollout.temperature=0.8", "optim.lr=0.01", "optim.weight_decay=0.5",
+    )
+    train(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0}
+    assert rows[1]["mismatch/max_ratio_dev"] <= 1e-4
+    assert rows[3]["mismatch/max_ratio_dev"] <= 1e-4
+    assert rows[2]["mismatch/max_ratio_dev"] > 1e-4
+    assert [rows[s]["staleness"] for s in (1, 2, 3)] == [0, 1, 0]
+
+
+def test_mismatch_grows_with_lower_rollout_precision(tmp_path):
+    mismatch = {}
+    for precision in ("fp32", "bf16", "fp8_e4m3"):
+        cfg = fast_config(tmp_path, "train.steps=1", f"rollout.precision={precision}", "rollout.n_samples=8")
+        train(cfg, tmp_path / precision, progress=False, log=lambda *_: None)
+        rows = read_metrics(tmp_path / precision / "metrics.jsonl")
+        mismatch[precision] = rows[1]["mismatch/abs_log_ratio"]
+    assert mismatch["fp32"] < 1e-5
+    assert mismatch["fp32"] < mismatch["bf16"] < mismatch["fp8_e4m3"], mismatch
+
+
+def test_run_outputs_and_logged_keys(tmp_path):
+    cfg = fast_config(tmp_path, "train.steps=2", "train.eval_every=1", "train.save_every=1")
+    out = tmp_path / "run"
+    summary = train(cfg, out, progress=False, log=lambda *_: None)
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["step_00000001.pt", "step_00000002.pt"]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert set(rows[0]) == {"step", "eval/accuracy", "eval/response_length"}
+    required = [
+        "reward/mean", "reward/std", "reward/accuracy", "eval/accuracy", "mismatch/abs_log_ratio",
+        "mismatch/k3_kl", "time/rollout", "time/reward", "time/update", "tokens/generated", "grad_norm",
+        "response/length",
+    ] + [f"objective/{m}" for m in METRIC_NAMES]
+    for r in rows[1:]:
+        missing = [k for k in required if k not in r]
+        assert not missing, missing
+        assert 0.0 <= r["reward/mean"] <= 1.0
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, float))
+    # The summary is consistent with the metrics it summarizes.
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["warmstart_accuracy"] == rows[0]["eval/accuracy"]
+    assert summary["final_accuracy"] == rows[-1]["eval/accuracy"]
+    assert summary["steps"] == 2
+
+
+def test_existing_run_dir_needs_resume(tmp_path):
+    from drpo.train.loop import RunError
+
+    cfg = fast_config(tmp_path, "train.steps=1")
+    train(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    with pytest.raises(RunError, match="already holds a run; pass --resume"):
+        train(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    other = fast_config(tmp_path, "train.steps=2")
+    with pytest.raises(RunError, match="config different"):
+        train(other, tmp_path / "run", resume=True, progress=False, log=lambda *_: None)
