@@ -195,6 +195,13 @@ def test_config_rejects_bad_values(tmp_path, overrides, match):
 
 def test_json_params_and_trainer_needs_drpo_config(tmp_path):
     assert make_config(tmp_path, drpo_params='{"delta": 0.15}').drpo_params == {"delta": 0.15}
+    from trl import TrlParser
+
+    (cli,) = TrlParser(DRPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none",
+         "--drpo_method", "spo", "--drpo_params", '{"eps": 0.5}', "--drpo_agg", "seq-mean-token-mean"]
+    )
+    assert (cli.drpo_method, cli.drpo_params, cli.drpo_agg) == ("spo", {"eps": 0.5}, "seq-mean-token-mean")
     from trl import GRPOConfig
 
     tokenizer, model, data = tiny_setup()

@@ -57,7 +57,8 @@ class DRPOConfig(GRPOConfig):
     """GRPOConfig plus the drpo objective. `drpo_params` may be a dict or a JSON string."""
 
     drpo_method: str = field(default="drpo", metadata={"help": "drpo method name (drpo.objectives.METHODS)."})
-    drpo_params: dict[str, Any] | str = field(
+    # `dict | str | None` so HfArgumentParser / TrlParser read it from the command line as a JSON string.
+    drpo_params: dict[str, Any] | str | None = field(
         default_factory=dict, metadata={"help": 'Method parameters, e.g. {"delta": 12.5} (dict or JSON).'}
     )
     drpo_anchor: str = field(default="auto", metadata={"help": "Anchor log-probs: auto, rollout or old."})
@@ -65,6 +66,8 @@ class DRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.drpo_params is None:
+            self.drpo_params = {}
         if isinstance(self.drpo_params, str):
             try:
                 self.drpo_params = json.loads(self.drpo_params) if self.drpo_params.strip() else {}
