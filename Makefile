@@ -27,10 +27,12 @@ test-main: install
 
 test-verl: install
 	bash scripts/setup-verl-venv.sh
-	.venv-verl/bin/python -m pytest tests/verl -q -o addopts=""
+	.venv-verl/bin/python -m pytest -q tests/verl
 
 bench: install
 	$(BIN)/python benchmarks/objectives.py
+	$(BIN)/python benchmarks/logprobs.py
+	$(BIN)/python benchmarks/trainer.py
 
 clean:
 	rm -rf $(VENV) .venv-verl runs results
