@@ -12,6 +12,7 @@ FAST = [
     "warmstart.steps=10",
     "warmstart.batch_size=16",
     "warmstart.warmup_steps=2",
+    "warmstart.check_size=16",
     "task.eval_size=16",
     "rollout.prompts_per_step=4",
     "rollout.n_samples=4",

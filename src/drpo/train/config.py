@@ -48,7 +48,13 @@ class ModelConfig(_Section):
 
 class WarmstartConfig(_Section):
     enabled: bool = True  # supervised warm start of the tiny default on the built-in task
-    steps: int = Field(200, ge=0)
+    # SFT runs until greedy accuracy on a validation slice of the training distribution
+    # reaches target_accuracy (checked every check_every steps), at most `steps` steps:
+    # a partly competent policy, at the same competence for every seed.
+    steps: int = Field(1500, ge=0)
+    target_accuracy: float = Field(0.4, gt=0, le=1)
+    check_every: int = Field(25, ge=1)
+    check_size: int = Field(128, ge=1)
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(64, gt=0)
     warmup_steps: int = Field(20, ge=0)

@@ -30,7 +30,7 @@ from drpo.train.batching import decode_completions, encode_prompts
 from drpo.train.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
 from drpo.train.config import Config, to_yaml
 from drpo.train.metrics import MetricsLogger, plot_curves, read_metrics, truncate_metrics
-from drpo.train.warmstart import warm_start, warmup_cosine
+from drpo.train.warmstart import warm_start
 
 EVAL_BATCH = 128  # prompts per greedy eval batch
 
@@ -95,11 +95,8 @@ def make_optimizer(model, cfg: Config):
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
     )
-    total = cfg.train.steps * o.updates_per_rollout
     # Linear warmup, then constant: RL runs are short and the objective is itself the brake.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, warmup_cosine(s, o.warmup_steps, total)) if s < o.warmup_steps else 1.0
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (o.warmup_steps + 1)))
     return optimizer, scheduler
 
 

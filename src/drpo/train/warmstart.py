@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from drpo.logprobs import sequence_logprobs
 from drpo.tasks import Task
-from drpo.train.batching import encode_prompts, supervised_batch
+from drpo.train.batching import decode_completions, encode_prompts, supervised_batch
 from drpo.train.checkpoint import atomic_write_bytes
 
-CACHE_VERSION = 1  # bump when the warm-start procedure changes
+CACHE_VERSION = 2  # bump when the warm-start procedure changes
 
 
 def default_cache_dir() -> Path:
@@ -37,6 +37,7 @@ def cache_key(cfg) -> str:
         "model": cfg.model.model_dump(exclude={"system_prompt"}),
         "task": cfg.task.model_dump(),
         "warmstart": ws,
+        "check_max_new_tokens": cfg.rollout.max_new_tokens,
         "torch": torch.__version__,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
@@ -65,39 +66,60 @@ def sft_loss(model, tokenizer, task: Task, indices: range, template: str) -> tor
     return -(logp * amask).sum() / amask.sum()
 
 
-def train_warmstart(model, tokenizer, task: Task, cfg) -> list[float]:
-    """AdamW with linear warmup then cosine decay; the data are training problems drawn from
-    the far end of the task's stream so RL's own prompts are not memorized beforehand."""
-    ws = cfg.warmstart
+SFT_OFFSET = 10**9  # RL consumes training indices from 0; SFT data come from a disjoint range
+CHECK_OFFSET = 2 * 10**9  # and the competence checks from another one
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, task: Task, indices: range, template: str, max_new_tokens: int) -> float:
+    """Greedy accuracy on training-distribution problems, sampled with the fp32 rollout engine."""
+    from drpo.rollout import generate, make_engine
+
+    examples = [task.train_example(i) for i in indices]
+    rollout = generate(
+        make_engine(model, "fp32"), encode_prompts(tokenizer, examples, template), n_samples=1,
+        max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        greedy=True,
+    )
+    texts = decode_completions(tokenizer, rollout.response_ids.cpu(), rollout.response_mask.cpu())
+    return sum(task.reward(t, ex.answer) for t, ex in zip(texts, examples)) / len(examples)
+
+
+def train_warmstart(model, tokenizer, task: Task, cfg) -> dict:
+    """AdamW (linear warmup, then constant) until the greedy accuracy check reaches
+    warmstart.target_accuracy or warmstart.steps run out."""
+    ws, template = cfg.warmstart, cfg.task.prompt_template
     optimizer = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, ws.warmup_steps, ws.steps))
-    offset = 10**9  # RL consumes indices from 0; the SFT data come from a disjoint range
-    losses = []
-    model.train()
-    for step in tqdm(range(ws.steps), desc="warm start (SFT)", leave=False, dynamic_ncols=True):
-        start = offset + step * ws.batch_size
-        loss = sft_loss(model, tokenizer, task, range(start, start + ws.batch_size), cfg.task.prompt_template)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, ws.warmup_steps)))
+    check = range(CHECK_OFFSET, CHECK_OFFSET + ws.check_size)
+    losses, accuracy, step = [], 0.0, 0
+    bar = tqdm(total=ws.steps, desc="warm start (SFT)", leave=False, dynamic_ncols=True)
+    while step < ws.steps:
+        model.train()
+        start = SFT_OFFSET + step * ws.batch_size
+        loss = sft_loss(model, tokenizer, task, range(start, start + ws.batch_size), template)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         sched.step()
         losses.append(float(loss.detach()))
-    return losses
-
-
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    import math
-
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        step += 1
+        bar.update(1)
+        if step % ws.check_every == 0 or step == ws.steps:
+            model.eval()
+            accuracy = greedy_accuracy(model, tokenizer, task, check, template, cfg.rollout.max_new_tokens)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{accuracy:.3f}")
+            if accuracy >= ws.target_accuracy:
+                break
+    bar.close()
+    model.eval()
+    return {"steps": step, "check_accuracy": accuracy, "final_loss": losses[-1] if losses else None, "losses": losses}
 
 
 def warm_start(model, tokenizer, task: Task, cfg, log=print) -> dict:
     """Load the cached warm start for `cfg` into `model`, training and caching it first if
-    missing. Returns {"path", "cached", "final_loss"}."""
+    missing. Returns {"path", "cached", "steps", "check_accuracy", "final_loss"}."""
     cache_dir = Path(cfg.warmstart.cache_dir) if cfg.warmstart.cache_dir else default_cache_dir()
     path = cache_dir / "warmstart" / f"{cache_key(cfg)}.pt"
     with _file_lock(path.with_suffix(".lock")):
@@ -106,13 +128,16 @@ def warm_start(model, tokenizer, task: Task, cfg, log=print) -> dict:
                 blob = torch.load(path, map_location="cpu", weights_only=True)
                 model.load_state_dict(blob["model"])
                 log(f"warm start: loaded {path}")
-                return {"path": str(path), "cached": True, "final_loss": float(blob["final_loss"])}
+                return {"path": str(path), "cached": True, **blob["info"]}
             except Exception as err:  # a damaged cache entry is rebuilt, not trusted
                 log(f"warning: warm-start cache {path} is unreadable ({err}); re-training it")
-        losses = train_warmstart(model, tokenizer, task, cfg)
-        final_loss = sum(losses[-10:]) / max(1, len(losses[-10:]))
+        result = train_warmstart(model, tokenizer, task, cfg)
+        info = {k: result[k] for k in ("steps", "check_accuracy", "final_loss")}
         buf = io.BytesIO()
-        torch.save({"model": model.state_dict(), "final_loss": final_loss, "losses": losses}, buf)
+        torch.save({"model": model.state_dict(), "info": info, "losses": result["losses"]}, buf)
         atomic_write_bytes(path, buf.getvalue())
-        log(f"warm start: trained {cfg.warmstart.steps} steps (final loss {final_loss:.3f}), cached at {path}")
-        return {"path": str(path), "cached": False, "final_loss": final_loss}
+        log(
+            f"warm start: {info['steps']} SFT steps, check accuracy {info['check_accuracy']:.3f} "
+            f"(target {cfg.warmstart.target_accuracy}), cached at {path}"
+        )
+        return {"path": str(path), "cached": False, **info}
