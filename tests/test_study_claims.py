@@ -23,7 +23,7 @@ GRID = {
 def cell(setting, variant, final, auc=None, *, collapsed=0, n=3, std=0.0, initial=0.5):
     auc = final if auc is None else auc
     return CellStats(setting, variant, n, (initial, 0.0), (final, std), (max(final, initial), std), (auc, std),
-                     n, 5.0, collapsed, 1e-3, 10.0, 100.0)
+                     n, 5.0, collapsed, 1e-3, 10.0, 100.0, gain=(final - initial, std))
 
 
 def table(spec):
@@ -48,6 +48,32 @@ def test_margin_and_compare_by_hand():
     assert compare(d, b, "final") == "tie"
     # with no seed spread the floor MIN_MARGIN applies
     assert compare(cell("s", "e", 0.5 + MIN_MARGIN / 2), cell("s", "f", 0.5), "final") == "tie"
+
+
+def test_paired_comparison_removes_shared_seed_spread():
+    from drpo.study.claims import difference
+
+    def seeded(variant, finals):
+        c = cell("s", variant, sum(finals) / len(finals), std=0.3)  # large spread across seeds
+        c.per_seed.update({i: {"final": f, "auc": f} for i, f in enumerate(finals)})
+        return c
+
+    # seeds differ a lot (warm starts 0.2 / 0.5 / 0.8) but a beats b by 0.05 on every seed
+    a, b = seeded("a", [0.25, 0.55, 0.85]), seeded("b", [0.20, 0.50, 0.80])
+    diff, m = difference(a, b, "final")
+    assert diff == pytest.approx(0.05) and m == pytest.approx(MIN_MARGIN)  # per-seed diffs have no spread
+    assert compare(a, b, "final") == "better"
+    # unpaired, the same means are a tie: margin sqrt(2 * 0.3^2 / 3) = 0.245
+    a.per_seed.clear(), b.per_seed.clear()
+    assert compare(a, b, "final") == "tie"
+    # paired differences with spread: diffs 0.1, 0.0, -0.04 -> mean 0.02, se = stdev/sqrt(3)
+    a, b = seeded("a", [0.3, 0.5, 0.76]), seeded("b", [0.2, 0.5, 0.8])
+    diff, m = difference(a, b, "final")
+    diffs = [0.1, 0.0, -0.04]
+    mean = sum(diffs) / 3
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2) / math.sqrt(3)
+    assert diff == pytest.approx(mean) and m == pytest.approx(max(MIN_MARGIN, se))
+    assert compare(a, b, "final") == "tie"
 
 
 def base(**over):

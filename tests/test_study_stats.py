@@ -1,6 +1,7 @@
 """Study statistics against hand computations."""
 
 import math
+import statistics
 
 import pytest
 
@@ -84,6 +85,10 @@ def test_run_and_cell_stats_by_hand():
     assert c.best[0] == pytest.approx(0.6)  # best of r1 is its warm start 0.4
     assert c.reached == 1 and c.steps_to_target == 5
     assert c.collapsed == 1  # r1: 0.1 < 0.5 * 0.4
+    assert c.gain[0] == pytest.approx(((0.8 - 0.4) + (0.1 - 0.4)) / 2)
+    assert c.gain[1] == pytest.approx(math.sqrt(2 * 0.35**2))
+    assert c.per_seed[1] == pytest.approx({"initial": 0.4, "final": 0.1, "best": 0.4, "gain": -0.3,
+                                           "auc": ((0.4 + 0.2) / 2 * 5 + (0.2 + 0.1) / 2 * 5) / 10})
     assert c.wall_s == pytest.approx(20.0)
     assert c.tokens_per_s == pytest.approx((30.0 + 10.0) / 2)
     with pytest.raises(ValueError, match="several cells"):
@@ -95,27 +100,18 @@ def test_run_stats_needs_eval_rows():
         stats.run_stats("x", "s", "v", 0, [{"step": 1, "reward/mean": 0.5}], 1.0)
 
 
-def test_default_target_is_halfway_to_best_gain():
-    assert stats.default_target(0.4, [0.5, 0.8, float("nan")]) == pytest.approx(0.6)
-    assert stats.default_target(0.4, [0.3, 0.35]) == pytest.approx(0.4)
+def test_default_gain_target_is_half_the_best_gain():
+    assert stats.default_gain_target([0.1, 0.4, float("nan")]) == pytest.approx(0.2)
+    assert stats.default_gain_target([-0.1, 0.0]) is None
 
 
-def test_weight_fractions_and_range_by_hand():
-    from drpo.study.figures import weight_fractions, weight_range
-
-    seed0 = [{"step": 1, "objective/weight_zero_frac": 0.1, "objective/weight_attenuated_frac": 0.2,
-              "objective/weight_amplified_frac": 0.0, "objective/weight_corrective_frac": 0.0,
-              "objective/weight_min": 0.0, "objective/weight_max": 1.0},
-             {"step": 2, "objective/weight_zero_frac": 0.3, "objective/weight_attenuated_frac": 0.0,
-              "objective/weight_amplified_frac": 0.1, "objective/weight_corrective_frac": 0.1,
-              "objective/weight_min": -0.5, "objective/weight_max": 1.2}]
-    seed1 = [{"step": 1, "objective/weight_zero_frac": 0.2, "objective/weight_attenuated_frac": 0.1,
-              "objective/weight_amplified_frac": 0.2, "objective/weight_corrective_frac": 0.0,
-              "objective/weight_min": 0.3, "objective/weight_max": 2.0}]
-    f = weight_fractions([seed0, seed1])
-    assert f["w = 0 (masked/clipped)"] == pytest.approx((0.1 + 0.3 + 0.2) / 3)
-    assert f["0 < w < 1 (attenuated)"] == pytest.approx(0.1)
-    assert f["w > 1 (amplified)"] == pytest.approx(0.1)
-    assert f["w < 0 (corrective)"] == pytest.approx(0.1 / 3)
-    assert f["w = 1 (untouched)"] == pytest.approx(1 - 0.2 - 0.1 - 0.1 - 0.1 / 3)
-    assert weight_range([seed0, seed1]) == (-0.5, 2.0)
+def test_relative_target_counts_from_each_runs_warm_start():
+    # warm starts 0.2 and 0.7; target gain 0.1 -> thresholds 0.3 and 0.8
+    a = stats.run_stats("a", "s", "v", 0, _rows([0.2, 0.25, 0.35], [0, 0, 0]), 1.0)
+    b = stats.run_stats("b", "s", "v", 1, _rows([0.7, 0.8, 0.9], [0, 0, 0]), 1.0)
+    c = stats.cell_stats([a, b], 0.1, relative=True)
+    assert c.reached == 2 and c.steps_to_target == statistics.median([10, 5])
+    absolute = stats.cell_stats([a, b], 0.3)  # absolute: b is above 0.3 from step 0
+    assert absolute.steps_to_target == statistics.median([10, 0])
+    none = stats.cell_stats([a, b], None)
+    assert none.reached == 0 and none.steps_to_target is None

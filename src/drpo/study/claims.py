@@ -1,8 +1,9 @@
 """The paper's comparative claims, each checked against a study's table by a stated rule.
 
-A rule compares cell means over seeds; a difference counts only when it is larger than
-`margin(a, b) = max(MIN_MARGIN, standard error of the difference)`, so one lucky seed or an
-eval set's sampling noise does not decide a verdict. Verdicts: "supports", "contradicts",
+A rule compares two cells seed by seed (cells of one setting share each seed's warm start
+and eval set); a difference counts only when its mean over seeds is larger than
+max(MIN_MARGIN, standard error of the per-seed differences), so one lucky seed or an eval
+set's sampling noise does not decide a verdict. Verdicts: "supports", "contradicts",
 "cannot tell" (mixed or within noise) and "not tested" (the grid lacks the cells).
 These verdicts are mechanical; docs/results/README.md discusses them.
 """
@@ -10,6 +11,7 @@ These verdicts are mechanical; docs/results/README.md discusses them.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -34,12 +36,30 @@ def margin(a: tuple[float, float], b: tuple[float, float], na: int, nb: int) -> 
     return max(MIN_MARGIN, se)
 
 
-def compare(a: CellStats, b: CellStats, metric: str) -> str:
-    """'better' / 'worse' / 'tie' for cell a against cell b on metric final|best|auc."""
+def difference(a: CellStats, b: CellStats, metric: str) -> tuple[float, float]:
+    """(mean difference a - b, margin) on metric final|best|auc|gain. Paired by seed when both
+    cells hold the same seeds (they share each seed's warm start and eval set, so pairing
+    removes the warm start's seed-to-seed spread): the margin is then max(MIN_MARGIN, standard
+    error of the per-seed differences); otherwise the unpaired standard error."""
+    seeds = sorted(set(a.per_seed) & set(b.per_seed))
+    if seeds and len(seeds) == len(a.per_seed) == len(b.per_seed):
+        diffs = [a.per_seed[s][metric] - b.per_seed[s][metric] for s in seeds]
+        mean = sum(diffs) / len(diffs)
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+        return mean, max(MIN_MARGIN, se)
     ma, mb = getattr(a, metric), getattr(b, metric)
-    diff = ma[0] - mb[0]
-    m = margin(ma, mb, a.n, b.n)
+    return ma[0] - mb[0], margin(ma, mb, a.n, b.n)
+
+
+def compare(a: CellStats, b: CellStats, metric: str) -> str:
+    """'better' / 'worse' / 'tie' for cell a against cell b (see `difference`)."""
+    diff, m = difference(a, b, metric)
     return "better" if diff > m else "worse" if diff < -m else "tie"
+
+
+def _dfmt(a: CellStats, b: CellStats, metric: str) -> str:
+    diff, m = difference(a, b, metric)
+    return f"diff {diff:+.3f} (margin {m:.3f})"
 
 
 def _majority(k: int, n: int) -> bool:
@@ -130,8 +150,9 @@ def claim_dppo_slower(ix: _Index) -> Claim:
             better += "better" in (auc, fin)
             worse_any += "worse" in (auc, fin)
             worse += "worse" in (auc, fin) and "better" not in (auc, fin)
-            c.evidence.append(f"{s}: drpo vs {m}: AUC {_fmt(d, 'auc')} vs {_fmt(p, 'auc')} ({auc}), final "
-                              f"{_fmt(d, 'final')} vs {_fmt(p, 'final')} ({fin}); {m} collapsed {p.collapsed}/{p.n}")
+            c.evidence.append(f"{s}: drpo vs {m}: AUC {_fmt(d, 'auc')} vs {_fmt(p, 'auc')}, {_dfmt(d, p, 'auc')} "
+                              f"({auc}); final {_fmt(d, 'final')} vs {_fmt(p, 'final')}, {_dfmt(d, p, 'final')} "
+                              f"({fin}); {m} collapsed {p.collapsed}/{p.n}")
     if pairs:
         if not dppo_collapse and _majority(better, pairs) and worse_any == 0:
             c.verdict = "supports"
@@ -143,10 +164,17 @@ def claim_dppo_slower(ix: _Index) -> Claim:
     return c
 
 
+def _fell(c: CellStats) -> bool:
+    """Mean final accuracy below the warm start beyond max(MIN_MARGIN, SE of the per-run gains)."""
+    m, sd = c.gain
+    se = sd / math.sqrt(c.n) if c.n > 1 else 0.0
+    return -m > max(MIN_MARGIN, se)
+
+
 def claim_pg_is_drops(ix: _Index) -> Claim:
     c = Claim("pg_is_drops", "The unregularized surrogate (pg_is) drops in several settings (where DRPO does not).",
-              "pg_is 'drops' in a setting when its mean final accuracy is below its mean warm-start accuracy by "
-              "more than the margin (or most seeds collapsed) and DRPO's final accuracy is better than pg_is's "
+              "pg_is 'drops' in a setting when its mean gain (final minus warm-start accuracy, per run) is "
+              "below -max(0.02, its standard error) (or most seeds collapsed) and DRPO's final accuracy is better than pg_is's "
               "(so the drop is the surrogate's, not the setting's). Supports: drops in >= 2 settings. "
               "Contradicts: drops in none. Cannot tell: exactly one.")
     drops = tested = 0
@@ -155,11 +183,12 @@ def claim_pg_is_drops(ix: _Index) -> Claim:
         if p is None or d is None:
             continue
         tested += 1
-        fell = (p.initial[0] - p.final[0] > margin(p.initial, p.final, p.n, p.n)) or _majority(p.collapsed, p.n)
+        fell = _fell(p) or _majority(p.collapsed, p.n)
         drop = fell and compare(d, p, "final") == "better"
         drops += drop
-        c.evidence.append(f"{s}: pg_is warm start {_fmt(p, 'initial')} -> final {_fmt(p, 'final')} "
-                          f"(best {_fmt(p, 'best')}), collapsed {p.collapsed}/{p.n}; drpo final {_fmt(d, 'final')}: "
+        c.evidence.append(f"{s}: pg_is gain over warm start {_fmt(p, 'gain')}, final {_fmt(p, 'final')}, "
+                          f"collapsed {p.collapsed}/{p.n}; drpo final {_fmt(d, 'final')}, "
+                          f"drpo - pg_is final {_dfmt(d, p, 'final')}: "
                           f"{'drop' if drop else 'fell, but DRPO no better' if fell else 'no drop'}")
     if tested:
         c.verdict = "supports" if drops >= 2 else "contradicts" if drops == 0 else "cannot tell"
@@ -179,8 +208,9 @@ def claim_mask_matches(ix: _Index) -> Claim:
         fin, auc = compare(m, d, "final"), compare(m, d, "auc")
         ties += fin == auc == "tie"
         differ += fin != "tie" or auc != "tie"
-        c.evidence.append(f"{s}: mask_drpo final {_fmt(m, 'final')} vs drpo {_fmt(d, 'final')} ({fin}); "
-                          f"AUC {_fmt(m, 'auc')} vs {_fmt(d, 'auc')} ({auc})")
+        c.evidence.append(f"{s}: mask_drpo final {_fmt(m, 'final')} vs drpo {_fmt(d, 'final')}, "
+                          f"{_dfmt(m, d, 'final')} ({fin}); AUC {_fmt(m, 'auc')} vs {_fmt(d, 'auc')}, "
+                          f"{_dfmt(m, d, 'auc')} ({auc})")
     if n:
         c.verdict = "supports" if ties == n else "contradicts" if _majority(differ, n) else "cannot tell"
     return c
@@ -213,8 +243,9 @@ def claim_abs_adv(ix: _Index) -> Claim:
             res = ("worse" if "worse" in (fin, auc) and "better" not in (fin, auc) else
                    "better" if "better" in (fin, auc) and "worse" not in (fin, auc) else "mixed/tie")
             outcomes.append(res)
-            c.evidence.append(f"{s}: {name} vs {ref}: final {_fmt(a, 'final')} vs {_fmt(b, 'final')} ({fin}), "
-                              f"AUC {_fmt(a, 'auc')} vs {_fmt(b, 'auc')} ({auc})")
+            c.evidence.append(f"{s}: {name} vs {ref}: final {_fmt(a, 'final')} vs {_fmt(b, 'final')}, "
+                              f"{_dfmt(a, b, 'final')} ({fin}); AUC {_fmt(a, 'auc')} vs {_fmt(b, 'auc')}, "
+                              f"{_dfmt(a, b, 'auc')} ({auc})")
     if outcomes:
         c.verdict = ("supports" if all(o == "worse" for o in outcomes) else
                      "contradicts" if all(o == "better" for o in outcomes) else "cannot tell")

@@ -5,7 +5,8 @@ Definitions (also printed in the report):
 - final / best accuracy: the last / highest eval accuracy of a run (step 0 = warm start).
 - AUC: area under the eval-accuracy curve over training steps (trapezoid rule) divided by
   the step span, i.e. the time-averaged accuracy, in [0, 1]; comparable across grids.
-- steps to target: the first eval step whose accuracy is >= the target; None if never.
+- steps to target: the first eval step whose accuracy is >= the target (by default a gain
+  over the run's own warm start); None if never.
 - collapse: a run collapsed if it diverged (a non-finite loss, grad norm or accuracy was
   logged, or training stopped on a non-finite loss) or its final accuracy is below `collapse_frac` (default 0.5) times
   its warm-start accuracy.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 ACC = "eval/accuracy"
@@ -170,16 +171,26 @@ class CellStats:
     mean_mismatch: float
     wall_s: float  # mean per run
     tokens_per_s: float  # mean per run
+    gain: tuple[float, float] = (float("nan"), 0.0)  # final - warm-start accuracy, per run
+    # seed -> {initial, final, best, auc, gain}: cells of the same setting share each seed's
+    # warm start and eval set, so methods are compared seed by seed (paired)
+    per_seed: dict = field(default_factory=dict)
 
 
-def cell_stats(runs: Sequence[RunStats], target: float, collapse_frac: float = COLLAPSE_FRAC) -> CellStats:
+def cell_stats(runs: Sequence[RunStats], target: float | None, collapse_frac: float = COLLAPSE_FRAC, *,
+               relative: bool = False) -> CellStats:
+    """Aggregate one cell's runs. `target` is an accuracy, or with relative=True a gain over
+    each run's own warm start (runs of different seeds start from different warm starts);
+    None: no target (steps to target not reported)."""
     if not runs:
         raise ValueError("cell_stats: no runs")
     keys = {(r.setting, r.variant) for r in runs}
     if len(keys) != 1:
         raise ValueError(f"cell_stats: runs from several cells {sorted(keys)}")
-    hits = [steps_to_target(r.steps, r.accs, target) for r in runs]
-    hits = [h for h in hits if h is not None]
+    hits = []
+    if target is not None:
+        hits = [steps_to_target(r.steps, r.accs, r.initial_acc + target if relative else target) for r in runs]
+        hits = [h for h in hits if h is not None]
     return CellStats(
         setting=runs[0].setting,
         variant=runs[0].variant,
@@ -195,12 +206,15 @@ def cell_stats(runs: Sequence[RunStats], target: float, collapse_frac: float = C
         mean_mismatch=_mean([r.mean_mismatch for r in runs]),
         wall_s=_mean([r.wall_s for r in runs]),
         tokens_per_s=_mean([r.tokens_per_s for r in runs]),
+        gain=mean_std([r.final_acc - r.initial_acc for r in runs]),
+        per_seed={r.seed: {"initial": r.initial_acc, "final": r.final_acc, "best": r.best_acc, "auc": r.auc,
+                           "gain": r.final_acc - r.initial_acc} for r in runs},
     )
 
 
-def default_target(initial_mean: float, final_means: Sequence[float]) -> float:
-    """Per-setting target: the warm-start accuracy plus half of the best cell's mean gain.
-    With no gain anywhere the target is the warm-start accuracy itself."""
-    finite = [f for f in final_means if _finite(f)]
-    best = max(finite) if finite else initial_mean
-    return initial_mean + max(0.0, best - initial_mean) / 2
+def default_gain_target(mean_gains: Sequence[float]) -> float | None:
+    """Per-setting target, as a gain over each run's warm start: half of the best cell's mean
+    gain. None when no cell gained on average (then there is nothing to reach)."""
+    finite = [g for g in mean_gains if _finite(g)]
+    best = max(finite) if finite else 0.0
+    return best / 2 if best > 0 else None
