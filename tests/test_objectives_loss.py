@@ -239,3 +239,18 @@ def test_token_mean_gradient_is_masked_closed_form(batch, method, delta):
         assert (w >= 1 - 1 / delta - 1e-9).all() and (w <= 1 + 1 / delta + 1e-9).all()
     assert 0.0 <= metrics["weight_zero_frac"] <= 1.0
     assert metrics["ratio_min"] <= metrics["ratio_mean"] + 1e-12 <= metrics["ratio_max"] + 2e-12
+
+
+def test_token_weights_multiply_the_per_token_loss_by_hand():
+    logp = torch.log(torch.tensor([[0.2, 0.5], [0.3, 0.9]], dtype=F64))
+    old = torch.log(torch.tensor([[0.4, 0.5], [0.1, 0.9]], dtype=F64))
+    adv = torch.tensor([1.0, -2.0], dtype=F64)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    w = torch.tensor([[2.0, 0.5], [1.5, float("nan")]], dtype=F64)  # NaN at padding is ignored
+    loss, _ = policy_loss("pg_is", logp, old, adv, mask, token_weights=w, agg="seq-mean-token-sum")
+    expected = -((0.5 * 1.0 * 2.0 + 1.0 * 1.0 * 0.5) + (3.0 * -2.0 * 1.5)) / 2
+    assert math.isclose(loss.item(), expected, rel_tol=1e-12)
+    with pytest.raises(ValueError, match="`token_weights` must be finite and >= 0"):
+        policy_loss("pg_is", logp, old, adv, mask, token_weights=-w.nan_to_num())
+    with pytest.raises(ValueError, match="`token_weights` shape"):
+        policy_loss("pg_is", logp, old, adv, mask, token_weights=torch.ones(3))

@@ -46,8 +46,7 @@ import torch
 from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer
 
-from drpo.integrations._weighted import weighted_policy_loss
-from drpo.objectives import AGG_MODES, METRIC_NAMES, get_method
+from drpo.objectives import AGG_MODES, METRIC_NAMES, check_token_weights, get_method, policy_loss
 
 ANCHORS = ("auto", "rollout", "old")
 
@@ -154,16 +153,17 @@ class DRPOGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         logps, entropies, mask = self._policy_logps(model, inputs)
         anchor, weights, anchor_metrics = self._anchor(inputs, logps, mask)
-        loss, diag = weighted_policy_loss(
+        if weights is not None:
+            check_token_weights(weights, mask, "importance_sampling_ratio")
+        loss, diag = policy_loss(
             self.args.drpo_method,
             logps,
             anchor,
             inputs["advantages"],
             mask,
-            weights,
             agg=self.args.drpo_agg,
             horizon=self.max_completion_length,
-            weights_name="importance_sampling_ratio",
+            token_weights=weights,
             **self.drpo_params,
         )
         metrics = {f"drpo/{k}": diag[k] for k in METRIC_NAMES} | {"drpo/loss": float(loss.detach())}

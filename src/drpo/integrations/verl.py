@@ -61,8 +61,7 @@ from torch import Tensor
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
 from verl.workers.config import PolicyLossConfig
 
-from drpo.integrations._weighted import weighted_policy_loss
-from drpo.objectives import METHODS, get_method
+from drpo.objectives import METHODS, check_token_weights, get_method, policy_loss
 
 logger = logging.getLogger(__name__)
 
@@ -183,16 +182,17 @@ def compute_policy_loss(
     info = _get(config, "global_batch_info") or {}
     horizon = _horizon(config, info)
     agg = "token-mean" if loss_agg_mode == "token-sum" else loss_agg_mode
-    loss, metrics = weighted_policy_loss(
+    if rollout_is_weights is not None:
+        check_token_weights(rollout_is_weights, response_mask, "rollout_is_weights")
+    loss, metrics = policy_loss(
         method,
         log_prob,
         old_log_prob,
         advantages,
         response_mask,
-        rollout_is_weights,
         agg=agg,
         horizon=horizon,
-        weights_name="rollout_is_weights",
+        token_weights=rollout_is_weights,
         **params,
     )
     loss = loss * _global_scale(loss_agg_mode, response_mask != 0, info)

@@ -10,6 +10,7 @@ from drpo.objectives.diagnostics import METRIC_NAMES, diagnostics
 from drpo.objectives.loss import (
     AGG_MODES,
     aggregate,
+    check_token_weights,
     gradient_weight,
     logp_gradient,
     per_token_objective,
@@ -26,6 +27,7 @@ __all__ = [
     "Method",
     "aggregate",
     "binary_kl",
+    "check_token_weights",
     "diagnostics",
     "get_method",
     "gradient_weight",

@@ -88,6 +88,22 @@ def _prepare(
     return logp, old_logp, advantages, mask
 
 
+def check_token_weights(weights: Tensor, mask: Tensor, name: str = "token_weights") -> Tensor:
+    """Per-token loss weights (e.g. verl's rollout IS weights, TRL's vLLM IS ratio) broadcast to
+    `mask`'s [batch, seq] shape, detached; finite and >= 0 on response tokens."""
+    _check_tensor(name, weights)
+    try:
+        w = torch.broadcast_to(weights.detach(), mask.shape)
+    except RuntimeError:
+        raise ValueError(f"`{name}` shape {tuple(weights.shape)} does not broadcast to {tuple(mask.shape)}") from None
+    on = mask != 0
+    bad = on & ~(torch.isfinite(w) & (w >= 0))
+    if bad.any():
+        idx = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"`{name}` must be finite and >= 0, got {w[idx].item()} at position {idx}")
+    return w
+
+
 def aggregate(per_token: Tensor, mask: Tensor, agg: str = "token-mean", *, horizon: int | None = None) -> Tensor:
     """Reduce a [batch, seq] per-token loss to a scalar over response tokens (verl's names).
 
@@ -136,6 +152,7 @@ def policy_loss(
     *,
     agg: str = "token-mean",
     horizon: int | None = None,
+    token_weights: Tensor | None = None,
     validate: bool = True,
     with_metrics: bool = True,
     **params: Any,
@@ -147,6 +164,9 @@ def policy_loss(
     advantages  [batch] or [batch, 1] (sequence, broadcast) or [batch, seq] (token)
     mask        [batch, seq] response mask (bool or 0/1); None means all tokens count
     agg         one of AGG_MODES; `horizon` for seq-mean-token-sum-norm
+    token_weights  optional non-negative per-token factors on the loss before aggregation
+                (rollout-correction IS weights as verl and TRL apply them); broadcast to
+                [batch, seq]. Diagnostics describe the unweighted tokens.
     **params    the method's parameters (see `METHODS[method].params`)
 
     bf16/fp16 inputs are computed in fp32. See `drpo.objectives.diagnostics` for the
@@ -156,7 +176,11 @@ def policy_loss(
     resolved = m.resolve_params(params)
     logp_c, old_c, adv_c, mask = _prepare(logp, old_logp, advantages, mask, validate=validate)
     j, penalty = m.objective(logp_c, old_c, adv_c, **resolved)
-    loss = aggregate(-j, mask, agg, horizon=horizon)
+    per_token = -j
+    if token_weights is not None:
+        w = check_token_weights(token_weights, mask) if validate else torch.broadcast_to(token_weights.detach(), mask.shape)
+        per_token = per_token * torch.where(mask, w.to(j.dtype), torch.zeros((), dtype=j.dtype))
+    loss = aggregate(per_token, mask, agg, horizon=horizon)
     metrics: dict[str, float] = {}
     if with_metrics:
         with torch.no_grad():
