@@ -117,6 +117,7 @@ def test_cli_missing_dataset_file(tmp_path):
     res = _cli("--out", str(tmp_path / "run"), "--set", "task.name=jsonl", "--set", f"task.dataset={tmp_path}/none.jsonl")
     assert res.returncode == 2
     assert "dataset file not found" in res.stderr and "none.jsonl" in res.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_malformed_dataset_line(tmp_path):
@@ -125,3 +126,4 @@ def test_cli_malformed_dataset_line(tmp_path):
     res = _cli("--out", str(tmp_path / "run"), "--set", "task.name=jsonl", "--set", f"task.dataset={data}")
     assert res.returncode == 2
     assert f"{data}:2: invalid JSON" in res.stderr
+    assert not (tmp_path / "run").exists()

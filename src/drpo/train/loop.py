@@ -55,11 +55,12 @@ class RunState:
 # ---------------------------------------------------------------- setup
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int, device: torch.device) -> torch.Generator:
+    """Seeds the global RNGs and returns the generator that drives sampling and shuffles."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def pick_device(name: str) -> torch.device:
@@ -109,6 +110,7 @@ def prepare_out_dir(out_dir: Path, cfg: Config, resume: bool) -> None:
     if resume and saved.exists() and saved.read_text() != to_yaml(cfg):
         raise RunError(f"--resume with a config different from the one saved in {saved}; resume with the same config")
     saved.write_text(to_yaml(cfg))
+    (out_dir / "summary.json").unlink(missing_ok=True)  # its presence must mean "finished"
 
 
 # ---------------------------------------------------------------- one step
@@ -206,7 +208,7 @@ def update(model, optimizer, scheduler, rollout, advantages, cfg: Config, genera
     params = obj.resolved_params
     model.train()
     anchor = anchor_logprobs(model, rollout, cfg, micro)
-    order = torch.randperm(n, generator=generator).to(rollout.input_ids.device)
+    order = torch.randperm(n, generator=generator, device=generator.device).to(rollout.input_ids.device)
     obj_rows, grad_norms, mm = [], [], []
     for u in range(o.updates_per_rollout):
         optimizer.zero_grad(set_to_none=True)
@@ -354,12 +356,12 @@ def summarize(rows: list[dict], wall: float, warm: dict, resumed: bool) -> dict:
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print, progress: bool = True) -> dict:
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
+    task = make_task(cfg.task, cfg.seed)  # dataset errors stop the run before anything is written
+    device = pick_device(cfg.train.device)
     prepare_out_dir(out_dir, cfg, resume)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
-    state = RunState(generator=seed_everything(cfg.seed))
-    task = make_task(cfg.task, cfg.seed)
+    state = RunState(generator=seed_everything(cfg.seed, device))
     model, tokenizer, warm = load_model(cfg, task, device, log=log)
     optimizer, scheduler = make_optimizer(model, cfg)
     engine = make_engine(model, cfg.rollout.precision)
@@ -384,7 +386,9 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print, 
         row = rl_step(step, model, engine, optimizer, scheduler, tokenizer, task, cfg, state)
         state.step = step
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+            t_eval = time.perf_counter()
             row.update(evaluate(eval_engine, model, tokenizer, task, cfg, step))
+            row["time/eval"] = time.perf_counter() - t_eval
         logger.log(row)
         last.update(row)
         bar.set_postfix(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 # Wall-clock dependent keys: everything else in metrics.jsonl is a function of config + seed.
-TIMING_KEYS = ("time/rollout", "time/reward", "time/update", "time/step", "tokens/per_second")
+TIMING_KEYS = ("time/rollout", "time/reward", "time/update", "time/eval")
 
 # Curves in the end-of-run PNG, in panel order.
 PLOT_KEYS = (
