@@ -68,7 +68,7 @@ class TaskConfig(_Section):
     ops: str = "+"  # arithmetic: operators drawn uniformly, from "+-*"
     dataset: str | None = None  # jsonl: path of {"prompt"|"question", "answer"} lines
     eval_dataset: str | None = None  # jsonl: separate eval file (default: hold out eval_size)
-    eval_size: int = Field(128, gt=0)
+    eval_size: int = Field(256, gt=0)
     reward: Literal["exact", "math"] | None = None  # None: exact for arithmetic, math for jsonl
     prompt_template: str = "{prompt}"  # wraps each prompt before the chat template
 
@@ -135,20 +135,20 @@ class AdvantageConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     warmup_steps: int = Field(0, ge=0)  # linear warmup, in optimizer steps
     grad_clip: float = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
-    updates_per_rollout: int = Field(1, ge=1)  # optimizer steps (mini-batches) per rollout batch
+    updates_per_rollout: int = Field(2, ge=1)  # optimizer steps (mini-batches) per rollout batch
 
 
 class TrainConfig(_Section):
-    steps: int = Field(60, ge=1)
+    steps: int = Field(150, ge=1)
     eval_every: int = Field(10, ge=1)
-    save_every: int = Field(10, ge=1)
+    save_every: int = Field(25, ge=1)
     save_final: bool = True  # also checkpoint the last step
     keep_checkpoints: int = Field(2, ge=1)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
