@@ -52,11 +52,14 @@ def grads_of(fn, hidden, weight, g_out):
     vocab=st.integers(2, 70),
     hid=st.integers(1, 12),
     chunk=st.integers(1, 23),
+    vocab_chunk=st.integers(1, 80),
     temperature=st.sampled_from([1.0, 0.7, 1.3, 0.25]),
     with_entropy=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_chunked_matches_fp64_naive_values_and_grads(batch_shape, vocab, hid, chunk, temperature, with_entropy, seed):
+def test_chunked_matches_fp64_naive_values_and_grads(
+    batch_shape, vocab, hid, chunk, vocab_chunk, temperature, with_entropy, seed
+):
     hidden, weight, targets = make_case(seed, batch_shape, vocab, hid)
     g = torch.Generator().manual_seed(seed + 1)
     g_out = [torch.randn(batch_shape, generator=g, dtype=torch.float64) for _ in range(2)]
@@ -64,7 +67,8 @@ def test_chunked_matches_fp64_naive_values_and_grads(batch_shape, vocab, hid, ch
         g_out = g_out[:1]
 
     def ours(h, w):
-        out = token_logprobs(h, w, targets, temperature=temperature, chunk_size=chunk, with_entropy=with_entropy)
+        out = token_logprobs(h, w, targets, temperature=temperature, chunk_size=chunk, with_entropy=with_entropy,
+                             vocab_chunk_size=vocab_chunk)
         return out if with_entropy else (out,)
 
     def ref(h, w):
@@ -80,13 +84,16 @@ def test_chunked_matches_fp64_naive_values_and_grads(batch_shape, vocab, hid, ch
     close(gw, rgw)
 
 
-def test_matches_fp32_naive_at_realistic_size_chunk_not_dividing():
-    # 300 tokens, chunk 128 (leaves a partial chunk), vocab 1000, temperature 0.8, entropy on.
+@pytest.mark.parametrize("vocab_chunk", [300, 1000, 4096])
+def test_matches_fp32_naive_at_realistic_size_chunk_not_dividing(vocab_chunk):
+    # 300 tokens, chunk 128 (leaves a partial chunk), vocab 1000 in tiles of 300 (partial
+    # last tile), one tile, or a tile larger than the vocabulary; temperature 0.8, entropy on.
     hidden, weight, targets = make_case(3, (3, 100), 1000, 64)
     g = torch.Generator().manual_seed(9)
     g_out = [torch.randn(3, 100, generator=g), torch.randn(3, 100, generator=g)]
     outs, gh, gw = grads_of(
-        lambda h, w: token_logprobs(h, w, targets, temperature=0.8, chunk_size=128, with_entropy=True),
+        lambda h, w: token_logprobs(h, w, targets, temperature=0.8, chunk_size=128, with_entropy=True,
+                                    vocab_chunk_size=vocab_chunk),
         hidden, weight, g_out,
     )
     routs, rgh, rgw = grads_of(lambda h, w: naive(h, w, targets, 0.8), hidden, weight, g_out)
@@ -114,13 +121,13 @@ def test_entropy_of_uniform_and_one_hot_by_hand():
 
 def test_bf16_inputs_match_bf16_head_then_fp32_softmax():
     hidden, weight, targets = make_case(5, (40,), 300, 32, dtype=torch.bfloat16)
-    ours = token_logprobs(hidden, weight, targets, chunk_size=16)
+    ours = token_logprobs(hidden, weight, targets, chunk_size=16, vocab_chunk_size=64)
     ref = torch.log_softmax((hidden @ weight.t()).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    token_logprobs(h, w, targets, chunk_size=16).sum().backward()
+    token_logprobs(h, w, targets, chunk_size=16, vocab_chunk_size=64).sum().backward()
     assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
     # Against the fp64 gradient of the same bf16 values: bf16 rounding only.
     h64 = hidden.double().requires_grad_(True)
@@ -157,7 +164,10 @@ def test_bad_inputs_raise_naming_the_field(kwargs, match):
         token_logprobs(**kwargs)
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=0.0), dict(temperature=-1.0), dict(chunk_size=0), dict(chunk_size=2.5)])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(temperature=0.0), dict(temperature=-1.0), dict(chunk_size=0), dict(chunk_size=2.5), dict(vocab_chunk_size=0)],
+)
 def test_bad_options_raise(bad):
     hidden, weight, targets = make_case(0, (4,), 5, 3)
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -189,14 +199,16 @@ def fused_case(seed, batch=3, seq=11, vocab=37, hid=8):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("agg", AGG_MODES)
-def test_fused_policy_loss_equals_policy_loss_on_naive_logprobs(method, agg):
+@pytest.mark.parametrize("vocab_chunk", [8, 8192])  # 7*8//37 = 1-token blocks, or 7-token blocks
+def test_fused_policy_loss_equals_policy_loss_on_naive_logprobs(method, agg, vocab_chunk):
     hidden, weight, targets, old, adv, mask = fused_case(hash((method, agg)) % 1000)
     params = {"delta": 0.2} if method in ("drpo", "mask_drpo") else {}
     temperature = 0.9
 
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     loss, metrics = fused_policy_loss(
-        method, h1, w1, targets, old, adv, mask, temperature=temperature, chunk_size=7, agg=agg, **params
+        method, h1, w1, targets, old, adv, mask, temperature=temperature, chunk_size=7, agg=agg,
+        vocab_chunk_size=vocab_chunk, **params
     )
     loss.backward()
 
@@ -282,3 +294,29 @@ def test_sequence_logprobs_bad_arguments():
         sequence_logprobs(model, ids, torch.ones_like(ids), response_start=5)
     with pytest.raises(ValueError, match="attention_mask"):
         sequence_logprobs(model, ids, torch.ones(2, 4), response_start=2)
+
+
+def _largest_op_allocation(fn) -> int:
+    """Bytes allocated by the single most allocating aten op while fn runs (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(e.cpu_memory_usage for e in prof.events() if e.name.startswith("aten::"))
+
+
+def test_never_materializes_the_full_logits():
+    n, vocab, hid = 512, 4096, 16
+    full_logits_bytes = n * vocab * 4  # 8 MiB
+    tile_bytes = 64 * 512 * 4  # 128 KiB
+    hidden, weight, targets = make_case(0, (n,), vocab, hid)
+    h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
+    ours = _largest_op_allocation(
+        lambda: token_logprobs(h, w, targets, chunk_size=64, vocab_chunk_size=512, with_entropy=True)[0]
+        .sum()
+        .backward()
+    )
+    naive_alloc = _largest_op_allocation(lambda: naive(h, w, targets)[0].sum().backward())
+    assert naive_alloc >= full_logits_bytes  # the probe sees the full logits when they exist
+    # Nothing bigger than the weight gradient (V x H fp32 = 256 KiB) or a logits tile.
+    assert ours <= max(tile_bytes, vocab * hid * 4), ours

@@ -23,6 +23,9 @@ from drpo.objectives import aggregate, get_method, policy_loss
 from drpo.objectives.loss import _prepare
 
 DEFAULT_CHUNK_SIZE = 1024
+# 1024 x 8192 fp32 logits = 32 MiB per tile: big enough for efficient matmuls, small enough
+# that the LM head's gradients (not the logits) dominate the extra memory.
+DEFAULT_VOCAB_CHUNK_SIZE = 8192
 
 
 # ----------------------------------------------------------------------------- validation
@@ -56,93 +59,35 @@ def _check_inputs(hidden: Any, weight: Any, targets: Any, temperature: float, ch
             raise ValueError(f"`targets` holds token id {bad}, outside the vocabulary [0, {weight.shape[0]})")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"`temperature` must be a number > 0, got {temperature!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
+    _check_chunk("chunk_size", chunk_size)
+
+
+def _check_chunk(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- chunk math
 #
-# Every chunk writes its logits into one preallocated [chunk_size, V] fp32 buffer and all
-# softmax math happens in place there: no allocation (and no page faulting of fresh memory)
-# per chunk, and at most one or two chunk-sized blocks alive at any time.
+# Work is split into tiles of `chunk_size` tokens x `vocab_chunk_size` vocabulary entries.
+# Each tile's logits go into one preallocated fp32 buffer and all softmax math happens in
+# place there: nothing is allocated (or page-faulted) per tile, and at most one tile (two
+# with entropy) is alive at any time. The forward folds the tiles of a token chunk into an
+# online log-sum-exp; the backward turns each recomputed tile into its gradient right away.
 
 
-def _logits_into(buf: Tensor, h: Tensor, weight: Tensor, temperature: float) -> Tensor:
-    """fp32 logits / T of one chunk, written into buf[:n]. The matmul runs in the inputs'
-    (common) dtype, as the model's own LM head would; the softmax math in fp32."""
-    z = buf[: h.shape[0]]
-    if weight.dtype == torch.float32:
-        torch.mm(h, weight.t(), out=z)
-    else:
-        z.copy_(h @ weight.t())
-    if temperature != 1.0:
-        z.div_(temperature)
-    return z
+def _tiles(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
 
 
-def _softmax_stats_(z: Tensor, targets: Tensor, ebuf: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(lse, target logp, entropy or None) of fp32 logits z, destroying z.
-
-    entropy = -sum p log p = log s - sum(e x)/s with x = z - max, e = exp(x), s = sum e:
-    both terms are >= 0, so there is no cancellation (unlike lse - sum p z)."""
-    target_z = z.gather(1, targets[:, None]).squeeze(1)
-    m = z.amax(dim=-1)
-    x = z.sub_(m[:, None])
-    if ebuf is None:
-        log_s = x.exp_().sum(-1).log_()
-        ent = None
-    else:
-        e = torch.exp(x, out=ebuf[: z.shape[0]])
-        sum_e = e.sum(-1)
-        log_s = sum_e.log()
-        ent = log_s - torch.mul(e, x, out=e).sum(-1) / sum_e
-    lse = m + log_s
-    return lse, target_z - lse, ent
+def _buffer(rows: int, cols: int, device) -> Tensor:
+    """Flat storage for one [rows, cols] fp32 tile (views of any smaller tile stay contiguous)."""
+    return torch.empty(rows * cols, dtype=torch.float32, device=device)
 
 
-def _grad_logits_(
-    z: Tensor, lse: Tensor, targets: Tensor, g_logp: Tensor, g_ent: Tensor | None, ent: Tensor | None,
-    ebuf: Tensor | None, temperature: float,
-) -> Tensor:
-    """d(sum g_logp*logp + g_ent*entropy)/d(logits) for one chunk, overwriting z (fp32 logits/T).
-
-    logp_t = z_t - lse   -> d/dz_j = 1[j = t] - p_j
-    H = -sum p log p     -> d/dz_j = -p_j (log p_j + H)
-    and z = logits / T adds a factor 1/T."""
-    logp_all = z.sub_(lse[:, None])
-    if g_ent is None:
-        grad = logp_all.exp_().mul_(-g_logp[:, None])
-    else:
-        p = torch.exp(logp_all, out=ebuf[: z.shape[0]])
-        grad = logp_all.add_(ent[:, None]).mul_(-g_ent[:, None]).sub_(g_logp[:, None]).mul_(p)
-    rows = torch.arange(grad.shape[0], device=grad.device)
-    grad.index_put_((rows, targets), g_logp, accumulate=True)
-    if temperature != 1.0:
-        grad.div_(temperature)
-    return grad
-
-
-def _accumulate_grads(grad_z: Tensor, h: Tensor, w32: Tensor, grad_h: Tensor | None, grad_w: Tensor | None,
-                      s: int, e: int) -> None:
-    """Chain rule through logits = h @ W.T, in fp32 whatever the inputs' dtype (rounding each
-    chunk's product to bf16 before summing would bias the weight gradient):
-    grad_h[s:e] = G W, grad_W += G.T h."""
-    if grad_h is not None:
-        if grad_h.dtype == torch.float32:
-            torch.mm(grad_z, w32, out=grad_h[s:e])
-        else:
-            grad_h[s:e] = grad_z @ w32
-    if grad_w is not None:
-        grad_w.addmm_(grad_z.t(), h if h.dtype == torch.float32 else h.float())
-
-
-def _chunks(n: int, chunk_size: int):
-    for start in range(0, n, chunk_size):
-        yield start, min(start + chunk_size, n)
-
-
-def _buffer(n: int, chunk_size: int, vocab: int, device) -> Tensor:
-    return torch.empty((min(n, chunk_size), vocab), dtype=torch.float32, device=device)
+def _view(buf: Tensor, rows: int, cols: int) -> Tensor:
+    return buf[: rows * cols].view(rows, cols)
 
 
 def _common(hidden: Tensor, weight: Tensor) -> tuple[torch.dtype, Tensor]:
@@ -151,27 +96,119 @@ def _common(hidden: Tensor, weight: Tensor) -> tuple[torch.dtype, Tensor]:
     return dtype, (weight if weight.dtype == dtype else weight.to(dtype))
 
 
+def _logits_into(buf: Tensor, h: Tensor, w_tile: Tensor, temperature: float) -> Tensor:
+    """fp32 logits / T of one tile, in `buf`. The matmul runs in the inputs' (common) dtype,
+    as the model's own LM head would; the softmax math in fp32."""
+    z = _view(buf, h.shape[0], w_tile.shape[0])
+    if w_tile.dtype == torch.float32:
+        torch.mm(h, w_tile.t(), out=z)
+    else:
+        z.copy_(h @ w_tile.t())
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+def _in_tile(targets: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]:
+    """Rows whose target falls in vocabulary tile [v0, v1), and the target's column there."""
+    rows = ((targets >= v0) & (targets < v1)).nonzero().squeeze(-1)
+    return rows, targets[rows] - v0
+
+
+class _OnlineSoftmax:
+    """Running max m, S = sum exp(z - m) and A = sum exp(z - m) (z - m) over vocabulary tiles.
+    At the end lse = m + log S and entropy = log S - A/S: both terms >= 0, no cancellation
+    (unlike lse - sum p z). On a max change m -> m', exp(z - m') = exp(z - m) exp(m - m') and
+    z - m' = (z - m) - (m' - m), so S' = c S and A' = c (A - (m' - m) S) with c = exp(m - m')."""
+
+    def __init__(self, n: int, device, with_entropy: bool):
+        self.m = torch.full((n,), float("-inf"), device=device)
+        self.s = torch.zeros(n, device=device)
+        self.a = torch.zeros(n, device=device) if with_entropy else None
+        self.target_z = torch.zeros(n, device=device)
+
+    def fold_(self, z: Tensor, targets: Tensor, v0: int, ebuf: Tensor | None) -> None:
+        """Fold one tile of fp32 logits (destroyed) into the statistics."""
+        rows, cols = _in_tile(targets, v0, v0 + z.shape[1])
+        self.target_z[rows] = z[rows, cols]
+        new_m = torch.maximum(self.m, z.amax(dim=-1))
+        c = torch.exp(self.m - new_m)
+        x = z.sub_(new_m[:, None])
+        if self.a is None:
+            tile_s = x.exp_().sum(-1)
+        else:
+            shift = torch.where(self.s > 0, new_m - self.m, torch.zeros_like(new_m))  # no inf*0 on tile 1
+            self.a = c * (self.a - shift * self.s)
+            e = torch.exp(x, out=_view(ebuf, *x.shape))
+            tile_s = e.sum(-1)
+            self.a += torch.mul(e, x, out=e).sum(-1)
+        self.s = self.s * c + tile_s
+        self.m = new_m
+
+    def result(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        log_s = self.s.log()
+        lse = self.m + log_s
+        ent = None if self.a is None else log_s - self.a / self.s
+        return lse, self.target_z - lse, ent
+
+
+def _grad_logits_(
+    z: Tensor, lse: Tensor, targets: Tensor, v0: int, g_logp: Tensor, g_ent: Tensor | None, ent: Tensor | None,
+    ebuf: Tensor | None, temperature: float,
+) -> Tensor:
+    """d(sum g_logp*logp + g_ent*entropy)/d(logits) for one tile starting at vocabulary
+    index v0, overwriting z (fp32 logits / T).
+
+    logp_t = z_t - lse   -> d/dz_j = 1[j = t] - p_j
+    H = -sum p log p     -> d/dz_j = -p_j (log p_j + H)
+    and z = logits / T adds a factor 1/T."""
+    logp_all = z.sub_(lse[:, None])
+    if g_ent is None:
+        grad = logp_all.exp_().mul_(-g_logp[:, None])
+    else:
+        p = torch.exp(logp_all, out=_view(ebuf, *z.shape))
+        grad = logp_all.add_(ent[:, None]).mul_(-g_ent[:, None]).sub_(g_logp[:, None]).mul_(p)
+    rows, cols = _in_tile(targets, v0, v0 + z.shape[1])
+    grad.index_put_((rows, cols), g_logp[rows], accumulate=True)
+    if temperature != 1.0:
+        grad.div_(temperature)
+    return grad
+
+
+def _accumulate_grads(grad_z: Tensor, h32: Tensor, w32_tile: Tensor, gh32: Tensor | None,
+                      grad_w_tile: Tensor | None) -> None:
+    """Chain rule through logits = h @ W.T for one tile, accumulated in fp32 whatever the
+    inputs' dtype (rounding each tile's product to bf16 before summing would bias it):
+    grad_h += G W_tile, grad_W_tile += G.T h."""
+    if gh32 is not None:
+        gh32.addmm_(grad_z, w32_tile)
+    if grad_w_tile is not None:
+        grad_w_tile.addmm_(grad_z.t(), h32)
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
     """hidden [N, H], weight [V, H], targets [N] -> (logp [N], entropy [N] or empty) in fp32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, vocab_chunk_size, with_entropy):
         n, vocab = hidden.shape[0], weight.shape[0]
         dtype, w = _common(hidden, weight)
         logp = hidden.new_empty(n, dtype=torch.float32)
         lse = hidden.new_empty(n, dtype=torch.float32)
         ent = hidden.new_empty(n if with_entropy else 0, dtype=torch.float32)
-        zbuf = _buffer(n, chunk_size, vocab, hidden.device)
-        ebuf = _buffer(n, chunk_size, vocab, hidden.device) if with_entropy else None
-        for s, e in _chunks(n, chunk_size):
-            z = _logits_into(zbuf, hidden[s:e].to(dtype), w, temperature)
-            lse[s:e], logp[s:e], ent_c = _softmax_stats_(z, targets[s:e], ebuf)
+        rows, cols = min(n, chunk_size), min(vocab, vocab_chunk_size)
+        zbuf = _buffer(rows, cols, hidden.device)
+        ebuf = _buffer(rows, cols, hidden.device) if with_entropy else None
+        for s, e in _tiles(n, chunk_size):
+            h = hidden[s:e].to(dtype)
+            stats = _OnlineSoftmax(e - s, hidden.device, with_entropy)
+            for v0, v1 in _tiles(vocab, vocab_chunk_size):
+                stats.fold_(_logits_into(zbuf, h, w[v0:v1], temperature), targets[s:e], v0, ebuf)
+            lse[s:e], logp[s:e], ent_c = stats.result()
             if with_entropy:
                 ent[s:e] = ent_c
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
-        ctx.temperature = temperature
-        ctx.chunk_size = chunk_size
-        ctx.with_entropy = with_entropy
+        ctx.sizes = (temperature, chunk_size, vocab_chunk_size, with_entropy)
         if not with_entropy:
             ctx.mark_non_differentiable(ent)
         return logp, ent
@@ -179,26 +216,33 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, weight, targets, lse, ent = ctx.saved_tensors
+        temperature, chunk_size, vocab_chunk_size, with_entropy = ctx.sizes
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n, vocab, t = hidden.shape[0], weight.shape[0], ctx.temperature
+        n, vocab = hidden.shape[0], weight.shape[0]
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
-        g_ent = g_ent.float() if (ctx.with_entropy and g_ent is not None) else None
+        g_ent = g_ent.float() if (with_entropy and g_ent is not None) else None
         dtype, w = _common(hidden, weight)
         w32 = weight.float()
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        zbuf = _buffer(n, ctx.chunk_size, vocab, hidden.device)
-        ebuf = _buffer(n, ctx.chunk_size, vocab, hidden.device) if g_ent is not None else None
-        for s, e in _chunks(n, ctx.chunk_size):
+        rows, cols = min(n, chunk_size), min(vocab, vocab_chunk_size)
+        zbuf = _buffer(rows, cols, hidden.device)
+        ebuf = _buffer(rows, cols, hidden.device) if g_ent is not None else None
+        for s, e in _tiles(n, chunk_size):
             h = hidden[s:e].to(dtype)
-            z = _logits_into(zbuf, h, w, t)
-            grad_z = _grad_logits_(z, lse[s:e], targets[s:e], g_logp[s:e],
-                                   None if g_ent is None else g_ent[s:e], ent[s:e] if g_ent is not None else None,
-                                   ebuf, t)
-            _accumulate_grads(grad_z, hidden[s:e], w32, grad_h, grad_w, s, e)
+            h32 = hidden[s:e].float()
+            gh32 = torch.zeros((e - s, hidden.shape[1]), device=hidden.device) if need_h else None
+            for v0, v1 in _tiles(vocab, vocab_chunk_size):
+                z = _logits_into(zbuf, h, w[v0:v1], temperature)
+                grad_z = _grad_logits_(z, lse[s:e], targets[s:e], v0, g_logp[s:e],
+                                       None if g_ent is None else g_ent[s:e], None if g_ent is None else ent[s:e],
+                                       ebuf, temperature)
+                _accumulate_grads(grad_z, h32, w32[v0:v1], gh32, None if grad_w is None else grad_w[v0:v1])
+            if need_h:
+                grad_h[s:e] = gh32
         if grad_w is not None and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def _flatten(hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -213,18 +257,24 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_entropy: bool = False,
+    vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """log softmax(hidden @ weight.T / temperature)[targets], chunked over tokens.
+    """log softmax(hidden @ weight.T / temperature)[targets], in tiles of `chunk_size`
+    tokens x `vocab_chunk_size` vocabulary entries.
 
     hidden [..., H] (any float dtype), weight [V, H], targets [...] integer ids.
     Returns logp [...] fp32, and entropy [...] fp32 of the same distribution if
-    `with_entropy`. Differentiable w.r.t. hidden and weight; never holds more than one
-    `chunk_size x V` fp32 logits block (two with entropy) at a time.
+    `with_entropy`. Differentiable w.r.t. hidden and weight (backward recomputes each tile's
+    logits); never holds more than one fp32 tile (two with entropy) of logits at a time.
+    Exact to fp32 rounding versus log_softmax on the full logits.
     """
     _check_inputs(hidden, weight, targets, temperature, chunk_size)
+    _check_chunk("vocab_chunk_size", vocab_chunk_size)
     shape = targets.shape
     h2, t2 = _flatten(hidden, targets)
-    logp, ent = _ChunkedLogprobs.apply(h2, weight, t2, float(temperature), chunk_size, bool(with_entropy))
+    logp, ent = _ChunkedLogprobs.apply(
+        h2, weight, t2, float(temperature), chunk_size, vocab_chunk_size, bool(with_entropy)
+    )
     if with_entropy:
         return logp.reshape(shape), ent.reshape(shape)
     return logp.reshape(shape)
@@ -249,7 +299,8 @@ class _FusedPolicyLoss(torch.autograd.Function):
     gradient is known as soon as its logits are); backward only scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, old, adv, coef, mask, method, params, temperature, chunk_size, with_grad):
+    def forward(ctx, hidden, weight, targets, old, adv, coef, mask, method, params, temperature, chunk_size,
+                vocab_chunk_size, with_grad):
         n = hidden.shape[0]
         need_h, need_w = (ctx.needs_input_grad[0] and with_grad), (ctx.needs_input_grad[1] and with_grad)
         logp = hidden.new_empty(n, dtype=torch.float32)
@@ -258,24 +309,30 @@ class _FusedPolicyLoss(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         dtype, w = _common(hidden, weight)
         w32 = weight.float()
-        zbuf = _buffer(n, chunk_size, weight.shape[0], hidden.device)
-        for s, e in _chunks(n, chunk_size):
-            h = hidden[s:e].to(dtype)
-            z = _logits_into(zbuf, h, w, temperature)
-            # After this z holds exp(z - max) (no entropy buffer): p = z / sum, which is all the
-            # gradient needs, so the logits are never recomputed.
-            _, lp, _ = _softmax_stats_(z, targets[s:e], None)
+        vocab = weight.shape[0]
+        # Whole-vocabulary rows, as many as fit the token_logprobs tile budget: the full
+        # distribution of a row is needed before its loss gradient is known.
+        rows = max(1, min(chunk_size, chunk_size * vocab_chunk_size // vocab))
+        zbuf = _buffer(min(n, rows), vocab, hidden.device)
+        for s, e in _tiles(n, rows):
+            z = _logits_into(zbuf, hidden[s:e].to(dtype), w, temperature)
+            stats = _OnlineSoftmax(e - s, hidden.device, with_entropy=False)
+            stats.fold_(z, targets[s:e], 0, None)  # z now holds exp(z - max): p = z / S
+            _, lp, _ = stats.result()
             logp[s:e] = lp
             chunk_loss, g_logp = _chunk_loss_and_grad(lp, old[s:e], adv[s:e], coef[s:e], mask[s:e], method, params)
             loss += chunk_loss
             if need_h or need_w:
-                # d loss/d z_j = g (1[j = t] - p_j), times 1/T
-                grad_z = z.mul_((-g_logp / z.sum(-1))[:, None])
-                rows = torch.arange(grad_z.shape[0], device=grad_z.device)
-                grad_z.index_put_((rows, targets[s:e]), g_logp, accumulate=True)
+                # d loss/d z_j = g (1[j = t] - p_j), times 1/T: no recomputation of the logits.
+                grad_z = z.mul_((-g_logp / stats.s)[:, None])
+                idx = torch.arange(e - s, device=z.device)
+                grad_z.index_put_((idx, targets[s:e]), g_logp, accumulate=True)
                 if temperature != 1.0:
                     grad_z.div_(temperature)
-                _accumulate_grads(grad_z, hidden[s:e], w32, grad_h, grad_w, s, e)
+                gh32 = torch.zeros((e - s, hidden.shape[1]), device=hidden.device) if need_h else None
+                _accumulate_grads(grad_z, hidden[s:e].float(), w32, gh32, grad_w)
+                if need_h:
+                    grad_h[s:e] = gh32
         if grad_w is not None and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
@@ -288,7 +345,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         grad_h = _scaled(next(saved), g_loss) if ctx.has[0] else None
         grad_w = _scaled(next(saved), g_loss) if ctx.has[1] else None
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _scaled(grad: Tensor, g_loss: Tensor) -> Tensor:
@@ -327,6 +384,7 @@ def fused_policy_loss(
     agg: str = "token-mean",
     horizon: int | None = None,
     with_metrics: bool = True,
+    vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
     **params: Any,
 ) -> tuple[Tensor, dict[str, float]]:
     """`policy_loss(method, token_logprobs(hidden, weight, targets), old_logp, advantages, mask, ...)`
@@ -335,9 +393,11 @@ def fused_policy_loss(
 
     hidden [B, S, H], weight [V, H], targets/old_logp/mask [B, S], advantages [B], [B, 1] or
     [B, S]. Returns the same loss (value and gradients w.r.t. hidden and weight) and the same
-    metrics as `policy_loss` on the naive log-probs.
+    metrics as `policy_loss` on the naive log-probs. Works on whole-vocabulary blocks of
+    chunk_size * vocab_chunk_size / V tokens (the same memory as one token_logprobs tile).
     """
     _check_inputs(hidden, weight, targets, temperature, chunk_size)
+    _check_chunk("vocab_chunk_size", vocab_chunk_size)
     if targets.dim() != 2:
         raise ValueError(f"`targets` must be shaped [batch, seq], got shape {tuple(targets.shape)}")
     m = get_method(method)
@@ -349,7 +409,7 @@ def fused_policy_loss(
     h2, t2 = _flatten(hidden, targets)
     loss, logp = _FusedPolicyLoss.apply(
         h2, weight, t2, old_c.reshape(-1), adv_c.reshape(-1), coef.reshape(-1), mask_b.reshape(-1),
-        m, resolved, float(temperature), chunk_size, torch.is_grad_enabled(),
+        m, resolved, float(temperature), chunk_size, vocab_chunk_size, torch.is_grad_enabled(),
     )
     metrics: dict[str, float] = {}
     if with_metrics:

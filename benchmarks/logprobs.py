@@ -1,0 +1,270 @@
+"""Peak memory and time of token log-probs (forward + backward) at a real LM-head size:
+drpo's chunked `token_logprobs` against the naive full-logits computation, TRL's
+`ChunkedLogProbFunction` (what `trl.add_fused_lm_head` runs), and, for the loss-fused variant,
+drpo's `fused_policy_loss("grpo")` against Liger-Kernel's `LigerFusedLinearGRPOLoss`.
+
+    .venv/bin/python benchmarks/logprobs.py                  # vocab 49,152, hidden 576, 8,192 tokens
+    .venv/bin/python benchmarks/logprobs.py --tokens 1024    # quick
+
+Each case runs in a fresh subprocess; its peak memory is the resident-set high-water mark
+(VmHWM, reset through /proc/self/clear_refs just before the measured runs) minus the resident
+set at that moment (inputs built, libraries imported, a small warm-up done), so it counts
+everything torch allocates, which tracemalloc cannot see. Time is the best of `--repeats` runs. Every case
+gets the same inputs (seeded) and the same upstream gradient; a checksum column shows that
+the implementations compute the same thing. The last line is machine-readable:
+
+    logprobs: memory_vs_naive=.. time_vs_naive=.. memory_vs_trl=.. time_vs_trl=.. memory_vs_liger=.. time_vs_liger=..
+
+ratios ours/theirs (lower is better): `token_logprobs` for naive and TRL (all three return
+log-probs), `fused_policy_loss("grpo", agg="seq-mean-token-mean")` for Liger (both return
+the GRPO loss, which is Liger's "grpo" loss type).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+CASES = ("naive", "drpo", "trl", "liger", "drpo_fused")
+LABELS = {
+    "naive": "naive log_softmax(h @ W.T / T).gather",
+    "drpo": "drpo token_logprobs",
+    "trl": "TRL ChunkedLogProbFunction",
+    "liger": "Liger LigerFusedLinearGRPOLoss (grpo)",
+    "drpo_fused": "drpo fused_policy_loss (grpo)",
+}
+TRL_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, what add_fused_lm_head passes
+
+
+def _inputs(args):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    n = args.tokens
+    batch = max(1, n // args.seq_len)
+    seq = n // batch
+    hidden = torch.randn(batch, seq, args.hidden, generator=g)
+    weight = torch.randn(args.vocab, args.hidden, generator=g) / args.hidden**0.5
+    targets = torch.randint(0, args.vocab, (batch, seq), generator=g)
+    upstream = torch.randn(batch, seq, generator=g)
+    advantages = torch.randn(batch, generator=g)
+    old_logp = -torch.rand(batch, seq, generator=g) * 3 - 8  # plausible behaviour log-probs at V=49k
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    return dict(hidden=hidden, weight=weight, targets=targets, upstream=upstream, advantages=advantages,
+                old_logp=old_logp, mask=mask)
+
+
+def _runner(case: str, args, x):
+    """A closure running one forward + backward on fresh leaf copies; returns a checksum."""
+    import torch
+
+    t = args.temperature
+
+    def leaves():
+        # The same leaf tensors every run (built before the baseline), gradients cleared.
+        h, w = x["hidden"].requires_grad_(True), x["weight"].requires_grad_(True)
+        h.grad = w.grad = None
+        return h, w
+
+    def checksum(value, h, w):
+        return float(value)  # the gradient norms are taken after the memory reading
+
+    if case == "naive":
+        def run():
+            h, w = leaves()
+            logp = torch.log_softmax(h @ w.t() / t, dim=-1).gather(-1, x["targets"][..., None]).squeeze(-1)
+            (logp * x["upstream"]).sum().backward()
+            return checksum(logp.detach().sum(dtype=torch.float64), h, w)
+    elif case == "drpo":
+        from drpo.logprobs import token_logprobs
+
+        def run():
+            h, w = leaves()
+            logp = token_logprobs(h, w, x["targets"], temperature=t, chunk_size=args.chunk_size)
+            (logp * x["upstream"]).sum().backward()
+            return checksum(logp.detach().sum(dtype=torch.float64), h, w)
+    elif case == "trl":
+        from trl.kernels import ChunkedLogProbFunction
+
+        def run():
+            h, w = leaves()
+            hd = h.shape[-1]
+            out = ChunkedLogProbFunction.apply(
+                h.reshape(-1, hd), w, None, x["targets"].reshape(-1), t, TRL_VOCAB_CHUNK, None, 1.0, ("log_probs",)
+            )
+            logp = out[0].view_as(x["upstream"])
+            (logp * x["upstream"]).sum().backward()
+            return checksum(logp.detach().sum(dtype=torch.float64), h, w)
+    elif case == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="grpo", compiled=False,
+                                           temperature=t)
+
+        def run():
+            h, w = leaves()
+            loss = loss_fn(h, w, x["targets"], x["mask"].float(), x["advantages"], old_per_token_logps=x["old_logp"])[0]
+            loss.backward()
+            return checksum(loss.detach(), h, w)
+    elif case == "drpo_fused":
+        from drpo.logprobs import fused_policy_loss
+
+        def run():
+            h, w = leaves()
+            loss, _ = fused_policy_loss("grpo", h, w, x["targets"], x["old_logp"], x["advantages"], x["mask"],
+                                        temperature=t, chunk_size=args.chunk_size, agg="seq-mean-token-mean",
+                                        with_metrics=False)
+            loss.backward()
+            return checksum(loss.detach(), h, w)
+    else:
+        raise ValueError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+    return run
+
+
+def measure(case: str, args) -> dict:
+    """Runs inside the subprocess: warm-up on a small slice, then the measured runs."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    small = argparse.Namespace(**{**vars(args), "tokens": min(args.tokens, 64), "seq_len": min(args.seq_len, 64)})
+    _runner(case, small, _inputs(small))()  # imports, kernels, thread pools
+    x = _inputs(args)
+    run = _runner(case, args, x)
+    gc.collect()
+    base_kb = reset_peak_rss()
+    times, check = [], None
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        check = run()
+        times.append(time.perf_counter() - start)
+        gc.collect()
+    peak_kb = peak_rss()
+    check = [check, float(x["hidden"].grad.double().norm()), float(x["weight"].grad.double().norm())]
+    return {"case": case, "peak_mb": (peak_kb - base_kb) / 1024, "time_s": min(times), "times": times,
+            "check": check}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the resident-set high-water mark to the current RSS (Linux: write 5 to
+    /proc/self/clear_refs) and return that RSS in KiB: the baseline is what is resident
+    right now, not the highest point reached while building the inputs. Elsewhere, fall
+    back to ru_maxrss (then the baseline is the earlier peak)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kb("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_rss() -> int:
+    try:
+        return _status_kb("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def run_case(case: str, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--case", case] + _forward_args(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {case} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _forward_args(args) -> list[str]:
+    out = []
+    for key in ("tokens", "vocab", "hidden", "seq_len", "chunk_size", "temperature", "repeats", "threads"):
+        out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    return out
+
+
+def report(results: dict[str, dict], args) -> list[str]:
+    naive = results["naive"]
+    lines = [
+        f"token log-probs fwd+bwd: tokens={args.tokens} vocab={args.vocab} hidden={args.hidden} "
+        f"temperature={args.temperature} drpo chunk_size={args.chunk_size} fp32 CPU threads="
+        f"{args.threads or 'default'} repeats={args.repeats}",
+        f"{'case':<42} {'peak MB':>9} {'time s':>8} {'mem/naive':>10} {'time/naive':>11}  checksum (value, |grad_h|, |grad_W|)",
+    ]
+    for case in CASES:
+        r = results[case]
+        check = ", ".join(f"{v:.6g}" for v in r["check"])
+        lines.append(
+            f"{LABELS[case]:<42} {r['peak_mb']:>9.1f} {r['time_s']:>8.2f} {r['peak_mb'] / naive['peak_mb']:>10.3f} "
+            f"{r['time_s'] / naive['time_s']:>11.3f}  ({check})"
+        )
+
+    def ratio(a, b, key):
+        return results[a][key] / results[b][key]
+
+    lines.append(
+        "logprobs: "
+        f"memory_vs_naive={ratio('drpo', 'naive', 'peak_mb'):.3f} time_vs_naive={ratio('drpo', 'naive', 'time_s'):.3f} "
+        f"memory_vs_trl={ratio('drpo', 'trl', 'peak_mb'):.3f} time_vs_trl={ratio('drpo', 'trl', 'time_s'):.3f} "
+        f"memory_vs_liger={ratio('drpo_fused', 'liger', 'peak_mb'):.3f} "
+        f"time_vs_liger={ratio('drpo_fused', 'liger', 'time_s'):.3f}"
+    )
+    return lines
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--vocab", type=int, default=49152)
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (the loss cases need [B, S, H])")
+    p.add_argument("--chunk-size", type=int, default=1024, help="drpo's token chunk")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset (the summary needs all)")
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for key in ("tokens", "vocab", "hidden", "seq_len", "chunk_size", "repeats"):
+        if getattr(args, key) <= 0:
+            p.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
+    if args.temperature <= 0:
+        p.error(f"--temperature must be > 0, got {args.temperature}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.case:
+        print(json.dumps(measure(args.case, args)))
+        return 0
+    from tqdm import tqdm
+
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+    results = {}
+    for case in tqdm(cases, desc="logprobs benchmark", unit="case"):
+        results[case] = run_case(case, args)
+        tqdm.write(f"{case}: {results[case]['peak_mb']:.1f} MB, {results[case]['time_s']:.2f} s")
+    if set(cases) != set(CASES):
+        return 0
+    for line in report(results, args):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
