@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # The main job: RL on the embedded default (tiny Llama-style policy, warm-started on arithmetic).
 run: install
-	$(BIN)/drpo train --out $(RUN_OUT)
+	$(BIN)/drpo train --config configs/default.yaml --out $(RUN_OUT)$(if $(wildcard $(RUN_OUT)/config.yaml), --resume)
 
 # The test suite (CI runs exactly this).
 test: test-main test-verl
