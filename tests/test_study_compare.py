@@ -79,14 +79,14 @@ def test_compare_and_report_hold_every_run(tmp_path, cache_dir):
         accs = [row["eval/accuracy"] for row in rows if "eval/accuracy" in row]
         assert [row["step"] for row in rows if "eval/accuracy" in row] == [0, 2, 4]
         assert r["initial_acc"] == accs[0] and r["final_acc"] == accs[-1] and r["best_acc"] == max(accs)
-    for name in ("accuracy", "mismatch", "beyond_boundary", "weights"):
+    for name in ("accuracy_gain", "accuracy", "mismatch", "beyond_boundary", "weights"):
         png = report / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         drawn = summary["figures_drawn"][name]
         assert {(s, v) for s, vs in drawn.items() for v in vs} == {
             (s, m) for s in ("fp32", "fp8_e2e") for m in ("grpo", "drpo")}, name
     page = (report / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and "<img" in page and "src='figures" not in page
+    assert page.count("data:image/png;base64,") == 5 and "<img" in page and "src='figures" not in page
 
     # `drpo report` on its own, into another directory, with a fixed target
     rc = main(["report", str(out), "--out", str(tmp_path / "rep2"), "--target", "0.0"])

@@ -2,6 +2,8 @@
 per objective variant, kept the same in every figure.
 
 - accuracy.png: eval accuracy over steps, mean over seeds, band = min..max over seeds
+- accuracy_gain.png: the same relative to each seed's own warm start (the warm start is
+  trained per seed, so this removes its seed-to-seed spread)
 - mismatch.png: training-inference mismatch mean |log(pi/mu)| over steps
 - beyond_boundary.png: fraction of tokens beyond the method's trust-region boundary
 - weights.png: how each method weighted its tokens' gradients (stacked fractions)
@@ -32,8 +34,15 @@ BEYOND = ("objective/beyond_boundary_pos_frac", "objective/beyond_boundary_neg_f
 
 
 def variant_colors(variants: Sequence[str]) -> dict[str, tuple]:
-    cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
-    return {v: cmap(i % cmap.N) for i, v in enumerate(variants)}
+    """Ten clearly distinct colours; past ten, colours repeat and `variant_dashes` tells them apart."""
+    cmap = plt.get_cmap("tab10")
+    return {v: cmap(i % 10) for i, v in enumerate(variants)}
+
+
+def variant_dashes(variants: Sequence[str], main: Sequence[str] = ()) -> dict[str, str]:
+    """Solid lines for the grid's main methods (or the first ten), dashed for sweep variants."""
+    main = set(main) or set(variants[:10])
+    return {v: "-" if v in main else "--" for v in variants}
 
 
 def _panels(n: int, width: float = 4.6, height: float = 3.3):
@@ -48,7 +57,7 @@ def _panels(n: int, width: float = 4.6, height: float = 3.3):
 
 def _legend(fig, handles_labels: dict) -> None:
     handles, labels = list(handles_labels.values()), list(handles_labels)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False, fontsize=9)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False, fontsize=9)
 
 
 def _mean_curve(curves: Sequence[tuple[list[int], list[float]]]):
@@ -62,9 +71,15 @@ def _mean_curve(curves: Sequence[tuple[list[int], list[float]]]):
     return steps, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
 
 
+def _relative(curve: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
+    steps, vals = curve
+    return steps, [v - vals[0] for v in vals]
+
+
 def _curve_figure(groups: Mapping[str, Mapping[str, list]], key: str | tuple[str, ...], ylabel: str,
                   title: str, colors: Mapping[str, tuple], path: Path, *, band: bool, logy: bool = False,
-                  setting_titles: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+                  setting_titles: Mapping[str, str] | None = None, relative: bool = False,
+                  dashes: Mapping[str, str] | None = None) -> dict[str, list[str]]:
     """Draws the figure; returns what it drew: setting -> variants with a line."""
     fig, axes = _panels(len(groups))
     legend = {}
@@ -73,19 +88,24 @@ def _curve_figure(groups: Mapping[str, Mapping[str, list]], key: str | tuple[str
         for variant, rows_per_seed in by_variant.items():
             curves = [_metric_curve(rows, key) for rows in rows_per_seed]
             curves = [c for c in curves if c[0]]
+            if relative:  # each seed against its own warm start
+                curves = [_relative(c) for c in curves]
             if not curves:
                 continue
             steps, mean, lo, hi = _mean_curve(curves)
             if not steps:
                 continue
-            (line,) = ax.plot(steps, mean, color=colors[variant], lw=1.6, marker="." if len(steps) < 12 else None)
+            (line,) = ax.plot(steps, mean, color=colors[variant], lw=1.6, ls=(dashes or {}).get(variant, "-"),
+                              marker="." if len(steps) < 12 else None)
             if band and len(curves) > 1:
-                ax.fill_between(steps, lo, hi, color=colors[variant], alpha=0.15, lw=0)
+                ax.fill_between(steps, lo, hi, color=colors[variant], alpha=0.10, lw=0)
             legend.setdefault(variant, line)
             drawn[setting].append(variant)
         ax.set_title((setting_titles or {}).get(setting, setting), fontsize=10)
         ax.set_xlabel("training step (rollout batches)")
         ax.set_ylabel(ylabel)
+        if relative:
+            ax.axhline(0.0, color="black", lw=0.8, alpha=0.6)
         if logy:
             ys = [y for line in ax.get_lines() for y in line.get_ydata()]
             if ys and min(ys) > 0:
@@ -109,23 +129,29 @@ def _metric_curve(rows, key):
     return series(rows, key)
 
 
-def accuracy_figure(groups, colors, path: Path, setting_titles=None) -> dict[str, list[str]]:
+def accuracy_figure(groups, colors, path: Path, setting_titles=None, dashes=None) -> dict[str, list[str]]:
     return _curve_figure(groups, "eval/accuracy", "eval accuracy (fraction correct)",
                          "Eval accuracy (mean over seeds; band = min..max over seeds)", colors, path,
-                         band=True, setting_titles=setting_titles)
+                         band=True, setting_titles=setting_titles, dashes=dashes)
 
 
-def mismatch_figure(groups, colors, path: Path, setting_titles=None) -> dict[str, list[str]]:
+def accuracy_gain_figure(groups, colors, path: Path, setting_titles=None, dashes=None) -> dict[str, list[str]]:
+    return _curve_figure(groups, "eval/accuracy", "eval accuracy - warm-start accuracy",
+                         "Accuracy gain over each seed's own warm start (mean over seeds; band = min..max)",
+                         colors, path, band=True, setting_titles=setting_titles, relative=True, dashes=dashes)
+
+
+def mismatch_figure(groups, colors, path: Path, setting_titles=None, dashes=None) -> dict[str, list[str]]:
     return _curve_figure(groups, MISMATCH, "mean |log(pi/mu)| (nats)",
                          "Training-inference mismatch per step (mean over seeds)", colors, path,
-                         band=False, logy=True, setting_titles=setting_titles)
+                         band=False, logy=True, setting_titles=setting_titles, dashes=dashes)
 
 
-def beyond_boundary_figure(groups, colors, path: Path, setting_titles=None) -> dict[str, list[str]]:
+def beyond_boundary_figure(groups, colors, path: Path, setting_titles=None, dashes=None) -> dict[str, list[str]]:
     return _curve_figure(groups, BEYOND, "fraction of tokens beyond boundary",
                          "Tokens beyond the trust-region boundary in the harmful direction "
                          "(mean of A>0 and A<0 fractions; pg_is has no boundary)", colors, path,
-                         band=False, setting_titles=setting_titles)
+                         band=False, setting_titles=setting_titles, dashes=dashes)
 
 
 def weight_fractions(rows_per_seed: Sequence[Sequence[Mapping]]) -> dict[str, float]:

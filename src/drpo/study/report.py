@@ -234,7 +234,8 @@ def definitions(collapse_frac: float, target: float | None) -> list[str]:
 
 def _fig_paths(out: Path) -> dict[str, Path]:
     fig_dir = out / "figures"
-    return {name: fig_dir / f"{name}.png" for name in ("accuracy", "mismatch", "beyond_boundary", "weights")}
+    return {name: fig_dir / f"{name}.png"
+            for name in ("accuracy_gain", "accuracy", "mismatch", "beyond_boundary", "weights")}
 
 
 def make_figures(study: Study, out: Path) -> tuple[dict[str, Path], dict[str, dict[str, list[str]]]]:
@@ -253,17 +254,22 @@ def make_figures(study: Study, out: Path) -> tuple[dict[str, Path], dict[str, di
     if not groups:
         return {}, {}
     colors = figures.variant_colors(study.variants)
+    dashes = figures.variant_dashes(study.variants, [v["name"] for v in study.grid.get("methods", [])])
     titles = {s: s for s in groups}
     drawn = {
-        "accuracy": figures.accuracy_figure(groups, colors, paths["accuracy"], titles),
-        "mismatch": figures.mismatch_figure(groups, colors, paths["mismatch"], titles),
-        "beyond_boundary": figures.beyond_boundary_figure(groups, colors, paths["beyond_boundary"], titles),
+        "accuracy_gain": figures.accuracy_gain_figure(groups, colors, paths["accuracy_gain"], titles, dashes),
+        "accuracy": figures.accuracy_figure(groups, colors, paths["accuracy"], titles, dashes),
+        "mismatch": figures.mismatch_figure(groups, colors, paths["mismatch"], titles, dashes),
+        "beyond_boundary": figures.beyond_boundary_figure(groups, colors, paths["beyond_boundary"], titles,
+                                                          dashes),
         "weights": figures.weights_figure(groups, paths["weights"], titles),
     }
     return paths, drawn
 
 
 FIGURE_CAPTIONS = {
+    "accuracy_gain": "Eval accuracy minus each seed's own warm-start accuracy (mean over seeds, band = min..max); "
+                     "dashed lines: sweep variants.",
     "accuracy": "Eval accuracy over training steps per setting (mean over seeds, band = min..max over seeds).",
     "mismatch": "Training-inference mismatch mean |log(pi/mu)| over steps (mean over seeds).",
     "beyond_boundary": "Fraction of tokens beyond each method's trust-region boundary in the harmful direction.",
