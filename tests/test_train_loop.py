@@ -125,3 +125,16 @@ def test_fp8_e2e_quantizes_the_training_forward_too(tmp_path):
         train(cfg, tmp_path / precision, progress=False, log=lambda *_: None)
         mismatch[precision] = read_metrics(tmp_path / precision / "metrics.jsonl")[1]["mismatch/abs_log_ratio"]
     assert mismatch["fp8_e2e"] < 0.1 * mismatch["fp8_e4m3"], mismatch
+
+
+def test_jsonl_dataset_run(tmp_path):
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{a}+{b}=", "answer": a + b}) + "\n" for a in range(6) for b in range(5)))
+    cfg = fast_config(tmp_path, "task.name=jsonl", f"task.dataset={data}", "task.eval_size=6", "train.steps=2",
+                      "warmstart.enabled=false")
+    summary = train(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    # 30 examples, 6 held out: the eval accuracy is a multiple of 1/6
+    assert summary["final_accuracy"] * 6 == pytest.approx(round(summary["final_accuracy"] * 6))
+    assert rows[1]["tokens/generated"] > 0

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress,
                         log=lambda msg: print(msg, file=sys.stderr))
-    except (DatasetError, CheckpointError, RunError) as err:
+    except (DatasetError, CheckpointError, RunError, ValueError) as err:  # bad input: message, no traceback
         print(f"drpo train: {err}", file=sys.stderr)
         return 2
     print(
