@@ -8,8 +8,10 @@ Layout written under OUT:
     OUT/runs/<run_id>/train.log    stdout+stderr of every attempt
     OUT/runs/<run_id>/...          everything `drpo train --out` writes; summary.json last
 
-A run is finished iff its summary.json exists (the trainer writes it last), so a restart
-skips finished runs and reruns the others, with `--resume` when the run left a checkpoint.
+A run is finished iff its summary.json exists (the trainer writes it last) or it ended in a
+recorded divergence, so a restart skips finished runs and reruns the others, with `--resume`
+when an earlier attempt left anything behind (the trainer continues from its last good
+checkpoint, or starts over when there is none).
 Each run is its own process (one torch thread each by default) so a crash or a NaN in one
 run cannot take the study down, and `workers` of them run at once.
 """
