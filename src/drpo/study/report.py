@@ -228,7 +228,9 @@ def definitions(collapse_frac: float, target: float | None) -> list[str]:
         "loss; such a run counts as accuracy 0 from that step on); (k/n) seeds collapsed.",
         "mean abs log-ratio: mean over steps of the mean |log(pi/mu)| over response tokens "
         "(the training-inference mismatch the objective saw).",
-        "wall s/run: wall-clock of the run's process(es); tokens/s: generated tokens / wall-clock.",
+        "wall s/run: median over seeds of the wall-clock of a run's process(es), on a machine shared with other "
+        "work (the first run of each seed also trains the cached warm start); tokens/s: median of generated "
+        "tokens / wall-clock.",
     ]
 
 

@@ -120,6 +120,11 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _median(xs: Sequence[float]) -> float:
+    xs = [x for x in xs if _finite(x)]
+    return statistics.median(xs) if xs else float("nan")
+
+
 def run_stats(run_id: str, setting: str, variant: str, seed: int, rows: Sequence[Mapping],
               wall_s: float, *, stopped_diverged: bool = False) -> RunStats:
     steps, accs = accuracy_curve(rows)
@@ -169,8 +174,9 @@ class CellStats:
     steps_to_target: float | None  # median over the seeds that reached it
     collapsed: int  # seeds that collapsed
     mean_mismatch: float
-    wall_s: float  # mean per run
-    tokens_per_s: float  # mean per run
+    # medians over runs: the first run of each seed also trains (and caches) the warm start
+    wall_s: float
+    tokens_per_s: float
     gain: tuple[float, float] = (float("nan"), 0.0)  # final - warm-start accuracy, per run
     # seed -> {initial, final, best, auc, gain}: cells of the same setting share each seed's
     # warm start and eval set, so methods are compared seed by seed (paired)
@@ -204,8 +210,8 @@ def cell_stats(runs: Sequence[RunStats], target: float | None, collapse_frac: fl
         collapsed=sum(is_collapsed(r.initial_acc, r.final_acc, diverged=r.diverged, collapse_frac=collapse_frac)
                       for r in runs),
         mean_mismatch=_mean([r.mean_mismatch for r in runs]),
-        wall_s=_mean([r.wall_s for r in runs]),
-        tokens_per_s=_mean([r.tokens_per_s for r in runs]),
+        wall_s=_median([r.wall_s for r in runs]),
+        tokens_per_s=_median([r.tokens_per_s for r in runs]),
         gain=mean_std([r.final_acc - r.initial_acc for r in runs]),
         per_seed={r.seed: {"initial": r.initial_acc, "final": r.final_acc, "best": r.best_acc, "auc": r.auc,
                            "gain": r.final_acc - r.initial_acc} for r in runs},
