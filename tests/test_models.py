@@ -103,21 +103,6 @@ def test_load_policy_bad_names(bad):
         load_policy(bad)
 
 
-@pytest.mark.slow
-def test_load_smollm2_from_gguf():
-    model, tok = load_policy("smollm2")
-    assert model.config.hidden_size == 576 and model.config.vocab_size == 49152
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-    prompt = format_prompt(tok, "What is 17+25?")
-    assert "<|im_start|>user\nWhat is 17+25?<|im_end|>" in prompt and prompt.endswith("<|im_start|>assistant\n")
-    ids = encode_prompt(tok, "What is 17+25?")
-    assert tok.decode(ids) == prompt
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    answer = tok.decode(out[0, len(ids) :], skip_special_tokens=True)
-    assert any(ch.isdigit() for ch in answer), answer  # a coherent model answers with a number
-
-
 # ----------------------------------------------------------------------------- precision
 
 
@@ -220,3 +205,21 @@ def test_quantized_forward_other_precisions_are_no_ops():
     with pytest.raises(ValueError, match="precision"):
         with quantized_forward(model, "int4"):
             pass
+
+
+def test_sequence_logprobs_inside_quantized_forward_sees_fp8_weights():
+    # fp8_e2e: the trainer's recomputation must use the same fake-quantized weights as an
+    # fp8_e4m3 engine, including the LM head read directly by sequence_logprobs.
+    from drpo.logprobs import sequence_logprobs
+
+    model = build_tiny_model(make_char_tokenizer(), num_layers=2)
+    quant = fake_quantize_weights_(copy.deepcopy(model), "fp8_e4m3")
+    ids = torch.randint(3, 90, (2, 12))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = sequence_logprobs(quant, ids, mask, response_start=4)
+        plain = sequence_logprobs(model, ids, mask, response_start=4)
+        with quantized_forward(model, "fp8_e2e"):
+            inside = sequence_logprobs(model, ids, mask, response_start=4)
+    torch.testing.assert_close(inside, ref, rtol=1e-6, atol=1e-6)
+    assert (inside - plain).abs().max() > 1e-4  # quantization actually changed the log-probs
