@@ -287,7 +287,7 @@ def _aggregation_coefficients(mask: Tensor, agg: str, horizon: int | None) -> Te
     """Every aggregation mode is linear in the per-token loss: loss = sum_t c_t * l_t. Its
     gradient at any point is c, which lets each chunk's loss gradient be computed on the
     spot, with the same semantics as `drpo.objectives.aggregate` (reused, not re-derived)."""
-    x = torch.zeros(mask.shape, dtype=torch.float32, requires_grad=True)
+    x = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device, requires_grad=True)
     with torch.enable_grad():
         (c,) = torch.autograd.grad(aggregate(x, mask, agg, horizon=horizon), x)
     return c
@@ -304,7 +304,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
         n = hidden.shape[0]
         need_h, need_w = (ctx.needs_input_grad[0] and with_grad), (ctx.needs_input_grad[1] and with_grad)
         logp = hidden.new_empty(n, dtype=torch.float32)
-        loss = torch.zeros((), dtype=torch.float64)
+        loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         dtype, w = _common(hidden, weight)
@@ -360,7 +360,7 @@ def _chunk_loss_and_grad(
     same neutral padding as `policy_loss` (padding positions get no gradient)."""
     with torch.enable_grad():
         lp = logp.detach().requires_grad_(True)
-        zero = torch.zeros((), dtype=lp.dtype)
+        zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
         lp_c = torch.where(mask, lp, zero).clamp(max=0.0)
         old_c = torch.where(mask, old, zero).clamp(max=0.0)
         adv_c = torch.where(mask, adv, zero)
@@ -403,7 +403,7 @@ def fused_policy_loss(
     m = get_method(method)
     resolved = m.resolve_params(params)
     # Validate the small tensors exactly as policy_loss does (logp itself is not known yet).
-    probe = torch.zeros(targets.shape, dtype=torch.float32)
+    probe = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
     _, old_c, adv_c, mask_b = _prepare(probe, old_logp, advantages, mask)
     coef = _aggregation_coefficients(mask_b, agg, horizon).to(old_c.dtype)
     h2, t2 = _flatten(hidden, targets)

@@ -115,7 +115,7 @@ def _check_int(name: str, value, low: int) -> None:
         raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
 
 
-def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+def left_pad(prompts: list[list[int]], pad_token_id: int, device=None) -> tuple[Tensor, Tensor]:
     """[B, P] ids and attention mask, prompts right-aligned."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
@@ -123,7 +123,7 @@ def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tenso
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p) :] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()  # not inference_mode: the Rollout tensors must be usable in autograd later
@@ -158,14 +158,15 @@ def generate(
     _check_int("pad_token_id", pad_token_id, 0)
     check_sampling_params(temperature, top_p, top_k)
 
-    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id)
+    device = model.get_output_embeddings().weight.device
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
     n_rows = len(prompts) * n_samples
     logits, cache, mask, next_pos = _prefill(model, prompt_ids, prompt_mask, n_samples)
 
-    tokens = torch.full((n_rows, max_new_tokens), pad_token_id, dtype=torch.long)
-    logps = torch.zeros((n_rows, max_new_tokens), dtype=torch.float32)
-    finished = torch.zeros(n_rows, dtype=torch.bool)
-    active = torch.arange(n_rows)  # rows still generating, in cache order
+    tokens = torch.full((n_rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros((n_rows, max_new_tokens), dtype=torch.float32, device=device)
+    finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    active = torch.arange(n_rows, device=device)  # rows still generating, in cache order
     steps = 0
     for t in range(max_new_tokens):
         dist = sampling_logprobs(logits, temperature=temperature, top_p=top_p, top_k=top_k)
@@ -218,6 +219,6 @@ def _assemble(prompt_ids, prompt_mask, tokens, logps, finished, n_samples, eos_t
     logps = logps.masked_fill(after_eos, 0.0)
     ids = torch.cat([prompt_ids.repeat_interleave(n_samples, dim=0), tokens], dim=1)
     attn = torch.cat([prompt_mask.repeat_interleave(n_samples, dim=0), response_mask.long()], dim=1)
-    group = torch.arange(prompt_ids.shape[0]).repeat_interleave(n_samples)
+    group = torch.arange(prompt_ids.shape[0], device=ids.device).repeat_interleave(n_samples)
     return Rollout(input_ids=ids, attention_mask=attn, response_mask=response_mask, behaviour_logp=logps,
                    prompt_len=prompt_ids.shape[1], group_index=group, finished=finished, weights_step=step)
