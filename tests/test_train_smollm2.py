@@ -18,7 +18,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml"
 def test_two_drpo_steps_on_smollm2(tmp_path):
     cfg = load_config(CONFIG, [
         "train.steps=2", "train.eval_every=100", "train.save_final=false", "train.save_every=100",
-        "train.device=cpu", "task.eval_size=4", "rollout.prompts_per_step=2", "rollout.n_samples=4",
+        "train.device=cpu", "train.threads=1", "task.eval_size=4", "rollout.prompts_per_step=2", "rollout.n_samples=4",
         "rollout.max_new_tokens=16", "optim.grad_accum=1", "objective.method=drpo",
     ])
     summary = train(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
