@@ -248,3 +248,19 @@ def test_generate_bad_inputs(policy, tok, kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         generate(engine, args.pop("prompts"), **args)
+
+
+def test_num_threads_is_scoped_and_does_not_change_samples(policy, tok, prompts):
+    before = torch.get_num_threads()
+    kw = dict(n_samples=2, max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    a = generate(make_engine(policy, "fp32"), prompts, generator=torch.Generator().manual_seed(3), **kw)
+    seen = []
+    engine = make_engine(policy, "fp32", num_threads=1)
+    hook = engine.model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    b = generate(engine, prompts, generator=torch.Generator().manual_seed(3), **kw)
+    hook.remove()
+    assert set(seen) == {1} and torch.get_num_threads() == before
+    assert torch.equal(a.input_ids, b.input_ids)
+    torch.testing.assert_close(a.behaviour_logp, b.behaviour_logp, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="num_threads"):
+        make_engine(policy, "fp32", num_threads=0)
