@@ -57,7 +57,7 @@ def test_make_task_arithmetic_reward_is_exact():
     ex = task.train_example(0)
     assert task.reward(ex.answer, ex.answer) == 1.0
     assert task.reward(str(int(ex.answer) + 1), ex.answer) == 0.0
-    assert len(task.eval_examples) == 128
+    assert len(task.eval_examples) == 256  # the default task.eval_size
 
 
 def _write(tmp_path, lines, name="d.jsonl"):
