@@ -174,6 +174,16 @@ def test_bad_options_raise(bad):
         token_logprobs(hidden, weight, targets, **bad)
 
 
+@pytest.mark.parametrize("field", ["hidden", "weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_inputs_raise(field, value):
+    hidden, weight, targets = make_case(0, (4,), 5, 3)
+    args = {"hidden": hidden, "weight": weight}
+    args[field][1, 2] = value
+    with pytest.raises(ValueError, match=rf"`{field}` has a non-finite value .* at index \(1, 2\)"):
+        token_logprobs(args["hidden"], args["weight"], targets)
+
+
 def test_empty_token_set_gives_empty_output():
     logp = token_logprobs(torch.randn(0, 3), torch.randn(5, 3), torch.zeros(0, dtype=torch.long))
     assert logp.shape == (0,)

@@ -2,13 +2,13 @@
 
 The LM head turns `tokens x hidden` into `tokens x vocab` logits; at vocab 49k and 8k tokens
 the fp32 logits alone are 1.6 GB, and autograd keeps several copies of that size. Here the
-tokens are processed in chunks: forward keeps only the per-token log-sum-exp, backward
-recomputes each chunk's logits and turns them into gradients right away, so the peak extra
-memory is a few `chunk_size x vocab` blocks.
+work is split into tiles of tokens x vocabulary entries: the forward keeps only the per-token
+log-sum-exp, the backward recomputes each tile's logits and turns them into gradients right
+away, so the extra memory is one tile (32 MiB by default) plus the LM head's gradient.
 
     token_logprobs(hidden, weight, targets)        -> logp  (differentiable, exact to fp32 rounding)
     fused_policy_loss("drpo", hidden, weight, ...) -> (loss, metrics)  (gradients computed in the
-                                                      forward pass, one logits pass in total)
+                                                      forward pass: one logits pass in total)
     sequence_logprobs(model, input_ids, attention_mask, response_start=P) -> logp of the response
 """
 
@@ -60,6 +60,14 @@ def _check_inputs(hidden: Any, weight: Any, targets: Any, temperature: float, ch
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"`temperature` must be a number > 0, got {temperature!r}")
     _check_chunk("chunk_size", chunk_size)
+
+
+def _check_finite(name: str, x: Tensor) -> None:
+    """A NaN/inf in the hidden states or the head would silently poison every log-prob."""
+    bad = ~torch.isfinite(x.detach())
+    if bool(bad.any()):
+        idx = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"`{name}` has a non-finite value {x[idx].item()} at index {idx}")
 
 
 def _check_chunk(name: str, value: Any) -> None:
@@ -258,6 +266,7 @@ def token_logprobs(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_entropy: bool = False,
     vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
+    validate: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax(hidden @ weight.T / temperature)[targets], in tiles of `chunk_size`
     tokens x `vocab_chunk_size` vocabulary entries.
@@ -266,10 +275,14 @@ def token_logprobs(
     Returns logp [...] fp32, and entropy [...] fp32 of the same distribution if
     `with_entropy`. Differentiable w.r.t. hidden and weight (backward recomputes each tile's
     logits); never holds more than one fp32 tile (two with entropy) of logits at a time.
-    Exact to fp32 rounding versus log_softmax on the full logits.
+    Exact to fp32 rounding versus log_softmax on the full logits. `validate` checks hidden
+    and weight for NaN/inf (one cheap pass over each).
     """
     _check_inputs(hidden, weight, targets, temperature, chunk_size)
     _check_chunk("vocab_chunk_size", vocab_chunk_size)
+    if validate:
+        _check_finite("hidden", hidden)
+        _check_finite("weight", weight)
     shape = targets.shape
     h2, t2 = _flatten(hidden, targets)
     logp, ent = _ChunkedLogprobs.apply(
@@ -398,6 +411,8 @@ def fused_policy_loss(
     """
     _check_inputs(hidden, weight, targets, temperature, chunk_size)
     _check_chunk("vocab_chunk_size", vocab_chunk_size)
+    _check_finite("hidden", hidden)
+    _check_finite("weight", weight)
     if targets.dim() != 2:
         raise ValueError(f"`targets` must be shaped [batch, seq], got shape {tuple(targets.shape)}")
     m = get_method(method)
