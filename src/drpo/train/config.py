@@ -104,7 +104,7 @@ class TaskConfig(_Section):
 class RolloutConfig(_Section):
     precision: Precision = "fp32"
     n_samples: int = Field(8, ge=1)  # G completions per prompt
-    prompts_per_step: int = Field(16, ge=1)
+    prompts_per_step: int = Field(32, ge=1)
     max_new_tokens: int = Field(6, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -142,7 +142,7 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(0, ge=0)  # linear warmup, in optimizer steps
     grad_clip: float = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
-    updates_per_rollout: int = Field(2, ge=1)  # optimizer steps (mini-batches) per rollout batch
+    updates_per_rollout: int = Field(4, ge=1)  # optimizer steps (mini-batches) per rollout batch
 
 
 class TrainConfig(_Section):
