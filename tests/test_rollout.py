@@ -264,3 +264,15 @@ def test_num_threads_is_scoped_and_does_not_change_samples(policy, tok, prompts)
     torch.testing.assert_close(a.behaviour_logp, b.behaviour_logp, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="num_threads"):
         make_engine(policy, "fp32", num_threads=0)
+
+
+def test_precision_mismatch_cli(capsys):
+    from drpo.rollout.mismatch import main
+
+    assert main(["--policy", "tiny", "--precisions", "fp32,fp8_e4m3", "--n-samples", "1", "--max-new-tokens", "4",
+                 "--threads", "1"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"fp32", "fp8_e4m3"}
+    assert float(rows["fp32"][1]) < 1e-5 < float(rows["fp8_e4m3"][1])
+    with pytest.raises(SystemExit):
+        main(["--precisions", "fp16"])
