@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from contextlib import nullcontext
@@ -23,11 +22,11 @@ from tqdm.auto import tqdm
 from drpo.advantages import group_advantages
 from drpo.logprobs import sequence_logprobs
 from drpo.models import build_tiny_model, load_policy, make_char_tokenizer, quantized_forward
-from drpo.objectives import METRIC_NAMES, policy_loss
+from drpo.objectives import policy_loss
 from drpo.rollout import generate, make_engine, sync_weights
 from drpo.tasks import Task, make_task
 from drpo.train.batching import decode_completions, encode_prompts
-from drpo.train.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
+from drpo.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from drpo.train.config import Config, to_yaml
 from drpo.train.metrics import MetricsLogger, plot_curves, read_metrics, truncate_metrics
 from drpo.train.warmstart import warm_start
@@ -197,48 +196,61 @@ def reduce_objective_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def microbatch_loss(model, rollout, idx, anchor, advantages, cfg: Config):
+    """(loss, objective diagnostics, train-side log-probs) of the samples `idx`."""
+    obj = cfg.objective
+    logp = policy_logprobs(model, rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_len, cfg)
+    loss, metrics = policy_loss(
+        obj.method, logp, anchor[idx], advantages[idx], rollout.response_mask[idx],
+        agg=obj.agg, horizon=obj.horizon, **obj.resolved_params,
+    )
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()} (method {obj.method!r})")
+    return loss, metrics, logp
+
+
+def mismatch_row(stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    n_tok = max(sum(float(m["n"]) for m in stats), 1.0)
+    return {
+        "mismatch/abs_log_ratio": sum(float(m["abs"]) for m in stats) / n_tok,
+        "mismatch/k3_kl": sum(float(m["k3"]) for m in stats) / n_tok,
+        "mismatch/max_abs_log_ratio": max(float(m["max"]) for m in stats),
+        "mismatch/max_ratio_dev": max(float(m["ratio_dev"]) for m in stats),  # max |r - 1|
+    }
+
+
 def update(model, optimizer, scheduler, rollout, advantages, cfg: Config, generator) -> dict[str, float]:
     """updates_per_rollout optimizer steps, each over one shuffled mini-batch split into
-    grad_accum micro-batches. The mismatch is measured during the first mini-batch, before
-    any optimizer step."""
-    o, obj = cfg.optim, cfg.objective
+    grad_accum micro-batches. The mismatch is measured on the first mini-batch, before any
+    optimizer step."""
+    o = cfg.optim
     n = rollout.input_ids.shape[0]
     mini = n // o.updates_per_rollout
     micro = mini // o.grad_accum
-    params = obj.resolved_params
     model.train()
     anchor = anchor_logprobs(model, rollout, cfg, micro)
     order = torch.randperm(n, generator=generator, device=generator.device).to(rollout.input_ids.device)
-    obj_rows, grad_norms, mm = [], [], []
+    obj_rows, grad_norms, mismatch = [], [], []
     for u in range(o.updates_per_rollout):
         optimizer.zero_grad(set_to_none=True)
         for a in range(o.grad_accum):
             idx = order[u * mini + a * micro : u * mini + (a + 1) * micro]
-            mask = rollout.response_mask[idx]
-            logp = policy_logprobs(model, rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_len, cfg)
-            if u == 0:
-                mm.append(mismatch_stats(logp, rollout.behaviour_logp[idx], mask))
-            loss, metrics = policy_loss(
-                obj.method, logp, anchor[idx], advantages[idx], mask, agg=obj.agg, horizon=obj.horizon, **params
-            )
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at update {u}, micro-batch {a}")
+            loss, metrics, logp = microbatch_loss(model, rollout, idx, anchor, advantages, cfg)
             (loss / o.grad_accum).backward()
             obj_rows.append(metrics)
+            if u == 0:
+                mismatch.append(mismatch_stats(logp, rollout.behaviour_logp[idx], rollout.response_mask[idx]))
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)))
         optimizer.step()
         scheduler.step()
     model.eval()
-    n_tok = sum(float(m["n"]) for m in mm)
-    row = {f"objective/{k}": v for k, v in reduce_objective_metrics(obj_rows).items()}
-    row["mismatch/abs_log_ratio"] = sum(float(m["abs"]) for m in mm) / max(n_tok, 1.0)
-    row["mismatch/k3_kl"] = sum(float(m["k3"]) for m in mm) / max(n_tok, 1.0)
-    row["mismatch/max_abs_log_ratio"] = max(float(m["max"]) for m in mm)
-    row["mismatch/max_ratio_dev"] = max(float(m["ratio_dev"]) for m in mm)  # max |r - 1|
-    row["grad_norm"] = sum(grad_norms) / len(grad_norms)
-    row["grad_norm_max"] = max(grad_norms)
-    row["lr"] = scheduler.get_last_lr()[0]
-    return row
+    return {
+        **{f"objective/{k}": v for k, v in reduce_objective_metrics(obj_rows).items()},
+        **mismatch_row(mismatch),
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+        "grad_norm_max": max(grad_norms),
+        "lr": scheduler.get_last_lr()[0],
+    }
 
 
 @torch.no_grad()
