@@ -1,6 +1,7 @@
 """Warm-start cache: keyed by what determines it, reused, rebuilt when damaged; and the SFT
 does reach its target accuracy."""
 
+import pytest
 import torch
 
 from drpo.models import build_tiny_model, make_char_tokenizer
@@ -51,6 +52,7 @@ def test_cached_then_reused_then_rebuilt_when_damaged(tmp_path):
     assert all(torch.equal(third_model.state_dict()[k], trained[k]) for k in trained)
 
 
+@pytest.mark.slow
 def test_sft_stops_at_target_accuracy(tmp_path):
     # 1-digit sums are learned quickly; the run must stop at the first check at/above target.
     cfg = fast_config(tmp_path, "task.digits=1", "task.eval_size=10", "model.hidden_size=64", "model.num_layers=2",
