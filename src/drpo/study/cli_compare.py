@@ -114,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"drpo compare: {err}", file=sys.stderr)
         return 2
+    if args.threads_per_run < 1 or (args.workers is not None and args.workers < 1):
+        print(f"drpo compare: --workers and --threads-per-run must be >= 1, got {args.workers} and "
+              f"{args.threads_per_run}", file=sys.stderr)
+        return 2
     runs = expand(grid)
     out = Path(args.out) if args.out else Path("results") / grid.name
     workers = args.workers if args.workers is not None else default_workers(args.threads_per_run)
