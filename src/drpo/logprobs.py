@@ -104,16 +104,23 @@ def _common(hidden: Tensor, weight: Tensor) -> tuple[torch.dtype, Tensor]:
     return dtype, (weight if weight.dtype == dtype else weight.to(dtype))
 
 
-def _logits_into(buf: Tensor, h: Tensor, w_tile: Tensor, temperature: float) -> Tensor:
-    """fp32 logits / T of one tile, in `buf`. The matmul runs in the inputs' (common) dtype,
-    as the model's own LM head would; the softmax math in fp32."""
+def _logits_into(buf: Tensor, h: Tensor, w_tile: Tensor, temperature: float, minus: Tensor | None = None) -> Tensor:
+    """fp32 logits / T of one tile (minus a per-row value, e.g. the log-sum-exp), in `buf`.
+    The matmul runs in the inputs' (common) dtype, as the model's own LM head would; the
+    softmax math in fp32. In fp32 the scaling and the shift ride along in the GEMM
+    (addmm's alpha and bias) instead of costing extra passes over the tile."""
     z = _view(buf, h.shape[0], w_tile.shape[0])
     if w_tile.dtype == torch.float32:
-        torch.mm(h, w_tile.t(), out=z)
-    else:
-        z.copy_(h @ w_tile.t())
+        if minus is None:
+            torch.addmm(z, h, w_tile.t(), beta=0.0, alpha=1.0 / temperature, out=z)  # beta=0: z's contents ignored
+        else:
+            torch.addmm(-minus[:, None], h, w_tile.t(), alpha=1.0 / temperature, out=z)
+        return z
+    z.copy_(h @ w_tile.t())
     if temperature != 1.0:
         z.div_(temperature)
+    if minus is not None:
+        z.sub_(minus[:, None])
     return z
 
 
@@ -161,22 +168,21 @@ class _OnlineSoftmax:
 
 
 def _grad_logits_(
-    z: Tensor, lse: Tensor, targets: Tensor, v0: int, g_logp: Tensor, g_ent: Tensor | None, ent: Tensor | None,
+    logp_all: Tensor, targets: Tensor, v0: int, g_logp: Tensor, g_ent: Tensor | None, ent: Tensor | None,
     ebuf: Tensor | None, temperature: float,
 ) -> Tensor:
     """d(sum g_logp*logp + g_ent*entropy)/d(logits) for one tile starting at vocabulary
-    index v0, overwriting z (fp32 logits / T).
+    index v0, overwriting `logp_all` (the tile's fp32 log-probs, z - lse with z = logits / T).
 
     logp_t = z_t - lse   -> d/dz_j = 1[j = t] - p_j
     H = -sum p log p     -> d/dz_j = -p_j (log p_j + H)
     and z = logits / T adds a factor 1/T."""
-    logp_all = z.sub_(lse[:, None])
     if g_ent is None:
         grad = logp_all.exp_().mul_(-g_logp[:, None])
     else:
-        p = torch.exp(logp_all, out=_view(ebuf, *z.shape))
+        p = torch.exp(logp_all, out=_view(ebuf, *logp_all.shape))
         grad = logp_all.add_(ent[:, None]).mul_(-g_ent[:, None]).sub_(g_logp[:, None]).mul_(p)
-    rows, cols = _in_tile(targets, v0, v0 + z.shape[1])
+    rows, cols = _in_tile(targets, v0, v0 + grad.shape[1])
     grad.index_put_((rows, cols), g_logp[rows], accumulate=True)
     if temperature != 1.0:
         grad.div_(temperature)
@@ -241,8 +247,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
             h32 = hidden[s:e].float()
             gh32 = torch.zeros((e - s, hidden.shape[1]), device=hidden.device) if need_h else None
             for v0, v1 in _tiles(vocab, vocab_chunk_size):
-                z = _logits_into(zbuf, h, w[v0:v1], temperature)
-                grad_z = _grad_logits_(z, lse[s:e], targets[s:e], v0, g_logp[s:e],
+                logp_all = _logits_into(zbuf, h, w[v0:v1], temperature, minus=lse[s:e])
+                grad_z = _grad_logits_(logp_all, targets[s:e], v0, g_logp[s:e],
                                        None if g_ent is None else g_ent[s:e], None if g_ent is None else ent[s:e],
                                        ebuf, temperature)
                 _accumulate_grads(grad_z, h32, w32[v0:v1], gh32, None if grad_w is None else grad_w[v0:v1])
