@@ -65,8 +65,14 @@ def test_compare_and_report_hold_every_run(tmp_path, cache_dir):
         assert cfg["rollout"]["precision"] == rid.split("__")[0]
         assert cfg["train"]["threads"] == 1
 
+    prov = [json.loads(x) for x in (out / "provenance.jsonl").read_text().splitlines()]
+    import drpo
+    import torch
+
+    assert len(prov) == 1 and prov[0]["drpo"] == drpo.__version__ and prov[0]["torch"] == torch.__version__
     report = out / "report"
     md = (report / "report.md").read_text()
+    assert f"Code: drpo {drpo.__version__}" in md
     for rid in expected:
         assert f"| {rid} |" in md  # per-run table holds every run
     summary = json.loads((report / "summary.json").read_text())

@@ -288,6 +288,8 @@ def render_markdown(study: Study, tables: Tables, figs: Mapping[str, Path], out:
         lines += [study.grid["description"], ""]
     if command:
         lines += ["Produced by:", "", "```", command, "```", ""]
+    for prov in read_provenance(study.root):
+        lines += [f"Code: {provenance_line(prov)}", ""]
     lines += [f"Runs: {n_total - len(tables.unfinished)} finished of {n_total} "
               f"({len(study.settings)} settings, {len(study.variants)} objective variants).", ""]
     lines += ["## Definitions", ""] + [f"- {d}" for d in definitions(collapse_frac, target)] + [""]
@@ -350,6 +352,31 @@ def variant_table(study: Study) -> list[tuple[str, str, str]]:
     return out
 
 
+def read_provenance(root: Path) -> list[dict]:
+    """Distinct code versions the study ran with (OUT/provenance.jsonl; empty for older studies)."""
+    path = Path(root) / "provenance.jsonl"
+    if not path.is_file():
+        return []
+    seen, out = set(), []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        p = json.loads(line)
+        key = (p.get("drpo"), p.get("git_commit"), p.get("git_dirty"), p.get("torch"))
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def provenance_line(p: dict) -> str:
+    commit = p.get("git_commit")
+    where = (f"git {commit[:10]}{' + uncommitted changes' if p.get('git_dirty') else ''}" if commit
+             else "not a git checkout")
+    return (f"drpo {p.get('drpo')} ({where}), torch {p.get('torch')}, Python {p.get('python')}, "
+            f"started {p.get('time')}")
+
+
 def _initial(cells: Sequence[CellStats]) -> tuple[float, float]:
     # every cell starts from the same warm start; report the mean of the cell means
     ms = [c.initial[0] for c in cells]
@@ -373,6 +400,8 @@ def render_html(markdown_title: str, study: Study, tables: Tables, figs: Mapping
         parts.append(f"<p>{esc(study.grid['description'])}</p>")
     if command:
         parts.append(f"<p>Produced by:</p><pre>{esc(command)}</pre>")
+    for prov in read_provenance(study.root):
+        parts.append(f"<p>Code: {esc(provenance_line(prov))}</p>")
     parts.append(f"<p>Runs: {len(study.runs) - len(tables.unfinished)} finished of {len(study.runs)}.</p>")
     parts.append("<h2>Definitions</h2><ul>" + "".join(f"<li>{esc(d)}</li>" for d in
                                                        definitions(collapse_frac, target)) + "</ul>")

@@ -3,6 +3,7 @@
 Layout written under OUT:
 
     OUT/grid.yaml                  the grid that was asked for (kept for the report)
+    OUT/provenance.jsonl           versions and git commit of the code, one line per start
     OUT/runs/<run_id>/study_run.json   what this run is (setting, variant, seed, overrides)
                                        and how it went (attempts, rc, wall_s)
     OUT/runs/<run_id>/train.log    stdout+stderr of every attempt
@@ -116,6 +117,32 @@ def read_record(path: Path) -> dict | None:
         raise ValueError(f"{p}: corrupt run record ({err})") from None
 
 
+def provenance() -> dict:
+    """What code ran the study: versions, and the git commit of the drpo sources when they live
+    in a git checkout ('dirty' when they differ from it). Appended to OUT/provenance.jsonl on
+    every start, so a resumed study shows if the code changed in between."""
+    import platform
+
+    import torch
+
+    import drpo
+
+    src = Path(drpo.__file__).resolve().parent
+    info = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "drpo": drpo.__version__, "drpo_path": str(src),
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "git_commit": None, "git_dirty": None}
+    try:
+        git = ["git", "-C", str(src)]
+        info["git_commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
+                                            check=True, timeout=10).stdout.strip()
+        status = subprocess.run(git + ["status", "--porcelain", "--", "."], capture_output=True, text=True,
+                                check=True, timeout=10).stdout
+        info["git_dirty"] = bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass  # not a git checkout (an installed package): versions only
+    return info
+
+
 def prepare(grid: Grid, runs: Sequence[RunSpec], out: Path, config: str | None = None) -> None:
     """Create OUT, save the grid, and write/check each run's record. A run directory that holds
     a different run (other overrides) is an error, not something to silently overwrite."""
@@ -126,6 +153,8 @@ def prepare(grid: Grid, runs: Sequence[RunSpec], out: Path, config: str | None =
     if config:
         data["config"] = str(config)
     grid_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    with (out / "provenance.jsonl").open("a") as f:
+        f.write(json.dumps(provenance()) + "\n")
     for spec in runs:
         d = run_dir(out, spec)
         d.mkdir(parents=True, exist_ok=True)
