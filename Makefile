@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= dev,smollm2,math,trl,bench
 RUN_OUT ?= runs/default
 
-.PHONY: install run test test-main test-verl bench clean
+.PHONY: install run test test-main test-verl bench study-quick study clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,13 @@ bench: install
 	$(BIN)/python benchmarks/objectives.py
 	$(BIN)/python benchmarks/logprobs.py
 	$(BIN)/python benchmarks/trainer.py
+
+study-quick: install
+	$(BIN)/drpo compare --preset quick --out results/quick
+
+study: install
+	$(BIN)/drpo compare --preset paper-mini --out results/paper-mini --workers 2
+	$(BIN)/drpo report results/paper-mini --out docs/results
 
 clean:
 	rm -rf $(VENV) .venv-verl runs results
