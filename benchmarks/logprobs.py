@@ -7,11 +7,13 @@ drpo's `fused_policy_loss("grpo")` against Liger-Kernel's `LigerFusedLinearGRPOL
     .venv/bin/python benchmarks/logprobs.py --tokens 1024    # quick
 
 Each case runs in a fresh subprocess; its peak memory is the resident-set high-water mark
-(VmHWM, reset through /proc/self/clear_refs just before the measured runs) minus the resident
+(VmHWM, reset through /proc/self/clear_refs just before the measured run) minus the resident
 set at that moment (inputs built, libraries imported, a small warm-up done), so it counts
-everything torch allocates, which tracemalloc cannot see. Time is the best of `--repeats` runs. Every case
-gets the same inputs (seeded) and the same upstream gradient; a checksum column shows that
-the implementations compute the same thing. The last line is machine-readable:
+everything torch allocates, which tracemalloc cannot see. Time is the best of `--repeats`
+rounds; rounds are interleaved across cases (round 1 of every case, then round 2, ...) so a
+load change on a shared machine does not favour one case. Every case gets the same inputs
+(seeded) and the same upstream gradient; a checksum column shows that the implementations
+compute the same thing. The last line is machine-readable:
 
     logprobs: memory_vs_naive=.. time_vs_naive=.. memory_vs_trl=.. time_vs_trl=.. memory_vs_liger=.. time_vs_liger=..
 
@@ -231,7 +233,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (the loss cases need [B, S, H])")
     p.add_argument("--chunk-size", type=int, default=1024, help="drpo's token chunk")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="rounds (one fresh-process run per case each)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset (the summary needs all)")
     p.add_argument("--case", help=argparse.SUPPRESS)
@@ -255,10 +257,24 @@ def main(argv=None) -> int:
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
-    results = {}
-    for case in tqdm(cases, desc="logprobs benchmark", unit="case"):
-        results[case] = run_case(case, args)
-        tqdm.write(f"{case}: {results[case]['peak_mb']:.1f} MB, {results[case]['time_s']:.2f} s")
+    # Rounds of one run per case, interleaved, so a change in the machine's load during the
+    # benchmark hits every case alike; each case keeps its best time and its highest peak.
+    rounds = args.repeats
+    args.repeats = 1
+    results: dict[str, dict] = {}
+    with tqdm(total=rounds * len(cases), desc="logprobs benchmark", unit="run") as bar:
+        for _ in range(rounds):
+            for case in cases:
+                r = run_case(case, args)
+                bar.update()
+                tqdm.write(f"{case}: {r['peak_mb']:.1f} MB, {r['time_s']:.2f} s")
+                if case in results:
+                    prev = results[case]
+                    r["times"] = prev["times"] + r["times"]
+                    r["time_s"] = min(r["times"])
+                    r["peak_mb"] = max(r["peak_mb"], prev["peak_mb"])
+                results[case] = r
+    args.repeats = rounds
     if set(cases) != set(CASES):
         return 0
     for line in report(results, args):
