@@ -14,6 +14,11 @@ from drpo.train.loop import load_model, policy_logprobs, sample, train
 from drpo.train.metrics import read_metrics
 from train_helpers import fast_config
 
+# A policy warm-started to ~50% on 1-digit sums (a few seconds): rewards vary within groups.
+COMPETENT = ("task.digits=1", "task.eval_size=10", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
+             "model.intermediate_size=128", "warmstart.steps=600", "warmstart.check_every=20",
+             "warmstart.check_size=64", "warmstart.target_accuracy=0.5", "warmstart.batch_size=32")
+
 
 def test_first_update_ratio_is_one_on_every_token(tmp_path):
     # fp32 rollout, freshly synced, anchor = rollout log-probs; a non-unit temperature and
@@ -138,3 +143,46 @@ def test_jsonl_dataset_run(tmp_path):
     # 30 examples, 6 held out: the eval accuracy is a multiple of 1/6
     assert summary["final_accuracy"] * 6 == pytest.approx(round(summary["final_accuracy"] * 6))
     assert rows[1]["tokens/generated"] > 0
+
+
+def test_grad_accum_matches_one_big_batch(tmp_path):
+    # With seq-mean-token-sum and equal micro-batches, the mean of the micro-batch losses is
+    # the mini-batch loss, so accumulated gradients equal the full mini-batch gradient: the
+    # pre-clip grad norm and loss of the first step must agree.
+    rows = {}
+    for accum in (1, 2, 4):
+        cfg = fast_config(tmp_path, "train.steps=1", f"optim.grad_accum={accum}", "optim.updates_per_rollout=1",
+                          "objective.agg=seq-mean-token-sum", "advantage.estimator=rloo", "rollout.n_samples=8",
+                          *COMPETENT)
+        train(cfg, tmp_path / f"a{accum}", progress=False, log=lambda *_: None)
+        rows[accum] = read_metrics(tmp_path / f"a{accum}" / "metrics.jsonl")[1]
+    assert rows[1]["grad_norm"] > 0, "no learning signal: the comparison would be vacuous"
+    for accum in (2, 4):
+        assert rows[accum]["grad_norm"] == pytest.approx(rows[1]["grad_norm"], rel=1e-4)
+        assert rows[accum]["objective/loss"] == pytest.approx(rows[1]["objective/loss"], rel=1e-4, abs=1e-7)
+
+
+def test_resume_without_checkpoint_starts_over(tmp_path):
+    cfg = fast_config(tmp_path, "train.steps=2", "train.save_every=100", "train.save_final=false")
+    train(cfg, tmp_path / "ref", progress=False, log=lambda *_: None)
+    run = tmp_path / "run"
+    train(cfg, run, progress=False, log=lambda *_: None)
+    logs = []
+    train(cfg, run, resume=True, progress=False, log=logs.append)
+    assert any("no checkpoint found" in m for m in logs)
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    assert strip(read_metrics(run / "metrics.jsonl")) == strip(read_metrics(tmp_path / "ref" / "metrics.jsonl"))
+
+
+def test_tensorboard_has_the_logged_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = fast_config(tmp_path, "train.steps=2", "train.eval_every=1")
+    train(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"reward/mean", "eval/accuracy", "mismatch/abs_log_ratio", "objective/kept_grad_mass"} <= tags
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [0, 1, 2]
+    assert [e.value for e in acc.Scalars("reward/mean")] == pytest.approx([r["reward/mean"] for r in rows[1:]])
