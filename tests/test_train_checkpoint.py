@@ -28,6 +28,7 @@ def _state(step):
 
 
 def test_save_load_roundtrip_and_pruning(tmp_path):
+    (tmp_path / ".step_00000001.pt.tmp.999").write_bytes(b"partial write of a killed process")
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, _state(step), keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002.pt", "step_00000003.pt"]

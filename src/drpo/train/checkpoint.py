@@ -63,6 +63,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], *, keep: i
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".json").unlink(missing_ok=True)
+    for stale in Path(ckpt_dir).glob(".step_*.tmp.*"):  # left by a writer killed mid-write
+        stale.unlink(missing_ok=True)
     return path
 
 
@@ -95,6 +97,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if actual_sha != expected_sha:
         raise CheckpointError(f"checkpoint {path} is corrupt: sha256 {actual_sha[:16]}... != recorded {expected_sha[:16]}...")
     try:
+        # weights_only=False: the RNG states include numpy/python objects; the file is our own
+        # and its checksum was just verified.
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as err:  # a valid checksum of a bad payload (written by something else)
         raise CheckpointError(f"checkpoint {path} cannot be unpickled: {err}") from None
