@@ -68,6 +68,7 @@ def test_shipped_presets_validate():
         (["task.name=jsonl"], ["task.dataset"]),
         (["rollout.prompts_per_step=3", "rollout.n_samples=3", "optim.updates_per_rollout=2"], ["optim.updates_per_rollout=2"]),
         (["model.hidden_size=130"], ["num_heads"]),
+        (["model.name=/no/such/model"], ["model.name", "'/no/such/model'", "existing local model directory"]),
     ],
 )
 def test_invalid_values_name_key_and_value(overrides, must_contain):

@@ -186,3 +186,19 @@ def test_tensorboard_has_the_logged_scalars(tmp_path):
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [e.step for e in acc.Scalars("eval/accuracy")] == [0, 1, 2]
     assert [e.value for e in acc.Scalars("reward/mean")] == pytest.approx([r["reward/mean"] for r in rows[1:]])
+
+
+def test_local_hf_model_directory(tmp_path):
+    # Any AutoModelForCausalLM directory works as the policy: save a small Llama + tokenizer
+    # with save_pretrained and train from it (no warm start for non-tiny models).
+    from drpo.models import build_tiny_model, make_char_tokenizer
+
+    tok = make_char_tokenizer()
+    model = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position=64, seed=3)
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    cfg = fast_config(tmp_path, f"model.name={tmp_path / 'hf'}", "train.steps=1")
+    summary = train(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    assert summary["warmstart"] == {}
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[1]["tokens/generated"] > 0 and rows[1]["mismatch/max_ratio_dev"] <= 1e-4

@@ -39,6 +39,13 @@ class ModelConfig(_Section):
     # tokenizer has one, e.g. SmolLM2); None = no system turn.
     system_prompt: str | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in ("tiny", "smollm2") and not Path(v).is_dir():
+            raise ValueError(f"must be 'tiny', 'smollm2' or an existing local model directory, got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _heads_divide(self):
         if self.hidden_size % self.num_heads:
