@@ -1,5 +1,7 @@
 """Grid validation, expansion and presets."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -112,3 +114,17 @@ def test_select_narrows_and_validates():
         select(g, overrides=["novalue"], seeds=None, methods=None, settings=None)
     with pytest.raises(ValueError, match="set by the grid"):
         select(g, overrides=["seed=3"], seeds=None, methods=None, settings=None)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_base_is_the_short_config(name):
+    # the presets restate configs/short.yaml key by key (paper-mini with 30 RL steps, quick with
+    # 10): apart from those, every run's train config must equal the short config's (threads
+    # aside: `drpo compare` sets train.threads from --threads-per-run)
+    short = Path(__file__).resolve().parents[1] / "configs" / "short.yaml"
+    base = PRESETS[name]["base"]
+    cfg = load_config(None, [f"{k}={format_value(v)}" for k, v in base.items()])
+    ref = load_config(short, [f"train.steps={base['train.steps']}", f"train.eval_every={base['train.eval_every']}",
+                              "train.threads=null"])
+    assert cfg.model_dump(exclude={"objective"}) == ref.model_dump(exclude={"objective"})
+    assert name != "paper-mini" or (base["train.steps"], base["train.eval_every"]) == (30, 10)
