@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="drpo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-warmstart", action="store_true", help="start both from the random init (smoke tests)")
     args = p.parse_args(argv)
     for name in ("steps", "prompts", "group", "max_new_tokens"):
         if getattr(args, name) < 1:
@@ -58,6 +59,7 @@ def make_config(args):
         {
             "seed": args.seed,
             "model": {"name": "tiny"},
+            "warmstart": {"enabled": not args.no_warmstart},
             "task": {"name": "arithmetic"},
             "rollout": {
                 "n_samples": args.group,
@@ -81,7 +83,7 @@ def make_drpo_stepper(cfg):
     from drpo.tasks import make_task
     from drpo.train.loop import RunState, load_model, make_optimizer, pick_device, rl_step, seed_everything
 
-    state = RunState(generator=seed_everything(cfg.seed))
+    state = RunState(generator=seed_everything(cfg.seed, pick_device("cpu")))
     task = make_task(cfg.task, cfg.seed)
     model, tokenizer, _ = load_model(cfg, task, pick_device("cpu"), log=lambda *a: None)
     optimizer, scheduler = make_optimizer(model, cfg)
@@ -108,7 +110,7 @@ def run_interleaved(cfg, total_steps: int, drpo_step) -> tuple[list[tuple], list
     from drpo.tasks import make_task
     from drpo.train.loop import load_model, pick_device, seed_everything
 
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, pick_device("cpu"))
     task = make_task(cfg.task, cfg.seed)
     model, tokenizer, _ = load_model(cfg, task, pick_device("cpu"), log=lambda *a: None)
     r = cfg.rollout
