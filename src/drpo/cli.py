@@ -17,7 +17,10 @@ SUBCOMMANDS = {
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="drpo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="drpo",
+        description="DRPO and the trust-region objectives it is compared with: train, compare, report, plot weights.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     wanted = None
