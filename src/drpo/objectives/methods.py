@@ -169,63 +169,55 @@ class Spo:
         return ((adv > 0) & (r - 1 > eps)) | ((adv < 0) & (r - 1 < -eps))
 
 
-# --------------------------------------------------------------------------- dppo_tv
+# --------------------------------------------------------------------------- dppo_tv / dppo_kl
 def _tv_outside(logp, old_logp, adv, delta_low, delta_high):
     d = tv_shift(logp, old_logp)
     return ((adv > 0) & (d > delta_high)) | ((adv < 0) & (d < -delta_low))
 
 
-@register_method(
-    "dppo_tv",
-    params={"delta_low": 0.15, "delta_high": 0.15},
-    formula="J = M*r*A, M = sg(mask)",
-    weight_formula="w = 0 if (A>0 and D>delta_high) or (A<0 and D<-delta_low) else 1",
-    description="DPPO with a Binary-TV hard trust-region mask.",
-)
-class DppoTv:
-    @staticmethod
-    def objective(logp, old_logp, adv, *, delta_low, delta_high):
-        r = ratio(logp, old_logp)
-        outside = _tv_outside(logp, old_logp, adv, delta_low, delta_high)
-        return torch.where(outside, _zeros(r), r * adv), torch.where(outside, (r * adv).detach(), _zeros(r))
-
-    @staticmethod
-    def weight(logp, old_logp, adv, *, delta_low, delta_high):
-        return (~_tv_outside(logp, old_logp, adv, delta_low, delta_high)).to(logp.dtype)
-
-    @staticmethod
-    def boundary(logp, old_logp, adv, *, delta_low, delta_high):
-        return _tv_outside(logp, old_logp, adv, delta_low, delta_high)
-
-
-# --------------------------------------------------------------------------- dppo_kl
 def _kl_outside(logp, old_logp, adv, delta_low, delta_high):
     kl = binary_kl(logp, old_logp)
     d = tv_shift(logp, old_logp)
     return ((adv > 0) & (d > 0) & (kl > delta_high)) | ((adv < 0) & (d < 0) & (kl > delta_low))
 
 
-@register_method(
+def _hard_mask_method(outside_fn):
+    """DPPO: J = M*r*A with a detached mask M that drops tokens past the divergence boundary
+    in the harmful direction; w = M. Only the divergence (`outside_fn`) differs."""
+
+    class HardMask:
+        @staticmethod
+        def objective(logp, old_logp, adv, *, delta_low, delta_high):
+            r = ratio(logp, old_logp)
+            outside = outside_fn(logp, old_logp, adv, delta_low, delta_high)
+            return torch.where(outside, _zeros(r), r * adv), torch.where(outside, (r * adv).detach(), _zeros(r))
+
+        @staticmethod
+        def weight(logp, old_logp, adv, *, delta_low, delta_high):
+            return (~outside_fn(logp, old_logp, adv, delta_low, delta_high)).to(logp.dtype)
+
+        @staticmethod
+        def boundary(logp, old_logp, adv, *, delta_low, delta_high):
+            return outside_fn(logp, old_logp, adv, delta_low, delta_high)
+
+    return HardMask
+
+
+DppoTv = register_method(
+    "dppo_tv",
+    params={"delta_low": 0.15, "delta_high": 0.15},
+    formula="J = M*r*A, M = sg(mask)",
+    weight_formula="w = 0 if (A>0 and D>delta_high) or (A<0 and D<-delta_low) else 1",
+    description="DPPO with a Binary-TV hard trust-region mask.",
+)(_hard_mask_method(_tv_outside))
+
+DppoKl = register_method(
     "dppo_kl",
     params={"delta_low": 0.05, "delta_high": 0.05},
     formula="J = M*r*A, M = sg(mask), KL = mu*log(mu/pi) + (1-mu)*log((1-mu)/(1-pi))",
     weight_formula="w = 0 if (A>0 and pi>mu and KL>delta_high) or (A<0 and pi<mu and KL>delta_low) else 1",
     description="DPPO with a Binary-KL hard trust-region mask.",
-)
-class DppoKl:
-    @staticmethod
-    def objective(logp, old_logp, adv, *, delta_low, delta_high):
-        r = ratio(logp, old_logp)
-        outside = _kl_outside(logp, old_logp, adv, delta_low, delta_high)
-        return torch.where(outside, _zeros(r), r * adv), torch.where(outside, (r * adv).detach(), _zeros(r))
-
-    @staticmethod
-    def weight(logp, old_logp, adv, *, delta_low, delta_high):
-        return (~_kl_outside(logp, old_logp, adv, delta_low, delta_high)).to(logp.dtype)
-
-    @staticmethod
-    def boundary(logp, old_logp, adv, *, delta_low, delta_high):
-        return _kl_outside(logp, old_logp, adv, delta_low, delta_high)
+)(_hard_mask_method(_kl_outside))
 
 
 # --------------------------------------------------------------------------- drpo
