@@ -17,7 +17,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:-${VERL_VENV:-$ROOT/.venv-verl}}"
-PYTHON="${PYTHON:-python3.11}"
+PYTHON="${PYTHON:-python3}"
 VERL_VERSION="0.9.1"
 TORCH_VERSION="$(sed -n 's/^torch==\([^ ]*\).*/\1/p' "$ROOT/constraints.txt")"
 
