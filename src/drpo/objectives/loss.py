@@ -205,10 +205,10 @@ def gradient_weight(method: str, logp: Tensor, old_logp: Tensor, advantages: Ten
 
 
 def logp_gradient(method: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, **params: Any) -> Tensor:
-    """Closed-form per-token dJ/dlogp. Equals A * r * w except for advantage_weighted=False
-    at A == 0, where the penalty's own gradient -mu*(r-1)*r/delta (DRPO) or
-    -(r-1)*r/eps (SPO) remains."""
-    from drpo.objectives.methods import ratio, tv_shift
+    """Closed-form per-token dJ/dlogp: the method's own `gradient` where it registers one
+    (needed where no weight w reproduces it, e.g. advantage_weighted=False at A == 0), else
+    A * r * w from its `weight`."""
+    from drpo.objectives.methods import ratio
 
     m = get_method(method)
     resolved = m.resolve_params(params)
@@ -216,17 +216,6 @@ def logp_gradient(method: str, logp: Tensor, old_logp: Tensor, advantages: Tenso
     logp = logp.detach().to(dtype)
     old = old_logp.detach().to(dtype)
     adv = torch.broadcast_to(advantages.detach().to(dtype), logp.shape)
-    r = ratio(logp, old)
-    grad = adv * r * m.weight(logp, old, adv, **resolved)
-    if resolved.get("advantage_weighted") is False:
-        zero_adv = adv == 0
-        if method == "spo":
-            extra = -(r - 1) * r / resolved["eps"]
-        elif method in ("drpo", "mask_drpo"):
-            extra = -tv_shift(logp, old) * r / resolved["delta"]
-            if method == "mask_drpo":
-                extra = torch.zeros_like(extra)  # A == 0 is always inside the boundary
-        else:
-            extra = torch.zeros_like(r)
-        grad = torch.where(zero_adv, extra, grad)
-    return grad
+    if m.gradient is not None:
+        return m.gradient(logp, old, adv, **resolved)
+    return adv * ratio(logp, old) * m.weight(logp, old, adv, **resolved)

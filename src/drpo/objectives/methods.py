@@ -15,6 +15,8 @@ Each method provides three pure functions of `[batch, seq]` tensors, all taking
     objective -> (J, penalty): J is maximized (loss = -J); `penalty` is the explicit
                  regularizer term subtracted from the surrogate (zeros if none).
     weight    -> w, the closed-form gradient weight.
+    gradient  -> dJ/dlogp in closed form (optional; only methods whose gradient is not A*r*w
+                 everywhere define it: the unweighted penalties at A == 0).
     boundary  -> bool, tokens beyond the method's trust region in the harmful direction
                  (where it stops or reverses a diverging push); None if the method has none.
 """
@@ -164,6 +166,11 @@ class Spo:
         return _unweighted_weight(adv, (r - 1) / eps)
 
     @staticmethod
+    def gradient(logp, old_logp, adv, *, eps, advantage_weighted):
+        r = ratio(logp.detach(), old_logp)
+        return r * (adv - _penalty_scale(adv, advantage_weighted) * (r - 1) / eps)
+
+    @staticmethod
     def boundary(logp, old_logp, adv, *, eps, advantage_weighted):
         r = ratio(logp.detach(), old_logp)
         return ((adv > 0) & (r - 1 > eps)) | ((adv < 0) & (r - 1 < -eps))
@@ -226,6 +233,12 @@ def _drpo_penalty(r, old_logp, adv, delta, advantage_weighted):
     return _penalty_scale(adv, advantage_weighted) * old_logp.exp() * (r - 1) ** 2 / (2 * delta)
 
 
+def _drpo_gradient(logp, old_logp, adv, delta, advantage_weighted):
+    # d/dlogp of r*A - scale*mu*(r-1)^2/(2 delta) = r*(A - scale*D/delta), since mu*(r-1) = D.
+    r = ratio(logp.detach(), old_logp)
+    return r * (adv - _penalty_scale(adv, advantage_weighted) * tv_shift(logp, old_logp) / delta)
+
+
 def _drpo_weight(logp, old_logp, adv, delta, advantage_weighted):
     d = tv_shift(logp, old_logp)
     if advantage_weighted:
@@ -250,6 +263,10 @@ class Drpo:
     @staticmethod
     def weight(logp, old_logp, adv, *, delta, advantage_weighted):
         return _drpo_weight(logp, old_logp, adv, delta, advantage_weighted)
+
+    @staticmethod
+    def gradient(logp, old_logp, adv, *, delta, advantage_weighted):
+        return _drpo_gradient(logp, old_logp, adv, delta, advantage_weighted)
 
     @staticmethod
     def boundary(logp, old_logp, adv, *, delta, advantage_weighted):
@@ -277,6 +294,12 @@ class MaskDrpo:
         outside = _tv_outside(logp, old_logp, adv, delta, delta)
         w = _drpo_weight(logp, old_logp, adv, delta, advantage_weighted)
         return torch.where(outside, w, torch.ones_like(w))
+
+    @staticmethod
+    def gradient(logp, old_logp, adv, *, delta, advantage_weighted):
+        outside = _tv_outside(logp, old_logp, adv, delta, delta)  # never at A == 0
+        inside = adv * ratio(logp.detach(), old_logp)
+        return torch.where(outside, _drpo_gradient(logp, old_logp, adv, delta, advantage_weighted), inside)
 
     @staticmethod
     def boundary(logp, old_logp, adv, *, delta, advantage_weighted):

@@ -19,6 +19,7 @@ class Method:
     objective: Callable
     weight: Callable
     boundary: Callable | None
+    gradient: Callable | None
     params: Mapping[str, ParamValue]
     formula: str = ""
     weight_formula: str = ""
@@ -67,7 +68,8 @@ def register_method(
     overwrite: bool = False,
 ):
     """Class decorator registering a method. The decorated class (or any object) must have
-    `objective`, `weight` and `boundary` attributes (boundary may be None):
+    `objective`, `weight` and `boundary` attributes (boundary may be None), and may have a
+    closed-form `gradient` (dJ/dlogp; default A * r * w):
 
         @register_method("my_method", params={"tau": 0.1}, formula="J = ...")
         class MyMethod:
@@ -87,6 +89,7 @@ def register_method(
             if not callable(getattr(spec, attr, None)):
                 raise TypeError(f"method {name!r}: `{attr}` must be callable")
         boundary = getattr(spec, "boundary", None)
+        gradient = getattr(spec, "gradient", None)
         for key, value in params.items():
             if not isinstance(value, (bool, int, float)):
                 raise TypeError(f"method {name!r}: default of parameter {key!r} must be a number or bool")
@@ -95,6 +98,7 @@ def register_method(
             objective=spec.objective,
             weight=spec.weight,
             boundary=boundary,
+            gradient=gradient,
             params=MappingProxyType({k: (v if isinstance(v, bool) else float(v)) for k, v in params.items()}),
             formula=formula,
             weight_formula=weight_formula,
