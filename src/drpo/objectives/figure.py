@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from drpo.objectives.loss import gradient_weight
-from drpo.objectives.registry import METHODS
 
 DEFAULT_MUS = (0.9, 0.5, 0.1, 0.01)
 FIGURE_METHODS = ("pg_is", "grpo", "cispo", "spo", "dppo_tv", "dppo_kl", "drpo", "mask_drpo")
