@@ -254,3 +254,57 @@ def test_token_weights_multiply_the_per_token_loss_by_hand():
         policy_loss("pg_is", logp, old, adv, mask, token_weights=-w.nan_to_num())
     with pytest.raises(ValueError, match="`token_weights` shape"):
         policy_loss("pg_is", logp, old, adv, mask, token_weights=torch.ones(3))
+
+
+# -------------------------------------------------------------------- non-finite inputs
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if not m.startswith("test_")))
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("where", ["logp", "old_logp", "advantages", "token_weights"])
+def test_nonfinite_drop_equals_masking_the_token_out(method, agg, where):
+    """nonfinite="drop" is exactly padding: the loss, its gradient and the diagnostics equal
+    those of the same batch with the bad tokens masked out, and they are counted."""
+    g = torch.Generator().manual_seed(7)
+    old = -torch.rand(3, 5, generator=g, dtype=F64) * 3
+    logp = (old + torch.randn(3, 5, generator=g, dtype=F64) * 0.3).clamp(max=0)
+    adv = torch.randn(3, 5, generator=g, dtype=F64)
+    weights = torch.rand(3, 5, generator=g, dtype=F64)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[2, 3:] = False
+    bad = {"logp": logp, "old_logp": old, "advantages": adv, "token_weights": weights}[where]
+    bad[0, 1] = float("-inf")
+    bad[2, 0] = float("nan")
+    bad[2, 4] = float("nan")  # padding: neither dropped nor counted
+    x = logp.clone().requires_grad_(True)
+    loss, m = policy_loss(method, x, old, adv, mask, agg=agg, token_weights=weights, nonfinite="drop")
+    (grad,) = torch.autograd.grad(loss, x)
+    kept = mask.clone()
+    kept[0, 1] = kept[2, 0] = False
+    clean = lambda t: torch.where(kept, t, torch.full_like(t, -0.5))  # noqa: E731
+    y = clean(logp).requires_grad_(True)
+    ref, m_ref = policy_loss(method, y, clean(old), clean(adv), kept, agg=agg, token_weights=clean(weights))
+    (ref_grad,) = torch.autograd.grad(ref, y)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    assert grad[0, 1] == 0 and grad[2, 0] == 0
+    assert m["nonfinite_tokens"] == 2 and m_ref["nonfinite_tokens"] == 0
+    assert {k: v for k, v in m.items() if k != "nonfinite_tokens"} == pytest.approx(
+        {k: v for k, v in m_ref.items() if k != "nonfinite_tokens"}, rel=1e-12, abs=1e-12
+    )
+    with pytest.raises(ValueError, match=f"`{where}` has a non-finite value -inf at response position \\(0, 1\\)"):
+        policy_loss(method, logp, old, adv, mask, agg=agg, token_weights=weights)
+
+
+def test_nonfinite_mode_is_checked_and_strict_checks_survive_metrics_off():
+    logp, old, adv, mask = _ok()
+    with pytest.raises(ValueError, match="unknown `nonfinite` 'skip'"):
+        policy_loss("drpo", logp, old, adv, mask, nonfinite="skip")
+    logp[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="`logp` has a non-finite"):
+        policy_loss("drpo", logp, old, adv, mask, with_metrics=False)
+    loss, m = policy_loss("drpo", logp, old, adv, mask, with_metrics=False, nonfinite="drop")
+    assert torch.isfinite(loss) and m == {}
+    # drop mode still names a caller's bug when it has a transfer to ride on (metrics on)
+    logp[0, 1] = 0.5
+    with pytest.raises(ValueError, match="`logp` must be log-probabilities"):
+        policy_loss("drpo", logp, old, adv, mask, nonfinite="drop")

@@ -195,8 +195,96 @@ def test_registered_defaults():
     p = {name: dict(m.params) for name, m in METHODS.items()}
     assert p["drpo"] == {"delta": 12.5, "advantage_weighted": True}
     assert p["spo"] == {"eps": 12.5, "advantage_weighted": True}
-    assert p["dppo_tv"] == {"delta_low": 0.15, "delta_high": 0.15}
-    assert p["dppo_kl"] == {"delta_low": 0.05, "delta_high": 0.05}
-    assert p["grpo"] == {"eps_low": 0.2, "eps_high": 0.2}
-    assert p["cispo"] == {"eps_high": 0.2}
+    # The verl-baseline options default to off: dual clip and ratio cap inf, no lower CISPO clip.
+    assert p["dppo_tv"] == {"delta_low": 0.15, "delta_high": 0.15, "ratio_cap": math.inf}
+    assert p["dppo_kl"] == {"delta_low": 0.05, "delta_high": 0.05, "ratio_cap": math.inf}
+    assert p["grpo"] == {"eps_low": 0.2, "eps_high": 0.2, "dual_clip": math.inf}
+    assert p["cispo"] == {"eps_low": 1.0, "eps_high": 0.2}
     assert p["pg_is"] == {}
+
+
+# ----------------------------------------------------------------- verl-baseline options
+def test_grpo_dual_clip_by_hand():
+    # A<0, eps 0.2, dual_clip 3: r=5 -> J = max(min(5A, 1.2A), 3A) = 3A (held, w=0); r=2 -> 2A (w=1)
+    adv = t([-1.0, -1.0, 1.0])
+    lp, lm = torch.log(t([0.5, 0.2, 0.5])), torch.log(t([0.1, 0.1, 0.1]))
+    j, _ = per_token_objective("grpo", lp, lm, adv, eps_low=0.2, eps_high=0.2, dual_clip=3.0)
+    torch.testing.assert_close(j, t([-3.0, -2.0, 1.2]), rtol=1e-12, atol=0)
+    assert gradient_weight("grpo", lp, lm, adv, dual_clip=3.0).tolist() == [0.0, 1.0, 0.0]
+    assert gradient_weight("grpo", lp, lm, adv).tolist() == [1.0, 1.0, 0.0]  # off by default
+    with pytest.raises(ValueError, match="'dual_clip' must be > 1"):
+        gradient_weight("grpo", lp, lm, adv, dual_clip=0.5)
+
+
+def test_dppo_ratio_cap_truncates_the_gradient_not_the_mask():
+    # r = 4 inside the TV boundary (pi - mu = 0.3 < 0.5): gradient A*min(r, cap), value M*min(r, cap)*A
+    lp, lm = torch.log(t([0.4, 0.4])), torch.log(t([0.1, 0.1]))
+    adv = t([2.0, -2.0])
+    for method in ("dppo_tv", "dppo_kl"):
+        x = lp.clone().requires_grad_(True)
+        j, _ = per_token_objective(method, x, lm, adv, delta_low=0.5, delta_high=5.0, ratio_cap=3.0)
+        (g,) = torch.autograd.grad(j.sum(), x)
+        torch.testing.assert_close(j, t([6.0, -6.0]), rtol=1e-12, atol=0)
+        torch.testing.assert_close(g, t([6.0, -6.0]), rtol=1e-12, atol=0)
+        w = gradient_weight(method, lp, lm, adv, delta_low=0.5, delta_high=5.0, ratio_cap=3.0)
+        torch.testing.assert_close(w, t([0.75, 0.75]), rtol=1e-12, atol=0)
+
+
+def test_cispo_lower_clip():
+    lp, lm = torch.log(t([0.05, 0.5])), torch.log(t([0.1, 0.1]))  # r = 0.5 and 5
+    adv = t([1.0, 1.0])
+    torch.testing.assert_close(gradient_weight("cispo", lp, lm, adv), t([1.0, 1.2 / 5]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        gradient_weight("cispo", lp, lm, adv, eps_low=0.2), t([0.8 / 0.5, 1.2 / 5]), rtol=1e-12, atol=0
+    )
+
+
+# ----------------------------------------------------------------- Binary-KL numerics
+def _exact_binary_kl(lp: float, lm: float):
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    lp, lm = mpmath.mpf(lp), mpmath.mpf(lm)
+    pi, mu = mpmath.exp(lp), mpmath.exp(lm)
+    kl = mu * (lm - lp)
+    if mu == 1:
+        return float(kl)
+    if pi == 1:
+        return math.inf
+    return float(kl + (1 - mu) * (mpmath.log(1 - mu) - mpmath.log(1 - pi)))
+
+
+def test_binary_kl_matches_exact_value_in_fp32():
+    """fp32 inputs from saturated (pi ~ 1 - 1e-8) to long-tail tokens, near and far from mu:
+    within 1e-6 relative of the exact value of those same fp32 inputs wherever it is finite
+    (and above fp32's smallest normal number), inf exactly where it is inf."""
+    from drpo.objectives import binary_kl
+
+    g = torch.Generator().manual_seed(0)
+    n = 3000
+    scales = torch.tensor([1e-9, 3e-8, 1e-6, 1e-4, 1e-2, 0.3, 1.0, 5.0, 20.0, 80.0])
+    pick = lambda: scales[torch.randint(0, len(scales), (n,), generator=g)]  # noqa: E731
+    lm = -torch.rand(n, generator=g) * pick()
+    near = lm * (1 + torch.randn(n, generator=g) * 10.0 ** -torch.randint(0, 7, (n,), generator=g).float())
+    far = -torch.rand(n, generator=g) * pick()
+    lp = torch.where(torch.rand(n, generator=g) < 0.5, near, far).clamp(max=0)
+    # saturated tokens (pi rounds to 1 in fp32), mu = 1, pi = 1 exactly
+    lp = torch.cat([lp, torch.tensor([-1e-8, -2e-8, -3e-8, -3e-8, 0.0, -1e-30, -5e-8, 0.0])])
+    lm = torch.cat([lm, torch.tensor([-2e-8, -1e-8, -0.5, -3e-8, -0.5, -0.1, 0.0, 0.0])])
+    got = binary_kl(lp, lm)
+    assert got.dtype == torch.float32
+    checked = 0
+    for a, b, k in zip(lp.tolist(), lm.tolist(), got.tolist()):
+        exact = _exact_binary_kl(a, b)
+        if math.isinf(exact):
+            assert k == math.inf, (a, b, k)
+        elif exact < 1.2e-38:
+            assert 0 <= k < 1e-37, (a, b, k)
+        else:
+            assert abs(k - exact) <= 1e-6 * exact, (a, b, k, exact)
+            checked += 1
+    assert checked > 2500
+    # A saturated token: pi = exp(-1e-8) rounds to 1 in fp32, mu = 1 - 1e-6. Its KL is ~3.6e-6,
+    # far inside DPPO-KL's 0.05 (the pi-based formula gave inf: 1 - pi == 0), so it keeps w = 1.
+    lp, lm = torch.tensor([-1e-8]), torch.tensor([-1e-6])
+    assert float(binary_kl(lp, lm)) == pytest.approx(_exact_binary_kl(-1e-8, float(lm)), rel=1e-6)
+    assert float(gradient_weight("dppo_kl", lp, lm, torch.tensor([1.0]))) == 1.0

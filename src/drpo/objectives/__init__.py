@@ -6,9 +6,10 @@ autograd objective, its closed-form gradient weight, its boundary and diagnostic
 """
 
 from drpo.objectives import methods as _methods  # noqa: F401  (registers the built-ins)
-from drpo.objectives.diagnostics import METRIC_NAMES, diagnostics
+from drpo.objectives.diagnostics import METRIC_NAMES, diagnostic_tensors, diagnostics
 from drpo.objectives.loss import (
     AGG_MODES,
+    NONFINITE_MODES,
     aggregate,
     check_token_weights,
     gradient_weight,
@@ -24,10 +25,12 @@ __all__ = [
     "LOG_RATIO_CLAMP",
     "METHODS",
     "METRIC_NAMES",
+    "NONFINITE_MODES",
     "Method",
     "aggregate",
     "binary_kl",
     "check_token_weights",
+    "diagnostic_tensors",
     "diagnostics",
     "get_method",
     "gradient_weight",

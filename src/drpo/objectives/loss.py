@@ -7,10 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from drpo.objectives.diagnostics import diagnostics
+from drpo.objectives.diagnostics import METRIC_NAMES, diagnostic_tensors
 from drpo.objectives.registry import Method, get_method
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+NONFINITE_MODES = ("raise", "drop")
 
 # fp32 log-softmax can round a log-prob of ~0 to a tiny positive value; more than this is a bug.
 POSITIVE_LOGP_TOL = 1e-4
@@ -27,19 +28,48 @@ def _check_tensor(name: str, x: Any) -> Tensor:
     return x
 
 
-def _prepare(
+class _Checks:
+    """Value checks computed on the device as counts of offending tokens, each paired with a
+    function building its error message. The counts reach the host in the loss's one batched
+    transfer; only a failing check pays further syncs, to name the position and value."""
+
+    def __init__(self) -> None:
+        self.counts: list[Tensor] = []
+        self.messages: list = []
+
+    def add(self, count: Tensor, message) -> None:
+        self.counts.append(count)
+        self.messages.append(message)
+
+    def raise_failures(self, host_counts: list[float]) -> None:
+        for n, message in zip(host_counts, self.messages):
+            if n > 0:
+                raise ValueError(message())
+
+
+def _first_bad(name: str, x: Tensor, bad: Tensor, what: str) -> str:
+    idx = tuple(bad.nonzero()[0].tolist())
+    return f"`{name}` {what} {x[idx].item()} at response position {idx}"
+
+
+def _prepare_inputs(
     logp: Tensor,
     old_logp: Tensor,
     advantages: Tensor,
     mask: Tensor | None,
-    *,
-    validate: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Validate and normalize inputs: returns fp32/fp64 (logp, old_logp, adv, mask) with
-    padding positions set to neutral values, so garbage there cannot leak into the loss."""
+    token_weights: Tensor | None = None,
+    nonfinite: str = "raise",
+    token_weights_name: str = "token_weights",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor, _Checks]:
+    """Check shapes and types (host metadata, no sync) and normalize: returns fp32/fp64
+    (logp, old_logp, adv, mask, weights) with every position outside the loss set to neutral
+    values (pi = mu = 1, A = 0, weight 0), so garbage there cannot leak into the loss or its
+    gradient; the count of non-finite response tokens; and the value checks, not yet read."""
     _check_tensor("logp", logp)
     _check_tensor("old_logp", old_logp)
     _check_tensor("advantages", advantages)
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"unknown `nonfinite` {nonfinite!r}; choose one of {', '.join(NONFINITE_MODES)}")
     if logp.dim() != 2:
         raise ValueError(f"`logp` must be shaped [batch, seq], got shape {tuple(logp.shape)}")
     if logp.shape[0] == 0 or logp.shape[1] == 0:
@@ -49,14 +79,14 @@ def _prepare(
             raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
     if old_logp.shape != logp.shape:
         raise ValueError(f"`old_logp` shape {tuple(old_logp.shape)} does not match `logp` shape {tuple(logp.shape)}")
+    checks = _Checks()
     if mask is None:
         mask = torch.ones_like(logp, dtype=torch.bool)
     _check_tensor("mask", mask)
     if mask.shape != logp.shape:
         raise ValueError(f"`mask` shape {tuple(mask.shape)} does not match `logp` shape {tuple(logp.shape)}")
     if mask.dtype != torch.bool:
-        if validate and ((mask != 0) & (mask != 1)).any():
-            raise ValueError("`mask` must hold only 0/1 (or bool) values")
+        checks.add(((mask != 0) & (mask != 1)).sum(), lambda: "`mask` must hold only 0/1 (or bool) values")
         mask = mask != 0
     batch, seq = logp.shape
     if advantages.dim() == 1 and advantages.shape[0] == batch:
@@ -70,27 +100,65 @@ def _prepare(
     logp = logp.to(dtype)
     old_logp = old_logp.detach().to(dtype)
     advantages = advantages.detach().to(dtype).expand(batch, seq)
-    if validate:
-        for name, x in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
-            bad = mask & ~torch.isfinite(x.detach())
-            if bad.any():
-                idx = tuple(bad.nonzero()[0].tolist())
-                raise ValueError(f"`{name}` has a non-finite value {x[idx].item()} at response position {idx}")
-        for name, x in (("logp", logp), ("old_logp", old_logp)):
-            worst = torch.where(mask, x.detach(), torch.full_like(x, -1.0)).max()
-            if worst > POSITIVE_LOGP_TOL:
-                raise ValueError(f"`{name}` must be log-probabilities (<= 0), got a value of {worst.item():.4g}")
-    zero = torch.zeros((), dtype=dtype, device=logp.device)
-    # Neutral padding: pi = mu = 1, A = 0. Clamp removes fp rounding above 0.
-    logp = torch.where(mask, logp, zero).clamp(max=0.0)
-    old_logp = torch.where(mask, old_logp, zero).clamp(max=0.0)
-    advantages = torch.where(mask, advantages, zero)
+    named = [("logp", logp), ("old_logp", old_logp), ("advantages", advantages)]
+    if token_weights is not None:
+        _check_tensor(token_weights_name, token_weights)
+        try:
+            token_weights = torch.broadcast_to(token_weights.detach(), mask.shape).to(dtype)
+        except RuntimeError:
+            raise ValueError(
+                f"`{token_weights_name}` shape {tuple(token_weights.shape)} does not broadcast to {tuple(mask.shape)}"
+            ) from None
+        named.append((token_weights_name, token_weights))
+    nonfinite_any = torch.zeros_like(mask)
+    for name, x in named:
+        bad = mask & ~torch.isfinite(x.detach())
+        nonfinite_any = nonfinite_any | bad
+        if nonfinite == "raise":
+            checks.add(bad.sum(), lambda name=name, x=x, bad=bad: _first_bad(name, x, bad, "has a non-finite value"))
+    if nonfinite == "drop":
+        mask = mask & ~nonfinite_any
+    for name, x in named[:2]:
+        worst = torch.where(mask, x.detach(), -1.0).amax()
+        checks.add(
+            (worst > POSITIVE_LOGP_TOL).sum(),
+            lambda name=name, worst=worst: f"`{name}` must be log-probabilities (<= 0), got a value of {worst.item():.4g}",
+        )
+    if token_weights is not None:
+        neg = mask & (token_weights < 0)
+        checks.add(
+            neg.sum(),
+            lambda: _first_bad(token_weights_name, token_weights, neg, "must be finite and >= 0, got"),
+        )
+    # Neutral values outside the loss. The clamp removes fp rounding above 0.
+    logp = torch.where(mask, logp, 0.0).clamp(max=0.0)
+    old_logp = torch.where(mask, old_logp, 0.0).clamp(max=0.0)
+    advantages = torch.where(mask, advantages, 0.0)
+    if token_weights is not None:
+        token_weights = torch.where(mask, token_weights, 0.0)
+    return logp, old_logp, advantages, mask, token_weights, nonfinite_any.sum(), checks
+
+
+def _prepare(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None,
+    *,
+    validate: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Validate (one host transfer) and normalize: (logp, old_logp, adv, mask) as policy_loss
+    uses them, strict about non-finite values."""
+    logp, old_logp, advantages, mask, _, _, checks = _prepare_inputs(logp, old_logp, advantages, mask)
+    if validate and checks.counts:
+        checks.raise_failures(torch.stack(checks.counts).tolist())
     return logp, old_logp, advantages, mask
 
 
 def check_token_weights(weights: Tensor, mask: Tensor, name: str = "token_weights") -> Tensor:
     """Per-token loss weights (e.g. verl's rollout IS weights, TRL's vLLM IS ratio) broadcast to
-    `mask`'s [batch, seq] shape, detached; finite and >= 0 on response tokens."""
+    `mask`'s [batch, seq] shape, detached; finite and >= 0 on response tokens. A standalone
+    check (one host sync); `policy_loss` checks its `token_weights` in its own transfer."""
     _check_tensor(name, weights)
     try:
         w = torch.broadcast_to(weights.detach(), mask.shape)
@@ -104,7 +172,14 @@ def check_token_weights(weights: Tensor, mask: Tensor, name: str = "token_weight
     return w
 
 
-def aggregate(per_token: Tensor, mask: Tensor, agg: str = "token-mean", *, horizon: int | None = None) -> Tensor:
+def aggregate(
+    per_token: Tensor,
+    mask: Tensor,
+    agg: str = "token-mean",
+    *,
+    horizon: int | None = None,
+    normalizer: float | Tensor | None = None,
+) -> Tensor:
     """Reduce a [batch, seq] per-token loss to a scalar over response tokens (verl's names).
 
     token-mean               sum over all tokens / number of tokens
@@ -114,16 +189,18 @@ def aggregate(per_token: Tensor, mask: Tensor, agg: str = "token-mean", *, horiz
                              defaults to the padded length (Dr. GRPO)
     Sequences with no response token are left out of sequence means; an all-padding batch
     gives an exact 0 (with a graph, so backward still works).
+
+    `normalizer` replaces the local count the sum is divided by (tokens for token-mean,
+    sequences for the seq-mean modes), e.g. verl's global-batch count / dp_size.
     """
     if agg not in AGG_MODES:
         raise ValueError(f"unknown `agg` {agg!r}; choose one of {', '.join(AGG_MODES)}")
     m = mask.to(per_token.dtype)
     masked = per_token * m
     if agg == "token-mean":
-        return masked.sum() / m.sum().clamp(min=1.0)
+        return masked.sum() / (m.sum().clamp(min=1.0) if normalizer is None else normalizer)
     tokens_per_seq = m.sum(-1)
-    has_tokens = (tokens_per_seq > 0).to(per_token.dtype)
-    n_seq = has_tokens.sum().clamp(min=1.0)
+    n_seq = (tokens_per_seq > 0).to(per_token.dtype).sum().clamp(min=1.0) if normalizer is None else normalizer
     seq_sum = masked.sum(-1)
     if agg == "seq-mean-token-sum":
         return seq_sum.sum() / n_seq
@@ -152,9 +229,11 @@ def policy_loss(
     *,
     agg: str = "token-mean",
     horizon: int | None = None,
+    normalizer: float | Tensor | None = None,
     token_weights: Tensor | None = None,
     validate: bool = True,
     with_metrics: bool = True,
+    nonfinite: str = "raise",
     **params: Any,
 ) -> tuple[Tensor, dict[str, float]]:
     """The loss (scalar, minimize) of `method` and its diagnostics over response tokens.
@@ -163,29 +242,53 @@ def policy_loss(
     old_logp    [batch, seq] anchor log-probs (rollout/behaviour by default), detached
     advantages  [batch] or [batch, 1] (sequence, broadcast) or [batch, seq] (token)
     mask        [batch, seq] response mask (bool or 0/1); None means all tokens count
-    agg         one of AGG_MODES; `horizon` for seq-mean-token-sum-norm
+    agg         one of AGG_MODES; `horizon` for seq-mean-token-sum-norm; `normalizer`
+                replaces the local token/sequence count (see `aggregate`)
     token_weights  optional non-negative per-token factors on the loss before aggregation
                 (rollout-correction IS weights as verl and TRL apply them); broadcast to
                 [batch, seq]. Diagnostics describe the unweighted tokens.
+    nonfinite   "raise" (default): a NaN/inf at a response position of logp, old_logp,
+                advantages or token_weights raises ValueError naming the argument.
+                "drop": such tokens are removed from the loss exactly like padding (no
+                contribution, no gradient, not in the normaliser) and counted in
+                metrics["nonfinite_tokens"], as verl/TRL carry on past them.
     **params    the method's parameters (see `METHODS[method].params`)
+
+    Host syncs: the diagnostics and the value checks (non-finite values, log-probs > 0,
+    mask not 0/1, negative token weights) are computed on the device and read in one
+    batched transfer. with_metrics=True: exactly one sync. with_metrics=False: none with
+    nonfinite="drop" or validate=False (the value checks, which could only raise after a
+    sync, are skipped then), one with the strict default. validate=False skips the checks.
 
     bf16/fp16 inputs are computed in fp32. See `drpo.objectives.diagnostics` for the
     metric names.
     """
     m = get_method(method)
     resolved = m.resolve_params(params)
-    logp_c, old_c, adv_c, mask = _prepare(logp, old_logp, advantages, mask, validate=validate)
+    logp_c, old_c, adv_c, mask, weights, n_nonfinite, checks = _prepare_inputs(
+        logp, old_logp, advantages, mask, token_weights, nonfinite
+    )
     j, penalty = m.objective(logp_c, old_c, adv_c, **resolved)
-    per_token = -j
-    if token_weights is not None:
-        w = check_token_weights(token_weights, mask) if validate else torch.broadcast_to(token_weights.detach(), mask.shape)
-        per_token = per_token * torch.where(mask, w.to(j.dtype), torch.zeros((), dtype=j.dtype))
-    loss = aggregate(per_token, mask, agg, horizon=horizon)
-    metrics: dict[str, float] = {}
+    per_token = -j if weights is None else -j * weights.to(j.dtype)
+    loss = aggregate(per_token, mask, agg, horizon=horizon, normalizer=normalizer)
+    check = validate and (with_metrics or nonfinite == "raise")
+    parts: list[Tensor] = []
     if with_metrics:
         with torch.no_grad():
-            metrics = diagnostics(m, resolved, logp_c.detach(), old_c, adv_c, mask, penalty)
-            metrics["loss"] = float(loss.detach())
+            values = diagnostic_tensors(m, resolved, logp_c.detach(), old_c, adv_c, mask, penalty)
+        values["nonfinite_tokens"] = n_nonfinite
+        values["loss"] = loss.detach()
+        names = [*METRIC_NAMES, "loss"]
+        parts = [values[k].to(j.dtype).reshape(()) for k in names]
+    if check:
+        parts += [c.to(j.dtype).reshape(()) for c in checks.counts]
+    metrics: dict[str, float] = {}
+    if parts:
+        host = torch.stack(parts).tolist()  # the call's one device-to-host transfer
+        if check:
+            checks.raise_failures(host[len(host) - len(checks.counts):])
+        if with_metrics:
+            metrics = dict(zip(names, host))
     return loss, metrics
 
 

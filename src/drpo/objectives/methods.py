@@ -23,6 +23,8 @@ Each method provides three pure functions of `[batch, seq]` tensors, all taking
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -45,12 +47,45 @@ def tv_shift(logp: Tensor, old_logp: Tensor) -> Tensor:
     return (logp.detach().exp() - old_logp.exp())
 
 
+def _log1mexp(x: Tensor) -> Tensor:
+    # log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012).
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+# 1/k! for k = 2..12: expm1(v) - v = v^2 * sum_k v^(k-2)/k!, truncation < 2e-10 relative on |v| < 1.
+_EXPM1_MINUS_X = tuple(1.0 / math.factorial(k) for k in range(2, 13))
+
+
+def _gen_kl(a: Tensor, b: Tensor, v: Tensor) -> Tensor:
+    """a*log(a/b) - a + b >= 0 (generalized KL term) given v = log(b/a), without cancellation:
+    a*(expm1(v) - v) by its series for |v| < 1, else (b - a) - a*v (the two differ by >= e^|v|)."""
+    small = v.abs() < 1
+    vs = torch.where(small, v, torch.zeros_like(v))
+    poly = torch.full_like(v, _EXPM1_MINUS_X[-1])
+    for c in reversed(_EXPM1_MINUS_X[:-1]):
+        poly = poly * vs + c
+    return torch.where(small, a * vs * vs * poly, (b - a) - a * v)
+
+
 def binary_kl(logp: Tensor, old_logp: Tensor) -> Tensor:
-    """Binary KL(mu || pi) over {sampled token, everything else} (no gradient)."""
-    pi = logp.detach().exp()
-    mu = old_logp.exp()
-    xlogy = torch.special.xlogy
-    return xlogy(mu, mu) - xlogy(mu, pi) + xlogy(1 - mu, 1 - mu) - xlogy(1 - mu, 1 - pi)
+    """Binary KL(mu || pi) over {sampled token, everything else} (no gradient).
+
+    Written as the sum of two non-negative terms, g(mu, pi) + g(1-mu, 1-pi) with
+    g(a, b) = a*log(a/b) - a + b, each from log-probs with expm1/log1p, so it is accurate to
+    a few fp32 ulps relative everywhere: no inf while pi < 1 (a saturated token with
+    logp = -1e-8 has 1 - pi = 1e-8, not 0 as exp(logp) rounds it) and no cancellation
+    when pi ~ mu. Exactly inf only where the true value is (pi == 1 > mu)."""
+    lp, lm = logp.detach(), old_logp
+    d = lp - lm
+    mu, pi = lm.exp(), lp.exp()
+    g_tok = _gen_kl(mu, pi, d)
+    one_m_mu, one_m_pi = -torch.expm1(lm), -torch.expm1(lp)
+    # log((1-pi)/(1-mu)) = log1p(-x) with x = (pi-mu)/(1-mu), taken as expm1(d)/expm1(-lm) where
+    # pi ~ mu (no cancellation); the ratio form where 1-pi << 1-mu (x near 1).
+    x = torch.where(d.abs() < 1, torch.expm1(d) / torch.expm1(-lm), (pi - mu) / one_m_mu)
+    v_rest = torch.where(x < 0.5, torch.log1p(-x), torch.log(one_m_pi / one_m_mu))
+    g_rest = torch.where(one_m_mu > 0, _gen_kl(one_m_mu, one_m_pi, v_rest), one_m_pi)
+    return g_tok + g_rest
 
 
 def _zeros(x: Tensor) -> Tensor:
@@ -90,57 +125,66 @@ class PgIs:
 
 
 # --------------------------------------------------------------------------- grpo
+def _check_dual_clip(p):
+    if p["dual_clip"] <= 1:
+        raise ValueError(f"method 'grpo': parameter 'dual_clip' must be > 1 (inf = off), got {p['dual_clip']!r}")
+
+
 @register_method(
     "grpo",
-    params={"eps_low": 0.2, "eps_high": 0.2},
-    formula="J = min(r*A, clip(r, 1-eps_low, 1+eps_high)*A)",
-    weight_formula="w = 0 if (A>0 and r>1+eps_high) or (A<0 and r<1-eps_low) else 1",
-    description="PPO/GRPO ratio clipping (clip-higher: eps_high=0.28).",
+    params={"eps_low": 0.2, "eps_high": 0.2, "dual_clip": math.inf},
+    formula="J = min(r*A, clip(r, 1-eps_low, 1+eps_high)*A); for A<0, J = max(J, dual_clip*A)",
+    weight_formula="w = 0 if (A>0 and r>1+eps_high) or (A<0 and (r<1-eps_low or r>dual_clip)) else 1",
+    description="PPO/GRPO ratio clipping (clip-higher: eps_high=0.28; dual-clip PPO: dual_clip=3, verl's default).",
+    check_params=_check_dual_clip,
 )
 class Grpo:
     @staticmethod
-    def objective(logp, old_logp, adv, *, eps_low, eps_high):
+    def objective(logp, old_logp, adv, *, eps_low, eps_high, dual_clip):
         r = ratio(logp, old_logp)
         unclipped = r * adv
         clipped = torch.clamp(r, 1 - eps_low, 1 + eps_high) * adv
         j = torch.minimum(unclipped, clipped)
+        # Dual clip bounds the loss of a negative-advantage token whose ratio exploded
+        # (dual_clip*A is NaN at A == 0 when dual_clip is inf; that branch is never taken there).
+        j = torch.where(adv < 0, torch.maximum(j, dual_clip * adv), j)
         return j, unclipped.detach() - j.detach()
 
     @staticmethod
-    def boundary(logp, old_logp, adv, *, eps_low, eps_high):
+    def boundary(logp, old_logp, adv, *, eps_low, eps_high, dual_clip):
         r = ratio(logp.detach(), old_logp)
-        return ((adv > 0) & (r > 1 + eps_high)) | ((adv < 0) & (r < 1 - eps_low))
+        return ((adv > 0) & (r > 1 + eps_high)) | ((adv < 0) & ((r < 1 - eps_low) | (r > dual_clip)))
 
     @classmethod
-    def weight(cls, logp, old_logp, adv, *, eps_low, eps_high):
-        out = cls.boundary(logp, old_logp, adv, eps_low=eps_low, eps_high=eps_high)
+    def weight(cls, logp, old_logp, adv, *, eps_low, eps_high, dual_clip):
+        out = cls.boundary(logp, old_logp, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
         return (~out).to(logp.dtype)
 
 
 # --------------------------------------------------------------------------- cispo
 @register_method(
     "cispo",
-    params={"eps_high": 0.2},
-    formula="J = sg(min(r, 1+eps_high)) * A * log(pi)",
-    weight_formula="w = min(r, 1+eps_high) / r",
-    description="Clipped IS-weight policy optimization (MiniMax-M1).",
+    params={"eps_low": 1.0, "eps_high": 0.2},
+    formula="J = sg(clip(r, 1-eps_low, 1+eps_high)) * A * log(pi)",
+    weight_formula="w = clip(r, 1-eps_low, 1+eps_high) / r",
+    description="Clipped IS-weight policy optimization (MiniMax-M1); eps_low >= 1 (default) means no lower clip.",
 )
 class Cispo:
     @staticmethod
-    def objective(logp, old_logp, adv, *, eps_high):
+    def objective(logp, old_logp, adv, *, eps_low, eps_high):
         r = ratio(logp, old_logp)
-        is_weight = torch.clamp(r, max=1 + eps_high).detach()
+        is_weight = torch.clamp(r, 1 - eps_low, 1 + eps_high).detach()
         return is_weight * adv * logp, _zeros(r)
 
     @staticmethod
-    def weight(logp, old_logp, adv, *, eps_high):
+    def weight(logp, old_logp, adv, *, eps_low, eps_high):
         r = ratio(logp.detach(), old_logp)
-        return torch.clamp(r, max=1 + eps_high) / r
+        return torch.clamp(r, 1 - eps_low, 1 + eps_high) / r
 
     @staticmethod
-    def boundary(logp, old_logp, adv, *, eps_high):
+    def boundary(logp, old_logp, adv, *, eps_low, eps_high):
         r = ratio(logp.detach(), old_logp)
-        return (adv != 0) & (r > 1 + eps_high)
+        return (adv != 0) & ((r > 1 + eps_high) | (r < 1 - eps_low))
 
 
 # --------------------------------------------------------------------------- spo
@@ -190,21 +234,26 @@ def _kl_outside(logp, old_logp, adv, delta_low, delta_high):
 
 def _hard_mask_method(outside_fn):
     """DPPO: J = M*r*A with a detached mask M that drops tokens past the divergence boundary
-    in the harmful direction; w = M. Only the divergence (`outside_fn`) differs."""
+    in the harmful direction, and optionally the ratio truncated at ratio_cap (truncated IS,
+    as verl's dppo losses do with clip_ratio_c): J = M*sg(min(r, cap)/r)*r*A, whose gradient
+    is A*min(r, cap)*M; w = M*min(r, cap)/r. Only the divergence (`outside_fn`) differs."""
 
     class HardMask:
         @staticmethod
-        def objective(logp, old_logp, adv, *, delta_low, delta_high):
+        def objective(logp, old_logp, adv, *, delta_low, delta_high, ratio_cap):
             r = ratio(logp, old_logp)
             outside = outside_fn(logp, old_logp, adv, delta_low, delta_high)
-            return torch.where(outside, _zeros(r), r * adv), torch.where(outside, (r * adv).detach(), _zeros(r))
+            capped = r * (torch.clamp(r, max=ratio_cap) / r).detach()
+            return torch.where(outside, _zeros(r), capped * adv), torch.where(outside, (r * adv).detach(), _zeros(r))
 
         @staticmethod
-        def weight(logp, old_logp, adv, *, delta_low, delta_high):
-            return (~outside_fn(logp, old_logp, adv, delta_low, delta_high)).to(logp.dtype)
+        def weight(logp, old_logp, adv, *, delta_low, delta_high, ratio_cap):
+            r = ratio(logp.detach(), old_logp)
+            keep = (~outside_fn(logp, old_logp, adv, delta_low, delta_high)).to(logp.dtype)
+            return keep * (torch.clamp(r, max=ratio_cap) / r)
 
         @staticmethod
-        def boundary(logp, old_logp, adv, *, delta_low, delta_high):
+        def boundary(logp, old_logp, adv, *, delta_low, delta_high, ratio_cap):
             return outside_fn(logp, old_logp, adv, delta_low, delta_high)
 
     return HardMask
@@ -212,18 +261,18 @@ def _hard_mask_method(outside_fn):
 
 DppoTv = register_method(
     "dppo_tv",
-    params={"delta_low": 0.15, "delta_high": 0.15},
-    formula="J = M*r*A, M = sg(mask)",
-    weight_formula="w = 0 if (A>0 and D>delta_high) or (A<0 and D<-delta_low) else 1",
-    description="DPPO with a Binary-TV hard trust-region mask.",
+    params={"delta_low": 0.15, "delta_high": 0.15, "ratio_cap": math.inf},
+    formula="J = M*sg(min(r, ratio_cap)/r)*r*A, M = sg(mask)",
+    weight_formula="w = 0 if (A>0 and D>delta_high) or (A<0 and D<-delta_low) else min(r, ratio_cap)/r",
+    description="DPPO with a Binary-TV hard trust-region mask (ratio_cap: truncated IS, inf = off).",
 )(_hard_mask_method(_tv_outside))
 
 DppoKl = register_method(
     "dppo_kl",
-    params={"delta_low": 0.05, "delta_high": 0.05},
-    formula="J = M*r*A, M = sg(mask), KL = mu*log(mu/pi) + (1-mu)*log((1-mu)/(1-pi))",
-    weight_formula="w = 0 if (A>0 and pi>mu and KL>delta_high) or (A<0 and pi<mu and KL>delta_low) else 1",
-    description="DPPO with a Binary-KL hard trust-region mask.",
+    params={"delta_low": 0.05, "delta_high": 0.05, "ratio_cap": math.inf},
+    formula="J = M*sg(min(r, ratio_cap)/r)*r*A, M = sg(mask), KL = mu*log(mu/pi) + (1-mu)*log((1-mu)/(1-pi))",
+    weight_formula="w = 0 if (A>0 and pi>mu and KL>delta_high) or (A<0 and pi<mu and KL>delta_low) else min(r, ratio_cap)/r",
+    description="DPPO with a Binary-KL hard trust-region mask (ratio_cap: truncated IS, inf = off).",
 )(_hard_mask_method(_kl_outside))
 
 

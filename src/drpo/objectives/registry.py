@@ -45,7 +45,8 @@ class Method:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ValueError(f"method {self.name!r}: parameter {key!r} must be a number, got {value!r}")
                 value = float(value)
-                if not math.isfinite(value) or value <= 0:
+                off = value == math.inf and default == math.inf  # an inf default means "off"
+                if not (math.isfinite(value) or off) or value <= 0:
                     raise ValueError(f"method {self.name!r}: parameter {key!r} must be > 0 and finite, got {value!r}")
             resolved[key] = value
         if self.check_params is not None:
