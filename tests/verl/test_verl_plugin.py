@@ -147,10 +147,16 @@ def test_params_come_from_actor_config():
     # drpo defaults, then verl's clip keys (like verl's own dppo_* / vanilla), then drpo_params.
     cfg = actor_config()
     assert plugin.method_params("drpo", cfg) == dict(METHODS["drpo"].params)
-    cfg = actor_config(clip_ratio=0.3, clip_ratio_low=None, clip_ratio_high=0.28)
-    assert plugin.method_params("grpo", cfg) == {"eps_low": 0.3, "eps_high": 0.28}
-    assert plugin.method_params("dppo_tv", cfg) == {"delta_low": 0.3, "delta_high": 0.28}
-    assert plugin.method_params("cispo", cfg) == {"eps_high": 0.28}
+    cfg = actor_config(clip_ratio=0.3, clip_ratio_low=None, clip_ratio_high=0.28, clip_ratio_c=5.0)
+    assert plugin.method_params("grpo", cfg) == {"eps_low": 0.3, "eps_high": 0.28, "dual_clip": 5.0}
+    assert plugin.method_params("dppo_tv", cfg) == {"delta_low": 0.3, "delta_high": 0.28, "ratio_cap": 5.0}
+    assert plugin.method_params("cispo", cfg) == {"eps_low": 0.3, "eps_high": 0.28}
+    cfg = actor_config(
+        clip_ratio_c=5.0,
+        policy_loss=plugin.DRPOPolicyLossConfig(loss_mode="grpo", drpo_params={"dual_clip": float("inf"), "strict": True}),
+    )
+    assert plugin.method_params("grpo", cfg)["dual_clip"] == float("inf")
+    assert plugin.strict_mode(cfg) is True and plugin.strict_mode(actor_config()) is False
     cfg = actor_config(
         policy_loss=plugin.DRPOPolicyLossConfig(loss_mode="drpo", drpo_params={"delta": 0.15, "advantage_weighted": False})
     )
@@ -216,15 +222,33 @@ def _global_info(mask, dp_size=2):
 VERL_AGG = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
+def verl_batch_with_outliers(seed: int):
+    """verl_batch plus tokens far off-policy both ways (r >> 3 and r << 1), so dual clip,
+    DPPO's truncation at clip_ratio_c = 3 and CISPO's lower clip all bind."""
+    old, logp, adv, mask = verl_batch(seed=seed)
+    old = old.clone()
+    old[0, :4] = logp[0, :4] - torch.tensor([1.5, 2.0, -1.5, 0.05], dtype=old.dtype)  # r = e^1.5, e^2, e^-1.5, ~1
+    old[2, :3] = logp[2, :3] - torch.tensor([1.3, -2.0, 1.2], dtype=old.dtype)
+    old = old.clamp(max=0)
+    adv = adv.clone()
+    adv[2] = -adv[2].abs()  # a negative-advantage row with r > 3: dual clip binds
+    adv[0] = adv[0].abs()
+    return old, logp, adv, mask
+
+
 @pytest.mark.parametrize("agg", VERL_AGG)
 @pytest.mark.parametrize("global_info", [False, True])
 @pytest.mark.parametrize("with_is_weights", [False, True])
-def test_grpo_matches_verl_vanilla_ppo(agg, global_info, with_is_weights):
-    """Our `grpo` is PPO's clipped surrogate; verl's `vanilla` adds dual-clip for A<0, which
-    clip_ratio_c=1e9 switches off. Loss, gradient, verl's aggregation (with the global-batch
-    normalization of a data-parallel micro-batch) and rollout IS weights must all agree."""
-    old, logp, adv, mask = verl_batch(seed=11)
-    config = actor_config(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=1e9)
+@pytest.mark.parametrize("clip", ["verl_default", "clip_higher"])
+def test_grpo_matches_verl_vanilla_ppo(agg, global_info, with_is_weights, clip):
+    """Our `grpo` at verl's defaults (dual clip at clip_ratio_c = 3) is verl's `vanilla`: loss,
+    gradient, verl's aggregation (with the global-batch normalization of a data-parallel
+    micro-batch) and rollout IS weights all agree."""
+    old, logp, adv, mask = verl_batch_with_outliers(seed=11)
+    config = actor_config() if clip == "verl_default" else actor_config(clip_ratio_high=0.28)
+    assert plugin.method_params("grpo", config)["dual_clip"] == 3.0
+    r = torch.exp(logp - old)
+    assert ((adv < 0) & (r > 3) & mask).any()  # the dual clip binds
     if global_info:
         config.global_batch_info.update(_global_info(mask))
     weights = None
@@ -258,26 +282,32 @@ def test_rollout_is_weights_multiply_the_per_token_loss():
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    ("ours", "verls", "config_kwargs"),
-    [
-        # verl's DPPO losses: sg(min(r, clip_ratio_c)) * A * log pi with the same masks, so the
-        # gradient equals ours wherever r < clip_ratio_c (the values differ: log pi vs r).
-        ("dppo_tv", "dppo_tv", dict(clip_ratio=0.15, clip_ratio_low=0.1, clip_ratio_high=0.15, clip_ratio_c=1e9)),
-        ("dppo_kl", "dppo_kl", dict(clip_ratio=0.05, clip_ratio_low=0.03, clip_ratio_high=0.05, clip_ratio_c=1e9)),
-        # verl's CISPO clips the IS weight on both sides; clip_ratio_low=1 makes the lower clip 0 (inactive).
-        ("cispo", "cispo", dict(clip_ratio=0.2, clip_ratio_low=1.0, clip_ratio_high=0.2)),
-    ],
-)
-def test_gradients_match_verls_own_losses(ours, verls, config_kwargs):
-    old, logp, adv, mask = verl_batch(seed=31)
+@pytest.mark.parametrize("method", ["dppo_tv", "dppo_kl", "cispo"])
+@pytest.mark.parametrize("config_kwargs", [{}, dict(clip_ratio_low=0.1, clip_ratio_high=0.15, clip_ratio_c=2.5)])
+def test_gradients_match_verls_own_losses(method, config_kwargs):
+    """At verl's default ActorConfig ({}), and at other values of the same keys, our
+    drpo_dppo_tv / drpo_dppo_kl / drpo_cispo give the gradient of verl's dppo_tv / dppo_kl /
+    cispo: same masks, DPPO's truncated ratio sg(min(r, clip_ratio_c)), CISPO's two-sided
+    clip. verl's DPPO loss *value* is -A*sg(min(r, c))*log pi (ours -A*M*min(r, c)), so only
+    CISPO's values agree as well. verl's Binary-KL adds 1e-8 inside its logs, ours is exact:
+    the data keep every token's KL away from the thresholds."""
+    old, logp, adv, mask = verl_batch_with_outliers(seed=31)
     config = actor_config(**config_kwargs)
-    _, grad_ours, metrics = call(get_policy_loss_fn(plugin.VERL_LOSS_NAMES[ours]), old, logp, adv, mask, "token-mean", config)
-    _, grad_verl, _ = call(get_policy_loss_fn(verls), old, logp, adv, mask, "token-mean", config)
+    loss_ours, grad_ours, metrics = call(
+        get_policy_loss_fn(plugin.VERL_LOSS_NAMES[method]), old, logp, adv, mask, "token-mean", config
+    )
+    loss_verl, grad_verl, _ = call(get_policy_loss_fn(method), old, logp, adv, mask, "token-mean", config)
     torch.testing.assert_close(grad_ours, grad_verl, rtol=1e-12, atol=1e-12)
     assert grad_verl.abs().sum() > 0
-    if ours.startswith("dppo"):  # the test must exercise the mask
-        assert metrics["actor/drpo/weight_zero_frac"] > 0
+    if method == "cispo":
+        torch.testing.assert_close(loss_ours, loss_verl, rtol=1e-12, atol=1e-12)
+    # the test must exercise the masks / clips and the truncation
+    r = torch.exp(logp - old)
+    assert ((r > config.clip_ratio_c) & mask).any() and ((r < 1 - config.clip_ratio_low) & mask).any()
+    if method == "cispo":  # both clips: w = (1+eps_high)/r < 1 above, (1-eps_low)/r > 1 below
+        assert metrics["actor/drpo/weight_attenuated_frac"] > 0 and metrics["actor/drpo/weight_amplified_frac"] > 0
+    else:  # masked (w = 0) and truncated (0 < w < 1) tokens
+        assert metrics["actor/drpo/weight_zero_frac"] > 0 and metrics["actor/drpo/weight_attenuated_frac"] > 0
 
 
 # ---------------------------------------------------------------- bad input
@@ -291,16 +321,20 @@ def test_bad_input_is_named():
     bad = actor_config(policy_loss=plugin.DRPOPolicyLossConfig(loss_mode="drpo", drpo_params={"detla": 0.1}))
     with pytest.raises(ValueError, match="'detla'"):
         call(fn, old, logp, adv, mask, "token-mean", bad)
-    with pytest.raises(ValueError, match="`rollout_is_weights` shape"):
+    with pytest.raises(ValueError, match="`token_weights` shape \\(2, 2\\) does not broadcast"):
         call(fn, old, logp, adv, mask, "token-mean", actor_config(), torch.ones(2, 2, dtype=old.dtype))
     neg = torch.ones_like(old)
     neg[0, 0] = -1.0
-    with pytest.raises(ValueError, match="`rollout_is_weights` must be finite and >= 0"):
+    with pytest.raises(ValueError, match="rollout_is_weights are drpo's .*token_weights`? must be finite and >= 0"):
         call(fn, old, logp, adv, mask, "token-mean", actor_config(), neg)
     nan_logp = logp.clone()
     nan_logp[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
-        call(fn, old, nan_logp, adv, mask, "token-mean", actor_config())
+    strict = actor_config(policy_loss=plugin.DRPOPolicyLossConfig(loss_mode="drpo", drpo_params={"strict": True}))
+    with pytest.raises(ValueError, match="`logp` has a non-finite value nan at response position \\(0, 0\\)"):
+        call(fn, old, nan_logp, adv, mask, "token-mean", strict)
+    not_bool = actor_config(policy_loss=plugin.DRPOPolicyLossConfig(loss_mode="drpo", drpo_params={"strict": "yes"}))
+    with pytest.raises(ValueError, match="drpo_params.strict must be true or false"):
+        call(fn, old, logp, adv, mask, "token-mean", not_bool)
     with pytest.raises(ValueError, match="loss_scale_factor"):
         call(fn, old, logp, adv, mask, "seq-mean-token-sum-norm", actor_config(loss_scale_factor=0))
 

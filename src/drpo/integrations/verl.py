@@ -23,25 +23,39 @@ registered as `drpo_<name>` and verl's own loss is left untouched. With verl 0.9
 
 Parameters, read from verl's actor config (`actor_rollout_ref.actor`), later wins:
   1. the method's drpo defaults (`METHODS[name].params`; DRPO's delta is 12.5);
-  2. the PPO clip keys, for the methods whose parameter is the same quantity, read exactly
+  2. verl's actor keys, for the methods whose parameter is the same quantity, read exactly
      as verl's own vanilla / cispo / dppo_* losses read them (`clip_ratio_low` and
-     `clip_ratio_high`, each falling back to `clip_ratio`):
-         grpo     eps_low <- clip_ratio_low,   eps_high <- clip_ratio_high
-         cispo    eps_high <- clip_ratio_high
-         dppo_tv, dppo_kl   delta_low <- clip_ratio_low, delta_high <- clip_ratio_high
+     `clip_ratio_high` each fall back to `clip_ratio`; `clip_ratio_c` to 3.0 for vanilla and
+     20.0 for dppo_* where the config lacks it), so a verl user gets verl's numbers:
+         grpo      eps_low <- clip_ratio_low, eps_high <- clip_ratio_high,
+                   dual_clip <- clip_ratio_c                     (verl's `vanilla`)
+         cispo     eps_low <- clip_ratio_low, eps_high <- clip_ratio_high   (verl's `cispo`)
+         dppo_tv, dppo_kl   delta_low <- clip_ratio_low, delta_high <- clip_ratio_high,
+                   ratio_cap <- clip_ratio_c                     (verl's `dppo_tv`/`dppo_kl`)
+     drpo, mask_drpo, spo and pg_is read no verl key.
+     At verl's default ActorConfig (clip_ratio = clip_ratio_low = clip_ratio_high = 0.2,
+     clip_ratio_c = 3.0) that is: grpo eps 0.2/0.2, dual_clip 3; cispo eps 0.2/0.2;
+     drpo_dppo_tv and drpo_dppo_kl delta 0.2/0.2 (not drpo's 0.15 / 0.05), ratio_cap 3;
+     drpo delta 12.5; spo eps 12.5. Set drpo's values with `drpo_params`.
   3. `policy_loss.drpo_params` (a dict, e.g. `{delta: 0.15, advantage_weighted: false}`).
      verl's PolicyLossConfig rejects unknown keys, so set `policy_loss._target_=
      drpo.integrations.verl.DRPOPolicyLossConfig` (a PolicyLossConfig subclass with that one
-     extra field) to pass it from the command line.
+     extra field) to pass it from the command line. The key `strict` (bool, default false)
+     is not a method parameter: see non-finite inputs.
+
+Non-finite inputs. As verl's own losses carry on past a -inf/NaN log-prob, a response token
+with a non-finite log_prob, old_log_prob, advantage or rollout IS weight is dropped from the
+loss (no contribution, no gradient) and counted in `actor/drpo/nonfinite_tokens`, with no
+extra host sync (`policy_loss(..., nonfinite="drop")`). `drpo_params: {strict: true}` raises
+instead, naming the argument.
 
 Aggregation. `loss_agg_mode` maps 1:1 to `drpo.objectives.aggregate` (token-mean,
-seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm; `token-sum` is the
-token-mean times the micro-batch's token count). The horizon of seq-mean-token-sum-norm is
-verl's `loss_scale_factor` when set, else the padded response length, as in verl's
-`agg_loss`. verl normalizes each micro-batch by the *global* mini-batch (its
-`config.global_batch_info`: dp_size, batch_num_tokens, global_batch_size) so gradient
-accumulation and data parallelism give the mini-batch mean; we compute drpo's micro-batch
-loss and rescale it by the same factor (local tokens or sequences * dp_size / global count).
+seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm; `token-sum` is the sum
+times dp_size, as verl's). The horizon of seq-mean-token-sum-norm is verl's
+`loss_scale_factor` when set, else the padded response length, as in verl's `agg_loss`. verl
+normalizes each micro-batch by the *global* mini-batch (its `config.global_batch_info`:
+dp_size, batch_num_tokens, global_batch_size) so gradient accumulation and data parallelism
+give the mini-batch mean; drpo divides its micro-batch sum by the same count / dp_size.
 Known difference: for seq-mean-token-mean verl divides each sequence's sum by
 `count + 1e-8`, drpo by `count` (relative 1e-8/count; below fp32 resolution).
 
@@ -49,6 +63,19 @@ Known difference: for seq-mean-token-mean verl divides each sequence's sum by
 the per-token loss before aggregation, as verl's own losses do. The diagnostics (returned
 as `actor/drpo/<metric>`, averaged over micro-batches by verl) are those of the unweighted
 tokens.
+
+Rollout correction in bypass mode. With `algorithm.rollout_correction.bypass_mode=true` verl
+uses the rollout log-probs as old_log_prob and computes no rollout correction in the trainer;
+its v1 trainer also keeps our loss_mode (the legacy trainer swaps it for verl's `bypass_mode`
+loss). verl's bypass loss applies the rejection sampling of `policy_loss.rollout_correction`
+inside the loss; so does this plugin when that config has `bypass_mode: true` and a
+`rollout_rs`: the rejection mask is verl's own (`compute_rollout_correction_and_rejection_mask`,
+current log-probs against the rollout ones), and its `rollout_corr/*` metrics are returned.
+`rollout_is` (the ratio is already pi/mu_rollout: IS weights would count it twice) and
+`loss_type: reinforce` are refused with an error naming the key. verl does not copy
+`algorithm.rollout_correction` into the actor config: pass
+`+actor_rollout_ref.actor.policy_loss.rollout_correction=${algorithm.rollout_correction}`
+(the example script does).
 """
 
 from __future__ import annotations
@@ -57,11 +84,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import torch
 from torch import Tensor
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
 from verl.workers.config import PolicyLossConfig
 
-from drpo.objectives import METHODS, check_token_weights, get_method, policy_loss
+from drpo.objectives import METHODS, get_method, policy_loss
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +97,16 @@ METRIC_PREFIX = "actor/drpo/"
 VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 # drpo parameter <- verl actor-config key, for parameters that are the same quantity as
-# verl's clip range (verl's own dppo_tv / dppo_kl read their thresholds from it too).
+# the keys verl's own vanilla / cispo / dppo_* losses read.
 VERL_CLIP_KEYS: Mapping[str, Mapping[str, str]] = {
-    "grpo": {"eps_low": "clip_ratio_low", "eps_high": "clip_ratio_high"},
-    "cispo": {"eps_high": "clip_ratio_high"},
-    "dppo_tv": {"delta_low": "clip_ratio_low", "delta_high": "clip_ratio_high"},
-    "dppo_kl": {"delta_low": "clip_ratio_low", "delta_high": "clip_ratio_high"},
+    "grpo": {"eps_low": "clip_ratio_low", "eps_high": "clip_ratio_high", "dual_clip": "clip_ratio_c"},
+    "cispo": {"eps_low": "clip_ratio_low", "eps_high": "clip_ratio_high"},
+    "dppo_tv": {"delta_low": "clip_ratio_low", "delta_high": "clip_ratio_high", "ratio_cap": "clip_ratio_c"},
+    "dppo_kl": {"delta_low": "clip_ratio_low", "delta_high": "clip_ratio_high", "ratio_cap": "clip_ratio_c"},
 }
+# verl's fallback for a config without clip_ratio_c: `config.get("clip_ratio_c", 3.0)` in its
+# vanilla loss, 20.0 in its dppo losses.
+_CLIP_RATIO_C_FALLBACK = {"grpo": 3.0, "dppo_tv": 20.0, "dppo_kl": 20.0}
 
 # drpo method name -> the verl loss_mode it is registered under (filled by register_all).
 VERL_LOSS_NAMES: dict[str, str] = {}
@@ -83,7 +114,8 @@ VERL_LOSS_NAMES: dict[str, str] = {}
 
 @dataclass
 class DRPOPolicyLossConfig(PolicyLossConfig):
-    """verl's PolicyLossConfig plus `drpo_params`: the drpo method's parameters by name."""
+    """verl's PolicyLossConfig plus `drpo_params`: the drpo method's parameters by name
+    (and `strict`, see the module docstring)."""
 
     drpo_params: dict[str, Any] = field(default_factory=dict)
 
@@ -97,9 +129,13 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
     return getattr(config, key, default)
 
 
-def _clip_value(config: Any, key: str) -> Any:
+def _verl_value(config: Any, method: str, key: str) -> Any:
     value = _get(config, key)
-    return _get(config, "clip_ratio") if value is None else value
+    if value is None and key in ("clip_ratio_low", "clip_ratio_high"):
+        return _get(config, "clip_ratio")
+    if value is None and key == "clip_ratio_c":
+        return _CLIP_RATIO_C_FALLBACK[method]
+    return value
 
 
 def _drpo_params(config: Any) -> dict[str, Any]:
@@ -118,16 +154,25 @@ def _drpo_params(config: Any) -> dict[str, Any]:
     return dict(raw)
 
 
+def strict_mode(config: Any) -> bool:
+    """`policy_loss.drpo_params.strict`: raise on non-finite inputs instead of dropping them."""
+    strict = _drpo_params(config).get("strict", False)
+    if not isinstance(strict, bool):
+        raise ValueError(f"actor.policy_loss.drpo_params.strict must be true or false, got {strict!r}")
+    return strict
+
+
 def method_params(method: str, config: Any) -> dict[str, Any]:
-    """The parameters a verl run gives `method`: drpo defaults, overridden by verl's clip
+    """The parameters a verl run gives `method`: drpo defaults, overridden by verl's actor
     keys where they mean the same thing, overridden by `policy_loss.drpo_params`."""
     m = get_method(method)
     params: dict[str, Any] = {}
     for param, key in VERL_CLIP_KEYS.get(method, {}).items():
-        value = _clip_value(config, key)
+        value = _verl_value(config, method, key)
         if value is not None:
             params[param] = value
     params.update(_drpo_params(config))
+    params.pop("strict", None)
     try:
         return m.resolve_params(params)
     except ValueError as err:
@@ -145,22 +190,51 @@ def _horizon(config: Any, info: Mapping[str, Any]) -> int | None:
     return int(factor)
 
 
-def _global_scale(agg: str, mask: Tensor, info: Mapping[str, Any]) -> Tensor | float:
-    """Factor turning drpo's micro-batch aggregate into verl's global-batch-normalized one."""
+def _normalizer(agg: str, info: Mapping[str, Any]) -> Any:
+    """What verl's agg_loss divides the micro-batch sum by: the global token (token-mean) or
+    sequence (seq-mean-*) count / dp_size; None (the local count) without global info."""
     dp_size = info.get("dp_size") or 1
-    if agg in ("token-mean", "token-sum"):
-        local = mask.sum()
-        if agg == "token-sum":
-            return local * dp_size
-        total = info.get("batch_num_tokens")
-    else:
-        local = (mask.sum(-1) > 0).sum()
-        total = info.get("global_batch_size")
+    if agg == "token-sum":
+        return 1.0 / dp_size
+    total = info.get("batch_num_tokens") if agg == "token-mean" else info.get("global_batch_size")
     if total is None:
         if dp_size > 1:
             raise ValueError(f"verl global_batch_info has dp_size={dp_size} but no global count for {agg!r}")
-        return 1.0
-    return local * dp_size / total
+        return None
+    return total / dp_size
+
+
+def _bypass_rejection(config: Any, log_prob: Tensor, old_log_prob: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
+    """verl's bypass-mode rejection sampling (see the module docstring): (mask, metrics)."""
+    rc = _get(_get(config, "policy_loss"), "rollout_correction")
+    if rc is None or not _get(rc, "bypass_mode", False):
+        return mask, {}
+    key = "actor.policy_loss.rollout_correction"
+    if _get(rc, "loss_type", "ppo_clip") != "ppo_clip":
+        raise ValueError(
+            f"{key}.loss_type={_get(rc, 'loss_type')!r} is verl's own REINFORCE loss; drpo losses run in bypass "
+            "mode only with loss_type 'ppo_clip'"
+        )
+    if _get(rc, "rollout_is") is not None:
+        raise ValueError(
+            f"{key}.rollout_is={_get(rc, 'rollout_is')!r}: in bypass mode old_log_prob is the rollout log-prob, so "
+            "drpo's ratio already corrects for the rollout policy (verl's ppo_clip bypass loss does not apply IS "
+            "weights either); set it to null"
+        )
+    if _get(rc, "rollout_rs") is None:
+        return mask, {}
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+    with torch.no_grad():
+        _, mask, metrics = compute_rollout_correction_and_rejection_mask(
+            old_log_prob=log_prob,
+            rollout_log_prob=old_log_prob,
+            response_mask=mask,
+            rollout_is=None,
+            rollout_rs=_get(rc, "rollout_rs"),
+            rollout_rs_threshold=_get(rc, "rollout_rs_threshold"),
+        )
+    return mask, metrics
 
 
 def compute_policy_loss(
@@ -179,24 +253,30 @@ def compute_policy_loss(
     if loss_agg_mode not in VERL_AGG_MODES:
         raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; verl's modes are {', '.join(VERL_AGG_MODES)}")
     params = method_params(method, config)
+    nonfinite = "raise" if strict_mode(config) else "drop"
     info = _get(config, "global_batch_info") or {}
     horizon = _horizon(config, info)
-    agg = "token-mean" if loss_agg_mode == "token-sum" else loss_agg_mode
-    if rollout_is_weights is not None:
-        check_token_weights(rollout_is_weights, response_mask, "rollout_is_weights")
-    loss, metrics = policy_loss(
-        method,
-        log_prob,
-        old_log_prob,
-        advantages,
-        response_mask,
-        agg=agg,
-        horizon=horizon,
-        token_weights=rollout_is_weights,
-        **params,
-    )
-    loss = loss * _global_scale(loss_agg_mode, response_mask != 0, info)
-    return loss, {METRIC_PREFIX + k: v for k, v in metrics.items() if k != "loss"}
+    mask, rc_metrics = _bypass_rejection(config, log_prob, old_log_prob, response_mask)
+    try:
+        loss, metrics = policy_loss(
+            method,
+            log_prob,
+            old_log_prob,
+            advantages,
+            mask,
+            agg="token-mean" if loss_agg_mode == "token-sum" else loss_agg_mode,
+            horizon=horizon,
+            normalizer=_normalizer(loss_agg_mode, info),
+            token_weights=rollout_is_weights,
+            nonfinite=nonfinite,
+            **params,
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"drpo loss {method!r} (verl's log_prob, old_log_prob, rollout_is_weights are drpo's logp, old_logp, "
+            f"token_weights): {err}"
+        ) from None
+    return loss, {METRIC_PREFIX + k: v for k, v in metrics.items() if k != "loss"} | rc_metrics
 
 
 def make_verl_policy_loss(method: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
