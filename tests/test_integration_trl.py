@@ -16,7 +16,9 @@ from drpo.integrations.trl import DRPOConfig, DRPOGRPOTrainer  # noqa: E402
 from drpo.models import build_tiny_model, make_char_tokenizer  # noqa: E402
 from drpo.objectives import METRIC_NAMES, policy_loss  # noqa: E402
 
-METHOD, PARAMS, AGG = "drpo", {"delta": 0.05}, "seq-mean-token-sum-norm"
+# TRL's dr_grpo normalisation (sum / (B * max_completion_length)) is drpo's
+# seq-mean-token-sum-norm with horizon max_completion_length when no row is empty, as here.
+METHOD, PARAMS, LOSS_TYPE, AGG = "drpo", {"delta": 0.05}, "dr_grpo", "seq-mean-token-sum-norm"
 
 
 def digit_reward(prompts, completions, **kwargs) -> list[float]:
@@ -49,7 +51,7 @@ def make_config(tmp_path, **overrides) -> DRPOConfig:
         seed=0,
         drpo_method=METHOD,
         drpo_params=PARAMS,
-        drpo_agg=AGG,
+        loss_type=LOSS_TYPE,
     )
     kwargs.update(overrides)
     return DRPOConfig(**kwargs)
@@ -155,7 +157,8 @@ def test_anchor_choice_and_rollout_nan_fallback(tmp_path):
     expected = rollout.clone()
     expected[0, 1] = old[0, 1]
     torch.testing.assert_close(anchor, expected)
-    assert weights is None  # the rollout ratio already is the IS correction
+    # The rollout ratio already is the IS correction: only TRL's rejections (ratio 0) remain.
+    torch.testing.assert_close(weights, (mask * 2.0 > 0).float())
     assert metrics == {"drpo/anchor_is_rollout": 1.0, "drpo/anchor_fallback_frac": pytest.approx(1 / 5)}
 
     trainer.args.drpo_anchor = "old"
@@ -183,7 +186,7 @@ def test_anchor_choice_and_rollout_nan_fallback(tmp_path):
         (dict(drpo_params="{bad json"), "not valid JSON"),
         (dict(drpo_params={"delta": -1.0}), "'delta' must be > 0"),
         (dict(drpo_anchor="behaviour"), "drpo_anchor"),
-        (dict(drpo_agg="mean"), "drpo_agg"),
+        (dict(loss_type="sapo"), "loss_type='sapo'"),
         (dict(beta=0.04), "beta=0.04"),
         (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
     ],
@@ -199,9 +202,9 @@ def test_json_params_and_trainer_needs_drpo_config(tmp_path):
 
     (cli,) = TrlParser(DRPOConfig).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none",
-         "--drpo_method", "spo", "--drpo_params", '{"eps": 0.5}', "--drpo_agg", "seq-mean-token-mean"]
+         "--drpo_method", "spo", "--drpo_params", '{"eps": 0.5}', "--loss_type", "grpo"]
     )
-    assert (cli.drpo_method, cli.drpo_params, cli.drpo_agg) == ("spo", {"eps": 0.5}, "seq-mean-token-mean")
+    assert (cli.drpo_method, cli.drpo_params, cli.loss_type) == ("spo", {"eps": 0.5}, "grpo")
     from trl import GRPOConfig
 
     tokenizer, model, data = tiny_setup()
@@ -217,8 +220,8 @@ def test_json_params_and_trainer_needs_drpo_config(tmp_path):
 
 def test_compute_loss_on_a_handmade_ragged_batch(tmp_path):
     """Ragged completions (padded length 4 < max_completion_length 6), TRL's old log-probs
-    and its vLLM IS ratio (anchor "old"): the loss is policy_loss with horizon
-    max_completion_length and each token's loss times the IS ratio."""
+    and its vLLM IS ratio (anchor "old"), loss_type dr_grpo: each token's DRPO loss times the
+    IS ratio, summed and divided by B * max_completion_length."""
     tokenizer, model, data = tiny_setup()
     trainer = DRPOGRPOTrainer(
         model=model,

@@ -1,4 +1,4 @@
-"""Any drpo method as the loss of TRL's GRPOTrainer (trl >= 1.16).
+"""Any drpo method as the loss of TRL's GRPOTrainer (trl >= 1.16), a drop-in for GRPOTrainer.
 
     from drpo.integrations.trl import DRPOConfig, DRPOGRPOTrainer
     args = DRPOConfig(output_dir="out", drpo_method="drpo", drpo_params={"delta": 12.5}, ...)
@@ -6,38 +6,45 @@
     trainer.train()
 
 The subclass overrides `_compute_loss(model, inputs)`, TRL 1.16's extension point; TRL's
-generation, rewards, group advantages, batching, accelerate/DeepSpeed and logging are kept.
-Per step it computes the policy's token log-probs with TRL's own helper (logits divided by
-the sampling temperature), picks the anchor, and calls `drpo.objectives.policy_loss`.
+generation, rewards, group advantages, batching, accelerate/DeepSpeed and logging are kept,
+and so is everything around TRL's own per-token loss:
+  - the forward: TRL's helper with every model input TRL's `_compute_loss` passes
+    (multimodal tensors, tool masks), logits divided by the sampling temperature;
+  - the normalisation: TRL's `loss_type` ("dapo", TRL's default; "bnpo", "dr_grpo", "grpo"),
+    with TRL's gradient-accumulation scaling;
+  - the MoE router load-balancing loss, added as TRL adds it (`router_aux_loss_coef`);
+  - TRL's vLLM importance-sampling correction (see the anchor).
+With drpo_method="grpo" and the same clip range the loss equals GRPOTrainer's.
 
 Anchor (`drpo_anchor`):
   "rollout"  the sampling engine's log-probs (`inputs["sampling_per_token_logps"]`, which
              TRL provides when generating with vLLM): the paper's default, mu = rollout
-             policy. TRL's extra vLLM importance-sampling factor is then not applied: the
-             ratio pi/mu already is that correction.
-  "old"      TRL's train-side `old_per_token_logps` (computed when num_iterations > 1 or
-             generation and optimizer steps are misaligned, else the current log-probs
-             detached, i.e. on-policy). With vLLM, TRL's `importance_sampling_ratio` then
-             multiplies each token's loss, as in GRPOTrainer.
+             policy. The ratio pi/mu then already is the train/inference correction, so TRL's
+             `importance_sampling_ratio` is not multiplied in; its rejections are: in the
+             "*_mask" modes tokens/sequences whose ratio TRL zeroed get weight 0. The
+             "*_truncate" modes have no counterpart here and are refused with this anchor.
+  "old"      TRL's train-side `old_per_token_logps` (computed when num_iterations > 1,
+             generation and optimizer steps are misaligned, or vLLM IS correction is on;
+             else the current log-probs detached, i.e. on-policy). With vLLM, TRL's
+             `importance_sampling_ratio` multiplies each token's loss, as in GRPOTrainer.
   "auto"     (default) "rollout" when TRL provides rollout log-probs, else "old".
 Tokens whose rollout log-prob vLLM could not return (NaN) use the "old" anchor instead;
 their share is logged as `drpo/anchor_fallback_frac`.
 
-Aggregation is `drpo_agg` (drpo's names: token-mean, seq-mean-token-sum,
-seq-mean-token-mean, seq-mean-token-sum-norm with horizon `max_completion_length`), per
-micro-batch, divided by the gradient-accumulation steps in training (as TRL's "bnpo" /
-"grpo" / "dr_grpo" losses are); TRL's `loss_type` is not used. TRL features that would add
-terms outside the drpo objective (beta KL, entropy bonus, entropy masking, off-policy
-masking, sequence-level importance sampling) are rejected by `DRPOConfig` rather than
-silently dropped.
+GRPOConfig fields the drpo objective would ignore (TRL's clip `epsilon`/`epsilon_high`/
+`delta`, `beta`, entropy terms, off-policy masking, sequence-level IS, loss types that are
+TRL objectives rather than normalisations) are refused by `DRPOConfig` with what to set
+instead. A field counts as set when it differs from GRPOConfig's own default.
 
 Logged through TRL's metrics (`trainer.state.log_history`, TensorBoard/W&B via report_to):
 every drpo diagnostic as `drpo/<name>` (see `drpo.objectives.METRIC_NAMES`), plus TRL's
-`entropy`, `drpo/anchor_is_rollout` and `drpo/anchor_fallback_frac`.
+`entropy` and `aux_loss` (MoE), `drpo/loss`, `drpo/anchor_is_rollout` and
+`drpo/anchor_fallback_frac`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,9 +53,55 @@ import torch
 from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer
 
-from drpo.objectives import AGG_MODES, METRIC_NAMES, check_token_weights, get_method, policy_loss
+from drpo.objectives import METRIC_NAMES, check_token_weights, get_method, policy_loss
 
 ANCHORS = ("auto", "rollout", "old")
+# TRL loss types that are normalisations of a per-token loss; TRL's others are objectives.
+LOSS_TYPES = ("dapo", "bnpo", "dr_grpo", "grpo")
+# Model inputs TRL 1.16's `_compute_loss` hands to `_get_per_token_logps_and_entropies`.
+FORWARD_INPUTS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+_GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+
+
+def _refused_fields(config: "DRPOConfig") -> dict[str, str]:
+    """GRPOConfig field -> what to do instead, for fields that would change nothing or add
+    terms outside the drpo objective. Checked only where the value differs from TRL's default."""
+    numeric = [k for k, v in get_method(config.drpo_method).params.items() if not isinstance(v, bool)]
+    params = ", ".join(f'"{k}": ...' for k in numeric)
+    own = f"set the drpo method's parameters instead: drpo_params={{{params}}} (drpo_method={config.drpo_method!r})"
+    outside = "it would add a term outside the drpo objective; leave it at TRL's default"
+    return {
+        "epsilon": f"TRL's clip range is not read by the drpo loss; {own}",
+        "epsilon_high": f"TRL's clip range is not read by the drpo loss; {own}",
+        "delta": f"TRL's two-sided clip is not DRPO's delta; {own}",
+        "beta": outside,
+        "entropy_coef": outside,
+        "use_adaptive_entropy": outside,
+        "top_entropy_quantile": outside,
+        "off_policy_mask_threshold": outside,
+        "importance_sampling_level": "sequence-level IS is a different objective; leave it at 'token'",
+    }
+
+
+def _rollout_is_conflict(mode: str) -> str | None:
+    if mode in ("token_truncate", "sequence_truncate"):
+        return (
+            f"vllm_importance_sampling_mode={mode!r} multiplies the loss by a truncated pi_old/mu ratio, which "
+            "the rollout anchor (pi/mu) already contains; use a '*_mask' mode (its rejections are kept), "
+            "vllm_importance_sampling_correction=False, or drpo_anchor='old'"
+        )
+    return None
 
 
 @dataclass
@@ -61,7 +114,6 @@ class DRPOConfig(GRPOConfig):
         default_factory=dict, metadata={"help": 'Method parameters, e.g. {"delta": 12.5} (dict or JSON).'}
     )
     drpo_anchor: str = field(default="auto", metadata={"help": "Anchor log-probs: auto, rollout or old."})
-    drpo_agg: str = field(default="token-mean", metadata={"help": f"Loss aggregation: {', '.join(AGG_MODES)}."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,23 +129,20 @@ class DRPOConfig(GRPOConfig):
         get_method(self.drpo_method).resolve_params(self.drpo_params)  # unknown names / bad values raise here
         if self.drpo_anchor not in ANCHORS:
             raise ValueError(f"`drpo_anchor` must be one of {', '.join(ANCHORS)}, got {self.drpo_anchor!r}")
-        if self.drpo_agg not in AGG_MODES:
-            raise ValueError(f"`drpo_agg` must be one of {', '.join(AGG_MODES)}, got {self.drpo_agg!r}")
-        unsupported = {
-            "beta": (self.beta, 0.0),
-            "entropy_coef": (self.entropy_coef, 0.0),
-            "top_entropy_quantile": (self.top_entropy_quantile, 1.0),
-            "off_policy_mask_threshold": (self.off_policy_mask_threshold, None),
-            "importance_sampling_level": (self.importance_sampling_level, "token"),
-        }
-        for name, (value, supported) in unsupported.items():
-            if value != supported:
-                raise ValueError(
-                    f"DRPOConfig does not support `{name}={value!r}` (it would add terms outside the drpo "
-                    f"objective); leave it at {supported!r}"
-                )
-        if getattr(self, "use_adaptive_entropy", False):
-            raise ValueError("DRPOConfig does not support `use_adaptive_entropy=True` (no entropy bonus)")
+        if self.loss_type not in LOSS_TYPES:
+            hint = f"; for TRL's CISPO use drpo_method='cispo'" if self.loss_type == "cispo" else ""
+            raise ValueError(
+                f"DRPOConfig does not support `loss_type={self.loss_type!r}`: it is a TRL objective, not a "
+                f"normalisation of the drpo loss; use one of {', '.join(LOSS_TYPES)}{hint}"
+            )
+        for name, instead in _refused_fields(self).items():
+            value = getattr(self, name)
+            if value != _GRPO_DEFAULTS[name]:
+                raise ValueError(f"DRPOConfig does not support `{name}={value!r}`: {instead}")
+        if self.use_vllm and self.vllm_importance_sampling_correction and self.drpo_anchor != "old":
+            conflict = _rollout_is_conflict(self.vllm_importance_sampling_mode)
+            if conflict:
+                raise ValueError(f"drpo_anchor={self.drpo_anchor!r} (the vLLM rollout log-probs) with {conflict}")
 
 
 class DRPOGRPOTrainer(GRPOTrainer):
@@ -107,41 +156,90 @@ class DRPOGRPOTrainer(GRPOTrainer):
         self.drpo_params = get_method(config.drpo_method).resolve_params(config.drpo_params)
 
     # ---------------------------------------------------------------- stages of one loss call
-    def _policy_logps(self, model, inputs: dict) -> tuple[Tensor, Tensor, Tensor]:
-        """Current policy log-probs and entropies of the completion tokens, and their mask."""
+    def _policy_logps(self, model, inputs: dict) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """Current policy log-probs and entropies of the completion tokens, the MoE aux loss
+        (None unless enabled), and the loss mask, exactly as GRPOTrainer computes them."""
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True
+        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{name: inputs.get(name) for name in FORWARD_INPUTS},
         )
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        return logps, entropies, mask
+        return logps, entropies, aux_loss, mask
 
     def _anchor(self, inputs: dict, logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None, dict[str, float]]:
-        """(anchor log-probs, extra per-token loss weight or None, anchor metrics)."""
+        """(anchor log-probs, per-token loss weight or None, anchor metrics)."""
         old = inputs.get("old_per_token_logps")
         old = logps.detach() if old is None else old
         rollout = inputs.get("sampling_per_token_logps")
+        is_ratio = inputs.get("importance_sampling_ratio")  # TRL's vLLM correction, (B, T) or (B, 1)
         choice = self.args.drpo_anchor
         if choice == "rollout" and rollout is None:
             raise ValueError(
                 "drpo_anchor='rollout' but TRL provided no rollout log-probs (`sampling_per_token_logps`; "
                 "TRL 1.16 returns them when generating with vLLM); use drpo_anchor='old' or 'auto'"
             )
-        if rollout is not None and choice in ("auto", "rollout"):
-            missing = torch.isnan(rollout) & (mask != 0)
-            anchor = torch.where(torch.isnan(rollout), old, rollout)
-            fallback = float(missing.sum()) / max(float((mask != 0).sum()), 1.0)
-            return anchor, None, {"drpo/anchor_is_rollout": 1.0, "drpo/anchor_fallback_frac": fallback}
-        weights = inputs.get("importance_sampling_ratio")  # TRL's vLLM correction, for the "old" anchor
-        return old, weights, {"drpo/anchor_is_rollout": 0.0, "drpo/anchor_fallback_frac": 0.0}
+        if rollout is None or choice == "old":
+            return old, is_ratio, {"drpo/anchor_is_rollout": 0.0, "drpo/anchor_fallback_frac": 0.0}
+        weights = None
+        if is_ratio is not None:
+            conflict = _rollout_is_conflict(self.vllm_importance_sampling_mode)
+            if conflict:
+                raise ValueError(f"drpo_anchor={choice!r} with {conflict}")
+            weights = (is_ratio > 0).to(logps.dtype)  # keep TRL's "*_mask" rejections, not its ratio
+        missing = torch.isnan(rollout) & (mask != 0)
+        anchor = torch.where(torch.isnan(rollout), old, rollout)
+        fallback = float(missing.sum()) / max(float((mask != 0).sum()), 1.0)
+        return anchor, weights, {"drpo/anchor_is_rollout": 1.0, "drpo/anchor_fallback_frac": fallback}
 
-    def _log_metrics(self, mode: str, metrics: dict[str, float], entropies: Tensor, mask: Tensor) -> None:
+    def _normalised_loss(
+        self, logps: Tensor, anchor: Tensor, inputs: dict, mask: Tensor, weights: Tensor | None, mode: str
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The drpo per-token loss reduced as TRL's `loss_type` reduces its own, scaled for
+        gradient accumulation as TRL scales it."""
+        method, adv = self.args.drpo_method, inputs["advantages"]
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if weights is not None:
+            weights = check_token_weights(weights, mask, "importance_sampling_ratio")
+        common = dict(token_weights=weights, **self.drpo_params)
+        if self.loss_type == "bnpo":  # sum / local response tokens
+            loss, diag = policy_loss(method, logps, anchor, adv, mask, agg="token-mean", **common)
+            return loss / accumulation, diag
+        if self.loss_type == "grpo":  # mean over all B sequences (empty ones too) of per-sequence means
+            loss, diag = policy_loss(method, logps, anchor, adv, mask, agg="seq-mean-token-mean", **common)
+            has_tokens = (mask.sum(-1) > 0).sum().clamp(min=1)
+            return loss * has_tokens / (mask.size(0) * accumulation), diag
+        # dapo / dr_grpo: a plain token sum over a constant. Flattened to one row, drpo's
+        # seq-mean-token-sum is exactly that sum.
+        def row(x: Tensor) -> Tensor:
+            return torch.broadcast_to(x, mask.shape).reshape(1, -1)
+
+        adv = adv[:, None] if adv.dim() == 1 else adv
+        if weights is not None:
+            common["token_weights"] = row(weights)
+        flat = [row(x) for x in (logps, anchor, adv, mask)]
+        total, diag = policy_loss(method, *flat, agg="seq-mean-token-sum", **common)
+        if self.loss_type == "dr_grpo":
+            return total / (mask.size(0) * self.max_completion_length * accumulation), diag
+        # dapo: `num_items_in_batch` counts the whole generation batch over all processes.
+        normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normaliser = normaliser * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return total / normaliser, diag
+
+    def _log_metrics(self, mode: str, metrics: dict[str, Any], entropies: Tensor, mask: Tensor) -> None:
         # One gather for all diagnostics (mean over processes), like GRPOTrainer's own metrics.
         names = list(metrics)
-        values = torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=entropies.device)
+        device = entropies.device
+        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=device) for k in names])
         values = self.accelerator.gather(values[None]).nanmean(0).tolist()
         for name, value in zip(names, values):
             self._metrics[mode][name].append(value)
@@ -151,22 +249,13 @@ class DRPOGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
-        logps, entropies, mask = self._policy_logps(model, inputs)
+        logps, entropies, aux_loss, mask = self._policy_logps(model, inputs)
         anchor, weights, anchor_metrics = self._anchor(inputs, logps, mask)
-        if weights is not None:
-            check_token_weights(weights, mask, "importance_sampling_ratio")
-        loss, diag = policy_loss(
-            self.args.drpo_method,
-            logps,
-            anchor,
-            inputs["advantages"],
-            mask,
-            agg=self.args.drpo_agg,
-            horizon=self.max_completion_length,
-            token_weights=weights,
-            **self.drpo_params,
-        )
-        metrics = {f"drpo/{k}": diag[k] for k in METRIC_NAMES} | {"drpo/loss": float(loss.detach())}
+        loss, diag = self._normalised_loss(logps, anchor, inputs, mask, weights, mode)
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        metrics = {f"drpo/{k}": diag[k] for k in METRIC_NAMES} | {"drpo/loss": loss.detach() * accumulation}
+        if aux_loss is not None:  # as GRPOTrainer: router load-balancing loss, scaled for accumulation
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            metrics["aux_loss"] = aux_loss.detach()
         self._log_metrics(mode, metrics | anchor_metrics, entropies, mask)
-        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        return loss / normalizer
+        return loss

@@ -1,0 +1,392 @@
+"""DRPOGRPOTrainer as a drop-in for TRL 1.16's GRPOTrainer.
+
+The reference everywhere is TRL's own code: `GRPOTrainer._compute_loss` run unbound on the
+same trainer, model weights and batch, and TRL's own `_generate_and_score_completions`
+building that batch (normalisers, masks, `num_items_in_batch`, vLLM importance-sampling
+ratios). With drpo_method="grpo" and TRL's clip range the two losses must be equal."""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL 1.16
+from datasets import Dataset  # noqa: E402
+from trl import GRPOTrainer  # noqa: E402
+
+from drpo.integrations.trl import FORWARD_INPUTS, LOSS_TYPES, DRPOConfig, DRPOGRPOTrainer  # noqa: E402
+from drpo.models import build_tiny_model, make_char_tokenizer  # noqa: E402
+from drpo.objectives import METRIC_NAMES  # noqa: E402
+
+GRPO = dict(drpo_method="grpo", drpo_params={"eps_low": 0.2, "eps_high": 0.2})  # TRL's default epsilon=0.2
+PROMPTS = ["12+34=", "5+7=", "40+2=", "9+99="]
+G = 4  # generations per prompt
+
+
+def digit_reward(prompts, completions, **kwargs) -> list[float]:
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
+def spread_reward(prompts, completions, **kwargs) -> list[float]:
+    """Varies between any two random completions, so groups of random text get advantages."""
+    return [(sum(map(ord, text)) % 17) / 17 for text in completions]
+
+
+def make_config(tmp_path, **overrides) -> DRPOConfig:
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_generations=G,
+        max_completion_length=6,
+        max_steps=2,
+        learning_rate=3e-2,
+        temperature=1.0,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        seed=0,
+    )
+    kwargs.update(GRPO)
+    kwargs.update(overrides)
+    return DRPOConfig(**kwargs)
+
+
+def make_trainer(tmp_path, cls=DRPOGRPOTrainer, model=None, rollout_func=None, reward=digit_reward, **overrides):
+    tokenizer = make_char_tokenizer()
+    if model is None:
+        model = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
+    data = Dataset.from_list([{"prompt": p} for p in PROMPTS])
+    return cls(
+        model=model,
+        reward_funcs=reward,
+        args=make_config(tmp_path, **overrides),
+        train_dataset=data,
+        processing_class=tokenizer,
+        rollout_func=rollout_func,
+    )
+
+
+class RecordingTrainer(DRPOGRPOTrainer):
+    """At every loss call during training, checks our loss and its parameter gradient
+    against TRL's own `GRPOTrainer._compute_loss` on the same batch and weights."""
+
+    records: list
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        ref = GRPOTrainer._compute_loss(self, model, inputs)
+        self.records.append(compare(model, loss, ref))
+        return loss
+
+
+def compare(model, loss, ref) -> dict:
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    want = torch.autograd.grad(ref, params, retain_graph=True, allow_unused=True)
+    pairs = [(g, w) for g, w in zip(got, want) if g is not None or w is not None]
+    assert all(g is not None and w is not None for g, w in pairs), "different parameters receive gradient"
+    return dict(
+        loss=float(loss.detach()),
+        ref=float(ref.detach()),
+        grad_err=max(float((g - w).abs().max()) for g, w in pairs),
+        grad_scale=max(float(w.abs().max()) for _, w in pairs),
+    )
+
+
+def assert_matches(rec: dict) -> None:
+    assert rec["loss"] == pytest.approx(rec["ref"], rel=1e-5, abs=1e-7)
+    assert rec["grad_scale"] > 0
+    assert rec["grad_err"] <= 1e-5 * rec["grad_scale"] + 1e-9
+
+
+# ------------------------------------------------------------------ a scripted "rollout engine"
+# TRL's `rollout_func` extension point stands in for vLLM: it returns completions and their
+# sampling log-probs, which TRL's own `_generate_and_score_completions` turns into the batch.
+# Completions are fixed strings (ragged, some ending in <eos>, one with an env/tool mask), the
+# log-probs are the policy's own minus a per-row shift (the train/inference mismatch).
+COMPLETIONS = ["1234", "a1b2c3", "7", "xyz9", "88", "q", "5a5a5a", "12"]
+ENDS_WITH_EOS = [True, False, False, True, True, False, True, True]
+# Shift of each row's sampling log-probs below the policy's: rows 1 and 4 are far off (mu << pi).
+SHIFTS = [0.0, 2.5, 0.1, 0.0, 1.5, 0.0, 0.05, 0.15]
+
+
+def scripted_rollout(prompts, trainer):
+    tok = trainer.processing_class
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    completion_ids, env_mask = [], []
+    for i in range(len(prompts)):
+        j = i % len(COMPLETIONS)
+        ids = tok(COMPLETIONS[j], add_special_tokens=False)["input_ids"]
+        completion_ids.append(ids + [tok.eos_token_id] if ENDS_WITH_EOS[j] else ids)
+        env_mask.append([0 if (j == 6 and t in (1, 2)) else 1 for t in range(len(completion_ids[-1]))])
+    logprobs = []
+    with torch.no_grad():
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+            ids = torch.tensor([p + c])
+            lp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), len(c))
+            shift = torch.zeros(len(c))
+            shift[0] = SHIFTS[i % len(SHIFTS)]  # one token per row carries the mismatch
+            logprobs.append((lp[0] - shift).tolist())
+    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs, "env_mask": env_mask}
+
+
+def generated_batch(trainer, vllm_mode: str | None = None, cap: float = 3.0) -> dict:
+    """TRL's own `_generate_and_score_completions` output for one generation batch (8 rows).
+    With `vllm_mode`, TRL's vLLM importance-sampling branch is switched on (the scripted
+    rollout plays vLLM) and computes `importance_sampling_ratio` itself."""
+    if vllm_mode is not None:
+        trainer.use_vllm = True
+        trainer.vllm_importance_sampling_correction = True
+        trainer.vllm_importance_sampling_mode = vllm_mode
+        trainer.vllm_importance_sampling_clip_max = cap
+        trainer._last_loaded_step = trainer.state.global_step  # no vLLM weight sync to do
+    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(G)]
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(rows)
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    return batch
+
+
+# ------------------------------------------------------------------ loss and gradients == TRL's
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_and_grads_equal_trls_on_a_ragged_generated_batch(tmp_path, loss_type):
+    """Ragged rows, rows masked out by `mask_truncated_completions`, an env/tool mask, clipping
+    active on both sides with clip-higher: our loss and gradient equal TRL's, in train and eval."""
+    trainer = make_trainer(
+        tmp_path,
+        rollout_func=scripted_rollout,
+        loss_type=loss_type,
+        drpo_anchor="old",
+        drpo_params={"eps_low": 0.2, "eps_high": 0.28},
+        mask_truncated_completions=True,
+        steps_per_generation=4,  # != gradient_accumulation_steps: dapo's normaliser rescales
+    )
+    trainer.epsilon_high = 0.28  # TRL's clip-higher for its reference loss (DRPOConfig refuses `epsilon_high`)
+    inputs = generated_batch(trainer)
+    mask = inputs["completion_mask"] * inputs["tool_mask"]
+    assert (mask.sum(-1) == 0).tolist() == [not e for e in ENDS_WITH_EOS]  # truncated rows masked out
+    assert (inputs["tool_mask"][6] == 0).any()  # the env mask reaches the batch
+    assert len(set(mask.sum(-1).tolist())) >= 3  # ragged
+    assert int(inputs["num_items_in_batch"]) == int(mask.sum())
+    # A later iteration on the same rollout: the policy has moved away from the old log-probs.
+    g = torch.Generator().manual_seed(1)
+    old = inputs["old_per_token_logps"]
+    inputs["old_per_token_logps"] = (old + 0.4 * torch.randn(old.shape, generator=g)).clamp(max=-1e-4)
+
+    model = trainer.model
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        rec = compare(model, trainer._compute_loss(model, inputs), GRPOTrainer._compute_loss(trainer, model, inputs))
+        assert_matches(rec)
+    logged = trainer._metrics["eval"]
+    assert logged["drpo/beyond_boundary_pos_frac"][-1] > 0 and logged["drpo/beyond_boundary_neg_frac"][-1] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_two_training_steps_equal_trls_loss(tmp_path, loss_type):
+    """Two real `trainer.train()` steps (gradient accumulation 2, one generation batch for
+    both steps, so step 2 is off-policy): every micro-batch's loss and gradient equal TRL's."""
+    trainer = make_trainer(
+        tmp_path, cls=RecordingTrainer, reward=spread_reward, loss_type=loss_type, steps_per_generation=4
+    )
+    trainer.records = []
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert len(trainer.records) == 4
+    for rec in trainer.records:
+        assert_matches(rec)
+    assert any((p.detach() - b).abs().max() > 0 for p, b in zip(trainer.model.parameters(), before))
+    logged = [e for e in trainer.state.log_history if "drpo/weight_mean" in e]
+    assert len(logged) == 2
+    assert all(f"drpo/{name}" in logged[0] for name in METRIC_NAMES)
+    assert logged[1]["drpo/ratio_max"] != pytest.approx(1.0)  # step 2 is off-policy
+
+
+# ------------------------------------------------------------------ MoE router aux loss
+def tiny_moe(tokenizer):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        router_aux_loss_coef=0.5,  # large, so the aux term visibly moves the gradient
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    return Qwen2MoeForCausalLM(config).float()
+
+
+@pytest.mark.slow
+def test_moe_router_aux_loss_is_added_as_trl_adds_it(tmp_path):
+    model = tiny_moe(make_char_tokenizer())
+    trainer = make_trainer(
+        tmp_path, cls=RecordingTrainer, model=model, reward=spread_reward, loss_type="dapo", num_iterations=2
+    )
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.5
+    trainer.records = []
+    trainer.train()
+    assert len(trainer.records) == 4
+    for rec in trainer.records:
+        assert_matches(rec)
+    logged = [e for e in trainer.state.log_history if "aux_loss" in e]
+    assert len(logged) == 2 and all(e["aux_loss"] > 0 for e in logged)
+
+
+def test_moe_aux_loss_term_is_coef_times_aux_over_accumulation(tmp_path):
+    """The MoE loss exceeds the same loss without the router term by coef * aux / accumulation."""
+    model = tiny_moe(make_char_tokenizer())
+    trainer = make_trainer(tmp_path, model=model, rollout_func=scripted_rollout, drpo_anchor="old", num_iterations=2)
+    inputs = generated_batch(trainer)
+    with_aux = trainer._compute_loss(trainer.model, inputs)
+    aux = trainer._metrics["train"]["aux_loss"][-1]
+    trainer.aux_loss_enabled = False
+    without = trainer._compute_loss(trainer.model, inputs)
+    expected = 0.5 * aux / trainer.current_gradient_accumulation_steps
+    assert float((with_aux - without).detach()) == pytest.approx(expected, rel=1e-5)
+    assert expected > 1e-3
+
+
+# ------------------------------------------------------------------ every model input reaches the forward
+def test_forward_receives_every_input_trls_compute_loss_passes(tmp_path):
+    """The keyword inputs our forward receives are exactly those TRL's `_compute_loss` passes
+    on the same batch (multimodal tensors included), and FORWARD_INPUTS covers every model
+    input TRL's helper accepts."""
+    helper = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
+    control = {"self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+               "compute_aux_loss"}
+    assert set(FORWARD_INPUTS) == set(helper) - control
+
+    class Spy(DRPOGRPOTrainer):
+        calls: list
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, **kw):
+            self.calls.append(kw)
+            # The tiny text model has no vision tower: run it on the text inputs only.
+            kw = {k: v for k, v in kw.items() if k not in FORWARD_INPUTS}
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, **kw)
+
+    trainer = make_trainer(tmp_path, cls=Spy, rollout_func=scripted_rollout, drpo_anchor="old", num_iterations=2)
+    trainer.calls = []
+    inputs = generated_batch(trainer)
+    g = torch.Generator().manual_seed(0)
+    extra = {
+        "pixel_values": torch.randn(8, 12, generator=g),
+        "image_grid_thw": torch.tensor([[1, 1, 1]] * 8),
+        "num_images": [1] * 8,
+        "token_type_ids": torch.zeros_like(inputs["prompt_ids"]),
+        "mm_token_type_ids": torch.zeros_like(inputs["prompt_ids"]),
+    }
+    inputs |= extra
+    trainer.calls = []
+    trainer._compute_loss(trainer.model, inputs)
+    GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    ours, trls = trainer.calls
+    assert ours.keys() == trls.keys()
+    for key in ours:
+        assert ours[key] is trls[key], key
+    for key in extra:
+        assert ours[key] is extra[key]
+
+
+# ------------------------------------------------------------------ vLLM importance-sampling correction
+def logps_grad(trainer, inputs) -> torch.Tensor:
+    """d loss / d (current per-token log-probs), through our `_compute_loss`."""
+    captured = {}
+    policy_logps = DRPOGRPOTrainer._policy_logps
+
+    def spy(self, model, inputs):
+        out = policy_logps(self, model, inputs)
+        out[0].retain_grad()
+        captured["logps"] = out[0]
+        return out
+
+    trainer._policy_logps = spy.__get__(trainer)
+    trainer._compute_loss(trainer.model, inputs).backward()
+    return captured["logps"].grad
+
+
+@pytest.mark.parametrize("mode", ["sequence_mask", "token_mask", "sequence_truncate", "token_truncate"])
+@pytest.mark.parametrize("anchor", ["old", "rollout"])
+def test_vllm_importance_sampling_modes(tmp_path, mode, anchor):
+    """Batches from TRL's own vLLM IS branch, in each of its modes: rejected sequences (and
+    tokens) carry no gradient, every other response token does; with the "old" anchor the
+    loss is TRL's; the truncate modes are refused with the rollout anchor."""
+    trainer = make_trainer(tmp_path, rollout_func=scripted_rollout, drpo_anchor=anchor, loss_type="dapo")
+    inputs = generated_batch(trainer, vllm_mode=mode, cap=3.0)
+    ratio, mask = inputs["importance_sampling_ratio"], inputs["completion_mask"] * inputs["tool_mask"]
+    assert ratio.shape == ((8, 1) if mode.startswith("sequence") else (8, mask.size(1)))
+    if anchor == "rollout" and mode.endswith("truncate"):
+        with pytest.raises(ValueError, match="vllm_importance_sampling_mode"):
+            trainer._compute_loss(trainer.model, inputs)
+        return
+    if anchor == "old":
+        model = trainer.model
+        assert_matches(compare(model, trainer._compute_loss(model, inputs), GRPOTrainer._compute_loss(trainer, model, inputs)))
+    rejected = (torch.broadcast_to(ratio, mask.shape) == 0) & (mask != 0)
+    if mode.endswith("mask"):
+        # Rows 1 and 4 (shift 2.5 and 1.5 > log 3) exceed the cap: as whole sequences, or at their first token.
+        expected = torch.zeros_like(rejected)
+        for row in (1, 4):
+            if mode == "sequence_mask":
+                expected[row] = mask[row] != 0
+            else:
+                expected[row, 0] = True
+        assert torch.equal(rejected, expected)
+    else:
+        assert not rejected.any() and float(ratio.max()) == pytest.approx(3.0)  # truncated at the cap
+    grad = logps_grad(trainer, inputs)
+    carries = (mask != 0) & (inputs["advantages"][:, None] != 0)
+    assert (grad[rejected] == 0).all()
+    assert (grad[carries & ~rejected] != 0).all()
+
+
+def test_rollout_anchor_with_truncate_mode_refused_at_config_time(tmp_path):
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode='token_truncate'.*drpo_anchor='old'"):
+        make_config(tmp_path, use_vllm=True, vllm_importance_sampling_mode="token_truncate")
+    make_config(tmp_path, use_vllm=True, vllm_importance_sampling_mode="token_truncate", drpo_anchor="old")
+    make_config(tmp_path, use_vllm=True, vllm_importance_sampling_mode="sequence_mask")  # TRL's default: fine
+
+
+# ------------------------------------------------------------------ fields the loss would ignore
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(delta=0.15), r"`delta=0.15`.*drpo_params=\{\"delta\": \.\.\.\}"),
+        (dict(epsilon=0.3), r"`epsilon=0.3`.*drpo_params"),
+        (dict(epsilon_high=0.28), r"`epsilon_high=0.28`.*drpo_params"),
+        (dict(loss_type="cispo"), r"`loss_type='cispo'`.*drpo_method='cispo'"),
+        (dict(loss_type="sapo"), r"`loss_type='sapo'`"),
+        (dict(loss_type="luspo"), r"`loss_type='luspo'`"),
+        (dict(loss_type="vespo"), r"`loss_type='vespo'`"),
+        (dict(entropy_coef=0.01), r"`entropy_coef=0.01`"),
+        (dict(off_policy_mask_threshold=0.5), r"`off_policy_mask_threshold=0.5`"),
+    ],
+)
+def test_config_refuses_fields_the_loss_would_ignore(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_config(tmp_path, drpo_method="drpo", drpo_params={}, **overrides)
+
+
+def test_config_field_rule_is_difference_from_trls_default(tmp_path):
+    # TRL's defaults, even passed explicitly, are accepted; the grpo method names its own parameters.
+    make_config(tmp_path, epsilon=0.2, epsilon_high=None, delta=None, loss_type="dapo")
+    with pytest.raises(ValueError, match=r"drpo_params=\{\"eps_low\": \.\.\., \"eps_high\": \.\.\..*drpo_method='grpo'"):
+        make_config(tmp_path, epsilon_high=0.28)
