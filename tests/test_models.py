@@ -151,13 +151,16 @@ def test_fake_quantize_weights_in_place_by_precision():
         if precision == "bf16":
             assert all(p.dtype == torch.bfloat16 for p in names.values())
             continue
-        assert all(p.dtype == torch.float32 for p in names.values())
+        # fp8_e2e: the fp8 weights held in bf16, for the engine kernel's bf16 compute.
+        dtype = torch.bfloat16 if precision == "fp8_e2e" else torch.float32
+        assert all(p.dtype == dtype for p in names.values())
         for name, p in names.items():
             if precision == "fp32" or "norm" in name:
-                assert torch.equal(p, ref[name]), name
+                assert torch.equal(p, ref[name].to(dtype)), name
             else:
                 fp8 = torch.float8_e5m2 if precision == "fp8_e5m2" else torch.float8_e4m3fn
-                torch.testing.assert_close(p, fp8_fake_quantize(ref[name].detach(), fp8), rtol=0, atol=0)
+                expected = fp8_fake_quantize(ref[name].detach(), fp8).to(dtype)
+                torch.testing.assert_close(p, expected, rtol=0, atol=0)
                 assert not torch.equal(p, ref[name]), name
     with pytest.raises(ValueError, match="fp16"):
         fake_quantize_weights_(copy.deepcopy(base), "fp16")

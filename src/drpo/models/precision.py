@@ -9,9 +9,14 @@
               (row) so its max |value| maps to the format's max, cast to torch.float8_e4m3fn /
               float8_e5m2 and back, and multiplied by the scale again; compute stays fp32.
               Norm weights and biases stay fp32 (servers keep them in high precision).
-    fp8_e2e   the engine is fp8_e4m3, and the trainer also runs its forward on e4m3
-              fake-quantized weights (`quantized_forward`), with a straight-through
-              estimator so gradients reach the fp32 master weights.
+    fp8_e2e   fp8 end to end, with the rollout and training kernels differing as they do in
+              real stacks: both sides use the same e4m3 per-channel weights (the trainer
+              through `quantized_forward`, a straight-through estimator so gradients reach
+              the fp32 master weights), but the engine's kernel computes activations,
+              attention and KV cache in bf16 (an fp8 serving GEMM with bf16 activations),
+              while the trainer's forward computes in fp32. So the mismatch is small but
+              not zero, as in FP8 end-to-end RL, where rollout and trainer run different
+              kernels.
 
 Per-channel scaling is the usual choice of fp8 weight quantization (vLLM's per-channel FP8,
 TransformerEngine's block/row scaling): a single outlier row cannot wreck every other row.
@@ -68,7 +73,9 @@ def quantizable_weights(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]
 def fake_quantize_weights_(model: nn.Module, precision: str) -> nn.Module:
     """Apply `precision` to `model`'s weights in place (see the module docstring):
     fp32 -> cast to fp32; bf16 -> cast the whole model to bfloat16; fp8_* -> fp32 with
-    Linear/Embedding weights fp8 fake-quantized per output channel. Returns the model."""
+    Linear/Embedding weights fp8 fake-quantized per output channel; fp8_e2e -> those fp8
+    weights, then the whole model cast to bfloat16 (the engine kernel's bf16 compute).
+    Returns the model."""
     check_precision(precision)
     if precision == "bf16":
         return model.to(torch.bfloat16)
@@ -77,6 +84,8 @@ def fake_quantize_weights_(model: nn.Module, precision: str) -> nn.Module:
         fp8 = FP8_DTYPES[precision]
         for _, weight in quantizable_weights(model):
             weight.copy_(fp8_fake_quantize(weight, fp8))
+    if precision == "fp8_e2e":
+        model.to(torch.bfloat16)
     return model
 
 

@@ -111,6 +111,11 @@ def sync_weights(engine: RolloutEngine, policy: nn.Module, step: int) -> None:
             f"policy and engine have different tensors (missing in policy: {missing}, unexpected: {extra}); "
             "was the policy inside quantized_forward?"
         )
+    # Back to fp32 first, so low-precision engines re-quantize from the exact master weights
+    # (copying into bf16 tensors would round before the fp8 quantization).
+    engine.model.float()
+    dst = dict(engine.model.named_parameters(remove_duplicate=False))
+    dst.update(dict(engine.model.named_buffers(remove_duplicate=False)))
     for name, tensor in dst.items():
         if src[name].shape != tensor.shape:
             raise ValueError(f"sync_weights: {name!r} has shape {tuple(src[name].shape)} in the policy, "

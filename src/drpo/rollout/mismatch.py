@@ -1,6 +1,10 @@
 """Training-inference mismatch of each rollout precision: sample with an engine in that
-precision, recompute the sampled tokens' log-probs with the fp32 policy, and compare.
+precision, recompute the sampled tokens' log-probs with the trainer's forward (fp32; the
+fp8-quantized forward under fp8_e2e), and compare. Also reports what sets the regime: the
+long-tail share (sampled tokens with behaviour probability mu <= 0.01), the response length,
+and the mismatch on long-tail tokens against the rest.
 
+    .venv/bin/python -m drpo.rollout.mismatch --config configs/testbed.yaml   # the testbed policy
     .venv/bin/python -m drpo.rollout.mismatch --policy tiny
     .venv/bin/python -m drpo.rollout.mismatch --policy smollm2 --threads 1
 """
@@ -8,6 +12,8 @@ precision, recompute the sampled tokens' log-probs with the fp32 policy, and com
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import time
 
@@ -15,57 +21,120 @@ import torch
 from tqdm import tqdm
 
 from drpo.logprobs import sequence_logprobs
-from drpo.models import PRECISIONS, encode_prompt, load_policy
+from drpo.models import PRECISIONS, encode_prompt, load_policy, quantized_forward
 from drpo.rollout.engine import generate, make_engine
 
 DEFAULT_QUESTIONS = ("What is 17+25?", "What is 3*4?", "Compute 120-45.", "What is 9+10?")
+LONG_TAIL = 0.01  # mu <= this: a long-tail token
+
+
+def token_mismatch_stats(train_logp, behaviour_logp, response_mask, long_tail: float = LONG_TAIL) -> dict:
+    """Per-token |log pi/mu| statistics over the response tokens: mean, max, long-tail
+    share (mu <= long_tail), mean on long-tail tokens and on the rest (nan if none),
+    mean response length."""
+    mask = response_mask.bool()
+    diff = (train_logp - behaviour_logp)[mask].abs().double()
+    tail = behaviour_logp[mask] <= math.log(long_tail)
+    n_tail = int(tail.sum())
+    return {
+        "mean_abs_log_ratio": diff.mean().item(),
+        "max_abs_log_ratio": diff.max().item(),
+        "long_tail_share": n_tail / diff.numel(),
+        "long_tail_mean": diff[tail].mean().item() if n_tail else float("nan"),
+        "rest_mean": diff[~tail].mean().item() if n_tail < diff.numel() else float("nan"),
+        "response_length": mask.sum(-1).double().mean().item(),
+        "tokens": diff.numel(),
+    }
 
 
 def precision_mismatch(policy, prompts: list[list[int]], precision: str, *, eos_token_id: int, pad_token_id: int,
                        n_samples: int = 4, max_new_tokens: int = 24, temperature: float = 1.0, seed: int = 0,
-                       num_threads: int | None = None) -> dict[str, float]:
-    """Mean and max |behaviour logp - fp32 recomputation| over response tokens, the number
-    of tokens, and the sampling time, for one engine precision."""
+                       num_threads: int | None = None, batch: int = 64) -> dict[str, float]:
+    """`token_mismatch_stats` of one engine precision against the trainer's forward, and the
+    sampling time. Prompts go through the engine `batch` at a time."""
     engine = make_engine(policy, precision, num_threads=num_threads)
-    start = time.perf_counter()
-    r = generate(engine, prompts, n_samples=n_samples, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                 pad_token_id=pad_token_id, temperature=temperature,
-                 generator=torch.Generator().manual_seed(seed))
-    seconds = time.perf_counter() - start
-    with torch.no_grad():
-        logp = sequence_logprobs(policy, r.input_ids, r.attention_mask, response_start=r.prompt_len,
-                                 temperature=temperature)
-    diff = (logp - r.behaviour_logp)[r.response_mask].abs()
-    return {"mean_abs_log_ratio": diff.mean().item(), "max_abs_log_ratio": diff.max().item(),
-            "tokens": int(r.response_mask.sum()), "sample_seconds": seconds}
+    gen = torch.Generator().manual_seed(seed)
+    train, behaviour, masks, seconds = [], [], [], 0.0
+    for s in range(0, len(prompts), batch):
+        start = time.perf_counter()
+        r = generate(engine, prompts[s : s + batch], n_samples=n_samples, max_new_tokens=max_new_tokens,
+                     eos_token_id=eos_token_id, pad_token_id=pad_token_id, temperature=temperature, generator=gen)
+        seconds += time.perf_counter() - start
+        with torch.no_grad(), quantized_forward(policy, precision):  # a no-op but for fp8_e2e
+            logp = sequence_logprobs(policy, r.input_ids, r.attention_mask, response_start=r.prompt_len,
+                                     temperature=temperature)
+        train.append(logp[r.response_mask])
+        behaviour.append(r.behaviour_logp[r.response_mask])
+    flat_train, flat_behaviour = torch.cat(train)[None], torch.cat(behaviour)[None]
+    stats = token_mismatch_stats(flat_train, flat_behaviour, torch.ones_like(flat_train, dtype=torch.bool))
+    stats["response_length"] = flat_train.shape[1] / (len(prompts) * n_samples)
+    return {**stats, "sample_seconds": seconds}
+
+
+def _testbed(config: str, n_prompts: int):
+    """(policy, tokenizer, prompts, rollout config) of a `drpo train` config: its warm-started
+    policy (trained and cached on first use) and the first training prompts of its task."""
+    from drpo.tasks import make_task
+    from drpo.train.batching import encode_prompts
+    from drpo.train.config import load_config
+    from drpo.train.loop import load_model
+
+    cfg = load_config(config)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    task = make_task(cfg.task, cfg.seed)
+    policy, tokenizer, _ = load_model(cfg, task, torch.device("cpu"), log=lambda *a: None)
+    examples = [task.train_example(i) for i in range(n_prompts)]
+    prompts = encode_prompts(tokenizer, examples, cfg.task.prompt_template, system=cfg.model.system_prompt)
+    return policy.eval(), tokenizer, prompts, cfg.rollout
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--policy", default="tiny", help="'tiny', 'smollm2' or a local HF directory")
+    p.add_argument("--config", default=None, help="a `drpo train` config (e.g. configs/testbed.yaml): its "
+                   "warm-started policy, task prompts, n_samples, max_new_tokens and temperature")
+    p.add_argument("--policy", default="tiny", help="without --config: 'tiny', 'smollm2' or a local HF directory")
     p.add_argument("--precisions", default="fp32,bf16,fp8_e4m3,fp8_e5m2")
-    p.add_argument("--n-samples", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--prompts", type=int, default=64, help="with --config: number of training prompts")
+    p.add_argument("--n-samples", type=int, default=None, help="default: the config's, else 4")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's, else 24")
+    p.add_argument("--temperature", type=float, default=None, help="default: the config's, else 1.0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads while sampling")
+    p.add_argument("--json", default=None, help="also write the table as JSON here")
     args = p.parse_args(argv)
     precisions = [x for x in args.precisions.split(",") if x]
     unknown = [x for x in precisions if x not in PRECISIONS]
     if unknown:
         p.error(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
-    policy, tokenizer = load_policy(args.policy, seed=args.seed)
-    prompts = [encode_prompt(tokenizer, q) for q in DEFAULT_QUESTIONS]
-    print(f"policy={args.policy} prompts={len(prompts)} n_samples={args.n_samples} "
-          f"max_new_tokens={args.max_new_tokens} temperature={args.temperature} seed={args.seed}")
-    print(f"{'precision':<10} {'mean|log r|':>12} {'max|log r|':>11} {'tokens':>7} {'sample s':>9}")
+    if args.config:
+        policy, tokenizer, prompts, ro = _testbed(args.config, args.prompts)
+        defaults, source = (ro.n_samples, ro.max_new_tokens, ro.temperature), f"config={args.config}"
+    else:
+        policy, tokenizer = load_policy(args.policy, seed=args.seed)
+        prompts = [encode_prompt(tokenizer, q) for q in DEFAULT_QUESTIONS]
+        defaults, source = (4, 24, 1.0), f"policy={args.policy}"
+    n_samples, max_new, temperature = (given if given is not None else d for given, d in
+                                       zip((args.n_samples, args.max_new_tokens, args.temperature), defaults))
+    print(f"{source} prompts={len(prompts)} n_samples={n_samples} max_new_tokens={max_new} "
+          f"temperature={temperature} seed={args.seed} long tail: mu <= {LONG_TAIL}")
+    print(f"{'precision':<10} {'tail share':>10} {'resp len':>8} {'mean|log r|':>11} {'max|log r|':>10} "
+          f"{'tail mean':>9} {'rest mean':>9} {'tail/rest':>9} {'tokens':>7} {'sample s':>8}")
+    rows = {}
     for precision in tqdm(precisions, desc="precisions", file=sys.stderr):
         m = precision_mismatch(policy, prompts, precision, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id, n_samples=args.n_samples,
-                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                               num_threads=args.threads)
-        tqdm.write(f"{precision:<10} {m['mean_abs_log_ratio']:>12.3e} {m['max_abs_log_ratio']:>11.3e} "
-                   f"{m['tokens']:>7d} {m['sample_seconds']:>9.2f}", file=sys.stdout)
+                               pad_token_id=tokenizer.pad_token_id, n_samples=n_samples, max_new_tokens=max_new,
+                               temperature=temperature, seed=args.seed, num_threads=args.threads)
+        rows[precision] = m
+        ratio = m["long_tail_mean"] / m["rest_mean"] if m["rest_mean"] > 0 else float("nan")
+        tqdm.write(f"{precision:<10} {m['long_tail_share']:>10.3f} {m['response_length']:>8.1f} "
+                   f"{m['mean_abs_log_ratio']:>11.3e} {m['max_abs_log_ratio']:>10.3e} {m['long_tail_mean']:>9.3e} "
+                   f"{m['rest_mean']:>9.3e} {ratio:>9.2f} {m['tokens']:>7d} {m['sample_seconds']:>8.2f}",
+                   file=sys.stdout)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"source": source, "n_samples": n_samples, "max_new_tokens": max_new,
+                       "temperature": temperature, "seed": args.seed, "precisions": rows}, f, indent=2)
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from drpo.rewards import get_reward
 from drpo.tasks.arithmetic import eval_problems, train_stream
 from drpo.tasks.base import Example, Task
+from drpo.tasks import wordproblems
 from drpo.tasks.jsonl import DatasetError, cycle_stream, load_jsonl, split_examples
 
 __all__ = ["DatasetError", "Example", "Task", "load_jsonl", "make_task"]
@@ -18,6 +19,10 @@ __all__ = ["DatasetError", "Example", "Task", "load_jsonl", "make_task"]
 
 def make_task(cfg, seed: int) -> Task:
     """Build the task named by `cfg` (a TaskConfig). Eval data is held out of training."""
+    if cfg.name == "wordproblems":
+        held = wordproblems.eval_problems(seed, cfg.eval_size, cfg.n_ops)
+        return Task("wordproblems", wordproblems.train_stream(seed, cfg.n_ops, held), held,
+                    wordproblems.word_problem_reward)
     reward = get_reward(cfg.reward_name)
     if cfg.name == "arithmetic":
         held = eval_problems(seed, cfg.eval_size, cfg.digits, cfg.ops)
@@ -29,4 +34,4 @@ def make_task(cfg, seed: int) -> Task:
         else:
             train, held = split_examples(examples, cfg.eval_size, seed)
         return Task("jsonl", cycle_stream(train, seed), tuple(held), reward)
-    raise ValueError(f"unknown task.name {cfg.name!r}; choose arithmetic or jsonl")
+    raise ValueError(f"unknown task.name {cfg.name!r}; choose arithmetic, jsonl or wordproblems")

@@ -35,6 +35,10 @@ class ModelConfig(_Section):
     num_heads: int = Field(4, gt=0)
     intermediate_size: int = Field(384, gt=0)
     max_position: int = Field(64, gt=0)
+    # Tokenizer of the tiny model: "char" (one token per character) or "bpe" (byte-level BPE
+    # of at most vocab_size tokens, trained on the task's own text; the testbed's).
+    tokenizer: Literal["char", "bpe"] = "char"
+    vocab_size: int = Field(1536, ge=300)
     # System turn for chat-templated models (prompts use the chat template whenever the
     # tokenizer has one, e.g. SmolLM2); None = no system turn.
     system_prompt: str | None = None
@@ -76,8 +80,9 @@ class WarmstartConfig(_Section):
 
 
 class TaskConfig(_Section):
-    name: Literal["arithmetic", "jsonl"] = "arithmetic"
+    name: Literal["arithmetic", "jsonl", "wordproblems"] = "arithmetic"
     digits: int = Field(2, ge=1, le=6)  # arithmetic: operand digits
+    n_ops: int = Field(2, ge=1, le=4)  # wordproblems: changes to the count per problem
     ops: str = "+"  # arithmetic: operators drawn uniformly, from "+-*"
     dataset: str | None = None  # jsonl: path of {"prompt"|"question", "answer"} lines
     eval_dataset: str | None = None  # jsonl: separate eval file (default: hold out eval_size)
@@ -105,8 +110,10 @@ class TaskConfig(_Section):
     def _dataset_matches_name(self):
         if self.name == "jsonl" and not self.dataset:
             raise ValueError("task.name='jsonl' needs task.dataset=<path.jsonl>")
-        if self.name == "arithmetic" and (self.dataset or self.eval_dataset):
-            raise ValueError(f"task.dataset={self.dataset!r} is set but task.name='arithmetic'; set task.name=jsonl")
+        if self.name != "jsonl" and (self.dataset or self.eval_dataset):
+            raise ValueError(f"task.dataset={self.dataset!r} is set but task.name={self.name!r}; set task.name=jsonl")
+        if self.name == "wordproblems" and self.reward is not None:
+            raise ValueError(f"task.reward={self.reward!r}: wordproblems has its own verifier (leave task.reward unset)")
         return self
 
     @property

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from drpo.advantages import group_advantages
 from drpo.logprobs import sequence_logprobs
 from drpo.models import build_tiny_model, load_policy, make_char_tokenizer, quantized_forward
+from drpo.models.bpe import task_tokenizer
 from drpo.objectives import policy_loss
 from drpo.rollout import generate, make_engine, sync_weights
 from drpo.tasks import Task, make_task
@@ -73,8 +74,8 @@ def pick_device(name: str) -> torch.device:
 def load_model(cfg: Config, task: Task, device: torch.device, log=print):
     """The policy (fp32) and its tokenizer; the tiny default gets its cached warm start."""
     if cfg.model.name == "tiny":
-        tokenizer = make_char_tokenizer()
         m = cfg.model
+        tokenizer = make_char_tokenizer() if m.tokenizer == "char" else task_tokenizer(task, m.vocab_size)
         model = build_tiny_model(
             tokenizer,
             hidden_size=m.hidden_size,
@@ -200,6 +201,8 @@ def microbatch_loss(model, rollout, idx, anchor, advantages, cfg: Config):
     """(loss, objective diagnostics, train-side log-probs) of the samples `idx`."""
     obj = cfg.objective
     logp = policy_logprobs(model, rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_len, cfg)
+    if not bool(torch.isfinite(logp.detach()[rollout.response_mask[idx].bool()]).all()):  # overflowing weights
+        raise FloatingPointError(f"non-finite log-probs of the policy (method {obj.method!r})")
     loss, metrics = policy_loss(
         obj.method, logp, anchor[idx], advantages[idx], rollout.response_mask[idx],
         agg=obj.agg, horizon=obj.horizon, **obj.resolved_params,
@@ -242,6 +245,9 @@ def update(model, optimizer, scheduler, rollout, advantages, cfg: Config, genera
                 mismatch.append(mismatch_stats(logp, rollout.behaviour_logp[idx], rollout.response_mask[idx]))
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)))
         optimizer.step()
+        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+            raise FloatingPointError(f"non-finite weights after an optimizer step (grad norm {grad_norms[-1]}, "
+                                     f"method {cfg.objective.method!r})")
         scheduler.step()
     model.eval()
     return {

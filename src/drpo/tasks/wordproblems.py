@@ -1,0 +1,157 @@
+"""Word problems with worked, free-form solutions: the testbed task (configs/testbed.yaml).
+
+A prompt tells a short story of a count that changes `n_ops` times; the reference solution
+restates the start, works each change as "a + b = c" / "a - b = c" in one of several
+phrasings with optional asides drawn from a large word list, and ends with "The answer is N."
+Sampled at temperature 1.0, the free-form text gives a real long tail of low-probability
+tokens (the asides) around the tokens that decide the reward (the arithmetic), and responses
+run 30-60 subword tokens.
+
+Reward: 1 if the completion's last "answer is N" names the reference's final count, else 0
+(sequence level, verifiable). `Example.answer` holds the whole reference solution (the
+warm start's supervised target); its final count is the number after "The answer is".
+
+Every example is a pure function of (seed, split, index), and eval prompts are excluded from
+the training stream, as for the arithmetic task.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from drpo.tasks.base import Example
+
+NAMES = (
+    "Ada Alex Ali Amir Ana Anna Ari Ava Ben Bo Cam Cara Chen Chloe Dan Dara Dev Eli Ella Emma Eva Finn Gia Gus "
+    "Hana Hugo Ian Ida Ines Ivy Jack Jada Jay Jin Jo Kai Kara Kim Leo Lena Liam Lila Lou Luca Luz Max Maya Mei "
+    "Mia Milo Nia Nico Nina Noah Noor Omar Otto Pia Raj Ravi Rosa Ruby Sam Sara Sol Tara Teo Tom Uma Vera Yara "
+    "Yuki Zara Zoe"
+).split()
+ITEMS = (
+    "apples acorns badges balloons beads bells blocks books bottles bricks buttons candles cards carrots "
+    "cherries coins cookies crayons cups dice eggs feathers flowers gems grapes hats jars keys kites lemons "
+    "letters marbles medals muffins nails oranges pebbles pencils pens pins plums puzzles ribbons rings rocks "
+    "seeds shells socks spoons stamps stickers stones straws tickets tiles toys trains walnuts whistles"
+).split()
+# Free-form asides: many near-equally likely words, the source of low-probability samples.
+ADJECTIVES = (
+    "amber ancient bright brisk calm careful cheerful chilly clever cosy crisp curious dainty dusty eager "
+    "early fancy fierce fine fluffy fresh friendly gentle giant glad glossy golden grand happy hasty heavy "
+    "hollow humble jolly kind large lively lovely lucky merry mighty misty modest neat nimble noble odd "
+    "orange pale patient perfect plain playful plucky polite proud quick quiet rapid rare rosy round royal "
+    "rusty salty shiny silent silver simple sleepy slim smooth snowy soft solid sour spare speedy spotted "
+    "steady sticky stout striped sturdy sunny sweet swift tall tame tidy tiny tough tricky velvet vivid "
+    "warm wavy wild windy wise witty wooden woolly young zesty"
+).split()
+PLACES = (
+    "at the park|at the market|at school|at home|in the garden|at the fair|by the river|at the library|"
+    "on the bus|at the beach|in the kitchen|at the shop|at the zoo|on the farm|at a party|in the yard"
+).split("|")
+
+ADD_STORY = ("{n} finds {k} more {item}.", "{n} buys {k} more {item}.", "{n} gets {k} more {item} {place}.",
+             "A friend gives {n} {k} more {item}.", "{n} picks up {k} more {item} {place}.")
+SUB_STORY = ("{n} gives {k} {item} to {m}.", "{n} loses {k} {item} {place}.", "{n} sells {k} {item}.",
+             "{n} trades away {k} {item}.", "{n} gives away {k} of the {item}.")
+OPENERS = ("Let me work it out.", "Let us think step by step.", "We track the count.", "Step by step:",
+           "Let me count.", "Okay, one step at a time.", "We follow each change.", "Let us see.")
+START = ("{n} starts with {a} {item}.", "At first {n} has {a} {item}.", "In the beginning there are {a} {item}.",
+         "{n} has {a} {adj} {item} to begin with.", "The count starts at {a}.")
+ADD_STEP = ("Adding {k} gives {a} + {k} = {c}.", "{n} gets {k} more, so {a} + {k} = {c}.",
+            "Then {a} + {k} = {c} {item}.", "After the {adj} gift, {a} + {k} = {c}.", "Now {a} + {k} = {c}.")
+SUB_STEP = ("Taking away {k} leaves {a} - {k} = {c}.", "{n} loses {k}, so {a} - {k} = {c}.",
+            "Then {a} - {k} = {c} {item}.", "After that {adj} trade, {a} - {k} = {c}.", "Now {a} - {k} = {c}.")
+ASIDES = ("What a {adj} day.", "The {item} look {adj}.", "That is a {adj} pile.", "{n} feels {adj}.",
+          "It is a {adj} morning {place}.")
+CLOSERS = ("So {n} has {c} {item} now.", "That leaves {n} with {c} {item}.", "In the end there are {c} {item}.",
+           "So the count ends at {c}.", "{n} ends up with {c} {adj} {item}.")
+FINAL = "The answer is {c}."
+
+_ANSWER = re.compile(r"answer is\s*(-?\d+)")
+
+
+def final_count(text: str) -> str | None:
+    """The number after the last "answer is" in `text`, or None."""
+    found = _ANSWER.findall(text)
+    return found[-1] if found else None
+
+
+def word_problem_reward(completion: str, answer: str) -> float:
+    """1.0 if the completion's last "answer is N" equals the reference solution's."""
+    want, got = final_count(answer), final_count(completion)
+    if want is None:
+        raise ValueError(f"reference solution has no 'The answer is N': {answer!r}")
+    return float(got is not None and got == want)
+
+
+def check_params(n_ops: int) -> None:
+    if isinstance(n_ops, bool) or not isinstance(n_ops, int) or not 1 <= n_ops <= 4:
+        raise ValueError(f"task.n_ops must be an int in [1, 4], got {n_ops!r}")
+
+
+def make_problem(rng: random.Random, n_ops: int) -> Example:
+    """One story with `n_ops` changes, its worked solution and final count (never negative)."""
+    n, m = rng.sample(NAMES, 2)
+    item = rng.choice(ITEMS)
+    a = rng.randint(5, 30)
+    story = [f"{n} has {a} {item}."]
+    work = [rng.choice(OPENERS), _fill(rng.choice(START), rng, n=n, a=a, item=item)]
+    for i in range(n_ops):
+        add = a < 4 or rng.random() < 0.5
+        k = rng.randint(1, 15) if add else rng.randint(1, min(a, 15))
+        c = a + k if add else a - k
+        event = _fill(rng.choice(ADD_STORY if add else SUB_STORY), rng, n=n, m=m, k=k, item=item)
+        if i:  # "Then a friend gives ...", "Then Mia sells ..."
+            event = "Then " + (event[0].lower() + event[1:] if event.startswith("A ") else event)
+        story.append(event)
+        work.append(_fill(rng.choice(ADD_STEP if add else SUB_STEP), rng, n=n, a=a, k=k, c=c, item=item))
+        if rng.random() < 0.3:
+            work.append(_fill(rng.choice(ASIDES), rng, n=n, item=item))
+        a = c
+    story.append(f"How many {item} does {n} have now?")
+    work.append(_fill(rng.choice(CLOSERS), rng, n=n, c=a, item=item))
+    work.append(FINAL.format(c=a))
+    return Example(prompt=" ".join(story), answer=" ".join(work))
+
+
+def _fill(template: str, rng: random.Random, **fields) -> str:
+    # Only draw the random words a template uses, so each phrasing's draws stay independent.
+    if "{adj}" in template:
+        fields["adj"] = rng.choice(ADJECTIVES)
+    if "{place}" in template:
+        fields["place"] = rng.choice(PLACES)
+    return template.format(**fields)
+
+
+def problem_at(seed: int, split: str, index: int, n_ops: int) -> Example:
+    return make_problem(random.Random(f"words/{seed}/{split}/{index}"), n_ops)
+
+
+def eval_problems(seed: int, size: int, n_ops: int) -> tuple[Example, ...]:
+    """`size` held-out problems with distinct prompts."""
+    check_params(n_ops)
+    seen: dict[str, Example] = {}
+    index = 0
+    while len(seen) < size:
+        ex = problem_at(seed, "eval", index, n_ops)
+        seen.setdefault(ex.prompt, ex)
+        index += 1
+    return tuple(seen.values())
+
+
+def train_stream(seed: int, n_ops: int, held_out: tuple[Example, ...]):
+    """Returns train_example(i): the i-th training problem, never one of `held_out`'s prompts."""
+    check_params(n_ops)
+    excluded = {ex.prompt for ex in held_out}
+
+    def train_example(i: int) -> Example:
+        if not isinstance(i, int) or i < 0:
+            raise ValueError(f"training example index must be a non-negative int, got {i!r}")
+        attempt = 0
+        while True:
+            ex = problem_at(seed, f"train/{attempt}", i, n_ops)
+            if ex.prompt not in excluded:
+                return ex
+            attempt += 1
+
+    return train_example

@@ -1,0 +1,162 @@
+"""The testbed regime's components (configs/testbed.yaml): the word-problem task and its
+verifier, the locally trained BPE tokenizer, the fp8_e2e engine, and the mismatch statistics.
+The regime's measured numbers are in docs/testbed.md; these checks are fast."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from drpo.logprobs import sequence_logprobs
+from drpo.models import build_tiny_model, fp8_fake_quantize, quantized_forward
+from drpo.models.bpe import task_tokenizer, train_bpe_tokenizer
+from drpo.rollout import generate, make_engine, sync_weights
+from drpo.rollout.mismatch import token_mismatch_stats
+from drpo.tasks import make_task
+from drpo.tasks.wordproblems import final_count, word_problem_reward
+from drpo.train.config import ConfigError, load_config
+
+TESTBED = Path(__file__).resolve().parents[1] / "configs" / "testbed.yaml"
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(TESTBED)
+
+
+@pytest.fixture(scope="module")
+def task(cfg):
+    return make_task(cfg.task, cfg.seed)
+
+
+@pytest.fixture(scope="module")
+def tok(cfg, task):
+    return task_tokenizer(task, cfg.model.vocab_size)
+
+
+def story_count(prompt: str) -> int:
+    """The final count read off the story text alone (independent of the solution writer)."""
+    count = int(re.match(r"\w+ has (\d+) ", prompt).group(1))
+    for sentence in prompt.split(". ")[1:]:
+        k = re.search(r"\b(\d+)\b", sentence)
+        if k is None:
+            continue  # the question
+        up = re.search(r"\b(finds|buys|gets|gives \w+|picks up) \d+ more\b", sentence)
+        count += int(k.group(1)) if up else -int(k.group(1))
+    return count
+
+
+def test_reference_solutions_are_right_and_the_verifier_checks_the_final_count(task):
+    for i in range(300):
+        ex = task.train_example(i)
+        want = story_count(ex.prompt)
+        assert final_count(ex.answer) == str(want) and want >= 0, ex
+        for a, op, b, c in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", ex.answer):  # every worked step
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)), ex.answer
+        assert word_problem_reward(ex.answer, ex.answer) == 1.0
+        assert word_problem_reward(f"blah. The answer is {want + 1}.", ex.answer) == 0.0
+        assert word_problem_reward(f"The answer is {want + 1}. No, the answer is {want}.", ex.answer) == 1.0
+        assert word_problem_reward(f"so it is {want}.", ex.answer) == 0.0  # the answer phrase is required
+    with pytest.raises(ValueError, match="answer is"):
+        word_problem_reward("The answer is 3.", "no final count here")
+
+
+def test_eval_split_is_held_out_and_streams_are_reproducible(cfg, task):
+    held = {ex.prompt for ex in task.eval_examples}
+    assert len(held) == cfg.task.eval_size
+    assert not held & {task.train_example(i).prompt for i in range(3000)}
+    again = make_task(cfg.task, cfg.seed)
+    assert [again.train_example(i) for i in range(50)] == [task.train_example(i) for i in range(50)]
+    other = make_task(cfg.task, cfg.seed + 1)
+    assert [other.train_example(i) for i in range(50)] != [task.train_example(i) for i in range(50)]
+
+
+def test_bpe_tokenizer_is_deterministic_subword_and_round_trips(cfg, task, tok):
+    again = task_tokenizer(task, cfg.model.vocab_size)
+    assert again.get_vocab() == tok.get_vocab()
+    assert again.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()  # same merges, same order
+    assert 1000 <= len(tok) <= cfg.model.vocab_size
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    lengths = []
+    for i in range(200):
+        ex = task.train_example(i)
+        ids = tok(ex.answer, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == ex.answer
+        assert tok(ex.prompt)["input_ids"][0] == tok.bos_token_id
+        lengths.append(len(ids) + 1)  # + <eos>
+        assert len(ids) < len(ex.answer) / 2  # subwords, not characters
+    assert min(lengths) >= 32, min(lengths)
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_bpe_tokenizer(["a b c"], 100)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match="task.n_ops"):
+        load_config(TESTBED, ["task.n_ops=9"])
+    with pytest.raises(ConfigError, match="task.reward"):
+        load_config(TESTBED, ["task.reward=exact"])
+    with pytest.raises(ConfigError, match="model.tokenizer"):
+        load_config(TESTBED, ["model.tokenizer=sentencepiece"])
+
+
+def test_token_mismatch_stats_by_hand():
+    behaviour = torch.log(torch.tensor([[0.5, 0.005, 0.2, 0.001, 0.9]]))
+    train = behaviour + torch.tensor([[0.01, 0.2, -0.03, -0.4, 99.0]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    s = token_mismatch_stats(train, behaviour, mask)
+    assert s["long_tail_share"] == 0.5 and s["tokens"] == 4 and s["response_length"] == 4
+    assert s["mean_abs_log_ratio"] == pytest.approx((0.01 + 0.2 + 0.03 + 0.4) / 4, rel=1e-5)
+    assert s["max_abs_log_ratio"] == pytest.approx(0.4, rel=1e-5)
+    assert s["long_tail_mean"] == pytest.approx(0.3, rel=1e-5)
+    assert s["rest_mean"] == pytest.approx(0.02, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def policy(cfg, tok):
+    # The testbed architecture, random init; a larger head scale gives peaked, varied
+    # distributions like a trained policy's (near-uniform ones would hide the mismatch).
+    m = cfg.model
+    model = build_tiny_model(tok, hidden_size=m.hidden_size, num_layers=2, num_heads=m.num_heads,
+                             intermediate_size=m.intermediate_size, max_position=m.max_position, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    return model
+
+
+def _mismatch(policy, precision, prompts, tok):
+    engine = make_engine(policy, precision)
+    r = generate(engine, prompts, n_samples=4, max_new_tokens=32, eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), quantized_forward(policy, precision):  # the trainer's forward
+        logp = sequence_logprobs(policy, r.input_ids, r.attention_mask, response_start=r.prompt_len)
+    return token_mismatch_stats(logp, r.behaviour_logp, r.response_mask)["mean_abs_log_ratio"]
+
+
+def test_mismatch_ordering_and_fp8_e2e_is_not_zero(policy, task, tok):
+    torch.manual_seed(0)
+    prompts = [tok(task.train_example(i).prompt)["input_ids"] for i in range(4)]
+    m = {p: _mismatch(policy, p, prompts, tok) for p in ("fp32", "bf16", "fp8_e4m3", "fp8_e2e")}
+    assert m["fp32"] < 1e-5, m
+    assert m["fp32"] < m["bf16"] < m["fp8_e4m3"], m
+    # Same fp8 weights on both sides, different kernels: clearly above fp32, below fp8 rollouts.
+    assert 1e-3 < m["fp8_e2e"] < m["fp8_e4m3"], m
+
+
+def test_fp8_e2e_engine_requantizes_from_the_fp32_master_on_sync(policy, tok):
+    engine = make_engine(policy, "fp8_e2e")
+    trained = build_tiny_model(tok, num_layers=2, hidden_size=128, num_heads=4, intermediate_size=384,
+                               max_position=128, seed=11)
+    sync_weights(engine, trained, step=3)
+    expected = fp8_fake_quantize(trained.lm_head.weight, torch.float8_e4m3fn).bfloat16()
+    assert engine.model.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(engine.model.lm_head.weight, expected)
+    # The trainer side of fp8_e2e reads the same fp8 weights (kept in fp32).
+    with quantized_forward(trained, "fp8_e2e"):
+        torch.testing.assert_close(trained.lm_head.weight.bfloat16(), expected, rtol=0, atol=0)
+    assert not math.isclose(float(engine.model.lm_head.weight.float().sum()),
+                            float(policy.lm_head.weight.detach().sum()), rel_tol=1e-3)
+
