@@ -5,9 +5,12 @@
 #   MODEL_PATH=/models/Qwen3-4B-Base TRAIN_FILE=/data/dapo-math-17k.parquet \
 #   VAL_FILE=/data/aime-2024.parquet bash examples/verl/run_drpo_qwen3_4b_dapo_math.sh
 #
-#   METHOD=dppo_tv DRPO_PARAMS='{}' ...          # a baseline: any drpo method's verl name
+#   METHOD=drpo_dppo_tv DRPO_PARAMS='{}' ...     # a baseline: drpo's verl name for it
 #                                                 # (drpo, mask_drpo, spo, pg_is, grpo,
-#                                                 #  drpo_dppo_tv, drpo_dppo_kl, drpo_cispo)
+#                                                 #  drpo_dppo_tv, drpo_dppo_kl, drpo_cispo;
+#                                                 #  plain dppo_tv/dppo_kl/cispo are verl's own)
+#   ... algorithm.rollout_correction.rollout_rs=token_k1 \
+#       algorithm.rollout_correction.rollout_rs_threshold=0.5_2.0   # bypass-mode rejection
 #   DRY_RUN=1 bash examples/verl/run_...sh       # print the composed config and exit (CPU ok)
 #   ... trainer.total_training_steps=500          # extra Hydra overrides are appended
 #
@@ -16,7 +19,11 @@
 # (bypass mode: old_log_probs = rollout_log_probs, no recomputation), mean-centred group
 # advantages (GRPO estimator without std division), seq-mean-token-sum-norm aggregation with
 # a constant horizon (the maximum response length), no KL or entropy terms. DRPO's delta is
-# the reference implementation's default 12.5 unless DRPO_PARAMS says otherwise.
+# the reference implementation's default 12.5 unless DRPO_PARAMS says otherwise. Thresholds of
+# the baselines come from verl's clip keys (clip_ratio_low/high = 0.2, clip_ratio_c = 3 by
+# default) unless DRPO_PARAMS sets them. verl does not hand algorithm.rollout_correction to the
+# actor in bypass mode; the policy_loss.rollout_correction line below does, so drpo's loss
+# applies its rejection sampling (rollout_rs) as verl's bypass loss would.
 set -euo pipefail
 
 MODEL_PATH=${MODEL_PATH:-Qwen/Qwen3-4B-Base}
@@ -32,6 +39,11 @@ LR=${LR:-1e-6}
 ROLLOUT_TP=${ROLLOUT_TP:-1}
 PROJECT=${PROJECT:-drpo}
 EXPERIMENT=${EXPERIMENT:-qwen3-4b-base-dapo-math-${METHOD}}
+
+case "$METHOD" in
+  dppo_tv|dppo_kl|cispo|vanilla)
+    echo "note: METHOD=$METHOD is verl's own loss (DRPO_PARAMS is ignored); drpo's is drpo_$METHOD (grpo for vanilla)" >&2 ;;
+esac
 
 # verl's own env switch also works where the entry point is not installed.
 export VERL_USE_EXTERNAL_MODULES=${VERL_USE_EXTERNAL_MODULES:-drpo.integrations.verl}
@@ -60,6 +72,7 @@ python3 -m verl.trainer.main_ppo \
   actor_rollout_ref.actor.policy_loss._target_=drpo.integrations.verl.DRPOPolicyLossConfig \
   actor_rollout_ref.actor.policy_loss.loss_mode="$METHOD" \
   "+actor_rollout_ref.actor.policy_loss.drpo_params=$DRPO_PARAMS" \
+  '+actor_rollout_ref.actor.policy_loss.rollout_correction=${algorithm.rollout_correction}' \
   actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm \
   actor_rollout_ref.actor.loss_scale_factor="$MAX_RESPONSE_LENGTH" \
   actor_rollout_ref.actor.ppo_mini_batch_size=16 \

@@ -367,6 +367,9 @@ def test_launch_script_config_passes_verls_validation():
     assert actor.ppo_epochs == 1
     assert cfg.actor_rollout_ref.rollout.temperature == 1.0
     assert cfg.algorithm.rollout_correction.bypass_mode is True
+    # the actor sees the rollout correction (bypass-mode rejection sampling reaches the loss)
+    assert actor.policy_loss.rollout_correction["bypass_mode"] is True
+    assert actor.policy_loss.rollout_correction["rollout_rs"] is None
     assert cfg.actor_rollout_ref.rollout.calculate_log_probs is True
     assert cfg.algorithm.adv_estimator == "grpo" and cfg.algorithm.norm_adv_by_std_in_grpo is False
     assert actor.use_kl_loss is False and actor.entropy_coeff == 0
