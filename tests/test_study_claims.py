@@ -1,153 +1,122 @@
-"""Claim verdicts from hand-built cells: each rule must be able to support, contradict and
-stay undecided."""
+"""Claim verdicts on hand-built cells (5 seeds each): every rule can support, contradict and stay
+undecided, and its evidence carries the numbers it decided on. Error rates: test_study_power.py."""
 
-import math
+import zlib
 
+import numpy as np
 import pytest
 
-from drpo.study.claims import MIN_MARGIN, check_claims, compare, margin
-from drpo.study.stats import CellStats
+from drpo.study.claims import check_claims, sweep_change
+from drpo.study.stats import CellStats, paired_t
 
+SEEDS = [0, 1, 2, 3, 4]
 GRID = {
-    "methods": [{"name": m, "method": m, "params": {}} for m in ("pg_is", "grpo", "spo", "dppo_tv", "mask_drpo")]
+    "methods": [{"name": m, "method": m, "params": {}} for m in ("pg_is", "grpo", "spo", "dppo_tv", "dppo_kl",
+                                                                 "mask_drpo")]
     + [{"name": "drpo", "method": "drpo", "params": {"delta": 0.15}}],
     "settings": {"fp32": {"rollout.precision": "fp32"}, "bf16": {"rollout.precision": "bf16"},
                  "fp8": {"rollout.precision": "fp8_e4m3"},
                  "stress": {"rollout.precision": "bf16", "optim.lr": 0.01}},
-    "sweeps": [{"settings": ["fp32"], "variants": [
+    "sweeps": [{"settings": ["bf16"], "variants": [
+        {"name": "drpo-d0.05", "method": "drpo", "params": {"delta": 0.05}},
         {"name": "drpo-d1", "method": "drpo", "params": {"delta": 1.0}},
         {"name": "drpo-noadv", "method": "drpo", "params": {"delta": 0.15, "advantage_weighted": False}}]}],
 }
+WARM = np.array([0.35, 0.45, 0.40, 0.50, 0.30])  # per-seed warm starts, shared within a setting
 
 
-def cell(setting, variant, final, auc=None, *, collapsed=0, n=3, std=0.0, initial=0.5):
-    auc = final if auc is None else auc
-    return CellStats(setting, variant, n, (initial, 0.0), (final, std), (max(final, initial), std), (auc, std),
-                     n, 5.0, collapsed, 1e-3, 10.0, 100.0, gain=(final - initial, std))
+def cell(setting, variant, shift=0.0, collapsed=0):
+    """Final = warm start + 0.1 + shift (a number or one per seed) + a fixed per-(setting,
+    variant) jitter of sd ~0.01."""
+    jitter = np.random.default_rng(zlib.crc32(f"{setting}/{variant}".encode())).normal(0, 0.01, len(SEEDS))
+    final = WARM + 0.1 + shift + jitter
+    return CellStats(setting, variant, {s: {"initial": WARM[i], "final": final[i], "auc": final[i] - 0.05,
+                                            "gain": final[i] - WARM[i], "collapsed": float(i < collapsed)}
+                                        for i, s in enumerate(SEEDS)})
 
 
-def table(spec):
+def table(**over):
+    """Every cell of GRID at no effect; over: 'setting__variant' -> (shift, collapsed seeds)."""
     cells = {}
-    for (setting, variant), kw in spec.items():
-        cells.setdefault(setting, []).append(cell(setting, variant, **kw))
+    for s in GRID["settings"]:
+        variants = [m["name"] for m in GRID["methods"]]
+        variants += [v["name"] for v in GRID["sweeps"][0]["variants"]] if s == "bf16" else []
+        cells[s] = [cell(s, v, *over.get(f"{s}__{v}", (0.0, 0))) for v in variants]
     return cells
 
 
-def verdicts(spec):
-    return {c.key: c.verdict for c in check_claims(table(spec), GRID)}
+def verdicts(**over):
+    return {c.key: c.verdict for c in check_claims(table(**over), GRID)}
 
 
-def test_margin_and_compare_by_hand():
-    a, b = cell("s", "a", 0.60, std=0.05), cell("s", "b", 0.50, std=0.05)
-    se = math.sqrt(0.05**2 / 3 + 0.05**2 / 3)  # 0.0408
-    assert margin(a.final, b.final, 3, 3) == pytest.approx(se)
-    assert compare(a, b, "final") == "better" and compare(b, a, "final") == "worse"
-    c = cell("s", "c", 0.55, std=0.05)  # 0.05 difference vs margin 0.0408 -> better
-    assert compare(c, b, "final") == "better"
-    d = cell("s", "d", 0.53, std=0.05)  # 0.03 < 0.0408 -> tie
-    assert compare(d, b, "final") == "tie"
-    # with no seed spread the floor MIN_MARGIN applies
-    assert compare(cell("s", "e", 0.5 + MIN_MARGIN / 2), cell("s", "f", 0.5), "final") == "tie"
+def test_no_effect_gives_no_difference_claim():
+    v = verdicts()
+    assert v["ratio_collapse"] == "contradicts"  # 10 clean runs of each ratio method in bf16 and fp8
+    assert v["dppo_slower"] == "cannot tell"
+    assert v["pg_is_drops"] == "contradicts"  # pg_is gains 0.1 everywhere: no drop beyond the margin
+    assert v["mask_matches"] == "supports"  # differences of ~0.01 sd: inside +-0.05
+    assert v["abs_adv"] == "contradicts"  # equivalent within the margin: removing |A| does not hurt
+    assert v["threshold"] == "contradicts"  # flat across the sweep, within the margin
 
 
-def test_paired_comparison_removes_shared_seed_spread():
-    from drpo.study.claims import difference
-
-    def seeded(variant, finals):
-        c = cell("s", variant, sum(finals) / len(finals), std=0.3)  # large spread across seeds
-        c.per_seed.update({i: {"final": f, "auc": f} for i, f in enumerate(finals)})
-        return c
-
-    # seeds differ a lot (warm starts 0.2 / 0.5 / 0.8) but a beats b by 0.05 on every seed
-    a, b = seeded("a", [0.25, 0.55, 0.85]), seeded("b", [0.20, 0.50, 0.80])
-    diff, m = difference(a, b, "final")
-    assert diff == pytest.approx(0.05) and m == pytest.approx(MIN_MARGIN)  # per-seed diffs have no spread
-    assert compare(a, b, "final") == "better"
-    # unpaired, the same means are a tie: margin sqrt(2 * 0.3^2 / 3) = 0.245
-    a.per_seed.clear(), b.per_seed.clear()
-    assert compare(a, b, "final") == "tie"
-    # paired differences with spread: diffs 0.1, 0.0, -0.04 -> mean 0.02, se = stdev/sqrt(3)
-    a, b = seeded("a", [0.3, 0.5, 0.76]), seeded("b", [0.2, 0.5, 0.8])
-    diff, m = difference(a, b, "final")
-    diffs = [0.1, 0.0, -0.04]
-    mean = sum(diffs) / 3
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2) / math.sqrt(3)
-    assert diff == pytest.approx(mean) and m == pytest.approx(max(MIN_MARGIN, se))
-    assert compare(a, b, "final") == "tie"
-
-
-def base(**over):
-    spec = {}
-    for s in ("fp32", "bf16", "fp8", "stress"):
-        for v in ("pg_is", "grpo", "spo", "dppo_tv", "mask_drpo", "drpo"):
-            spec[(s, v)] = {"final": 0.6}
-    spec[("fp32", "drpo-d1")] = {"final": 0.6}
-    spec[("fp32", "drpo-noadv")] = {"final": 0.6}
-    for k, v in over.items():
-        spec[tuple(k.split("__"))] = v
-    return spec
-
-
-def test_all_equal_cells_give_honest_verdicts():
-    v = verdicts(base())
-    assert v["ratio_collapse"] == "contradicts"  # no ratio method collapsed under low precision
-    assert v["dppo_slower"] == "cannot tell"  # all ties
-    assert v["pg_is_drops"] == "contradicts"  # 0.6 final vs 0.5 warm start: no drop anywhere
-    assert v["mask_matches"] == "supports"
-    assert v["abs_adv"] == "cannot tell"
-    assert v["threshold"] == "cannot tell"
-
-
-def test_ratio_collapse_supported_only_in_pure_precision_settings():
-    v = verdicts(base(bf16__grpo={"final": 0.1, "collapsed": 2}))
-    assert v["ratio_collapse"] == "supports"
-    # a collapse only in the stress setting (which also changes the lr) is not evidence
-    assert verdicts(base(stress__grpo={"final": 0.1, "collapsed": 3}))["ratio_collapse"] == "contradicts"
-    # DRPO collapsing too: cannot tell
-    v = verdicts(base(bf16__grpo={"final": 0.1, "collapsed": 2}, fp8__drpo={"final": 0.1, "collapsed": 2}))
-    assert v["ratio_collapse"] == "cannot tell"
-    # a minority of seeds collapsing: not contradicted, not supported
-    assert verdicts(base(fp8__spo={"final": 0.55, "collapsed": 1}))["ratio_collapse"] == "cannot tell"
+def test_ratio_collapse_counts_only_pure_precision_settings():
+    assert verdicts(bf16__grpo=(-0.3, 5), fp8__grpo=(-0.3, 4))["ratio_collapse"] == "supports"
+    # collapses only where the learning rate also changed are not evidence: still contradicted
+    assert verdicts(stress__grpo=(-0.3, 5), stress__spo=(-0.3, 5))["ratio_collapse"] == "contradicts"
+    # DRPO collapsing in the same runs: the sign test sees concordant pairs, no evidence either way
+    both = {f"{s}__{v}": (-0.3, 5) for s in ("bf16", "fp8") for v in ("grpo", "spo", "drpo")}
+    assert verdicts(**both)["ratio_collapse"] == "cannot tell"
 
 
 def test_dppo_slower():
-    better = {f"{s}__drpo": {"final": 0.7, "auc": 0.65} for s in ("fp32", "bf16", "fp8", "stress")}
-    assert verdicts(base(**better))["dppo_slower"] == "supports"
-    worse = {f"{s}__dppo_tv": {"final": 0.7, "auc": 0.68} for s in ("fp32", "bf16", "fp8")}
-    assert verdicts(base(**worse))["dppo_slower"] == "contradicts"
-    assert verdicts(base(fp8__dppo_tv={"final": 0.1, "collapsed": 3}))["dppo_slower"] == "contradicts"
+    ahead = {f"{s}__drpo": (0.08, 0) for s in GRID["settings"]}
+    assert verdicts(**ahead)["dppo_slower"] == "supports"
+    behind = {f"{s}__dppo_tv": (0.08, 0) for s in GRID["settings"]}
+    assert verdicts(**behind)["dppo_slower"] == "contradicts"
+    unstable = {f"{s}__dppo_kl": (-0.2, 3) for s in GRID["settings"]}  # 12 of 20 runs collapse, drpo none
+    assert verdicts(**unstable)["dppo_slower"] == "contradicts"
 
 
-def test_pg_is_drops_counts_settings():
-    assert verdicts(base(fp8__pg_is={"final": 0.3}))["pg_is_drops"] == "cannot tell"
-    assert verdicts(base(fp8__pg_is={"final": 0.3}, stress__pg_is={"final": 0.45}))["pg_is_drops"] == "supports"
-    # a drop that DRPO shares is the setting's, not the surrogate's
-    shared = base(fp8__pg_is={"final": 0.3}, fp8__drpo={"final": 0.3},
-                  stress__pg_is={"final": 0.45}, stress__drpo={"final": 0.45})
-    assert verdicts(shared)["pg_is_drops"] == "contradicts"
+def test_pg_is_drops_needs_two_settings_and_drpo_ahead():
+    assert verdicts(fp8__pg_is=(-0.3, 0))["pg_is_drops"] == "cannot tell"
+    assert verdicts(fp8__pg_is=(-0.3, 0), stress__pg_is=(-0.3, 0))["pg_is_drops"] == "supports"
+    # DRPO dropping alongside: the setting's drop, not the surrogate's
+    shared = verdicts(fp8__pg_is=(-0.3, 0), fp8__drpo=(-0.3, 0), stress__pg_is=(-0.3, 0), stress__drpo=(-0.3, 0))
+    assert shared["pg_is_drops"] == "cannot tell"
 
 
-def test_settings_where_everything_collapsed_are_left_out():
-    spec = base(**{f"stress__{v}": {"final": 0.0, "collapsed": 3}
-                   for v in ("pg_is", "grpo", "spo", "dppo_tv", "mask_drpo", "drpo")})
-    claims = check_claims(table(spec), GRID)
-    v = {c.key: c.verdict for c in claims}
-    assert v["dppo_slower"] == "cannot tell" and v["pg_is_drops"] == "contradicts"
-    assert all(any("left out: setting(s) stress" in e for e in c.evidence) for c in claims)
+def test_settings_where_everything_collapsed_stay_in():
+    stress = {f"stress__{m['name']}": (-0.5, 5) for m in GRID["methods"]}
+    claims = {c.key: c for c in check_claims(table(**stress), GRID)}
+    assert any(e.startswith("stress:") for e in claims["dppo_slower"].evidence)
+    assert claims["pg_is_drops"].tests[-1].name.startswith("stress")
 
 
 def test_mask_matches():
-    differs = {f"{s}__mask_drpo": {"final": 0.4} for s in ("fp32", "bf16", "fp8")}
-    assert verdicts(base(**differs))["mask_matches"] == "contradicts"
-    assert verdicts(base(fp8__mask_drpo={"final": 0.4}))["mask_matches"] == "cannot tell"
+    far = {f"{s}__mask_drpo": (-0.15, 0) for s in GRID["settings"]}
+    assert verdicts(**far)["mask_matches"] == "contradicts"
+    # seeds disagree (+-0.4 in one setting): neither shown equivalent nor different
+    assert verdicts(fp8__mask_drpo=(np.array([0.4, -0.4, 0.4, -0.4, 0.0]), 0))["mask_matches"] == "cannot tell"
 
 
-def test_abs_adv_and_threshold():
-    assert verdicts(base(**{"fp32__drpo-noadv": {"final": 0.5}}))["abs_adv"] == "supports"
-    assert verdicts(base(**{"fp32__drpo-noadv": {"final": 0.7}}))["abs_adv"] == "contradicts"
-    assert verdicts(base(**{"fp32__drpo-d1": {"final": 0.45}}))["threshold"] == "supports"
+def test_abs_adv():
+    assert verdicts(**{"bf16__drpo-noadv": (-0.1, 0)})["abs_adv"] == "supports"
+    assert verdicts(**{"bf16__drpo-noadv": (0.1, 0)})["abs_adv"] == "contradicts"
+
+
+def test_threshold_is_a_trend_over_every_delta():
+    # a monotone trend over 0.05, 0.15, 1: supported
+    trend = {"bf16__drpo-d0.05": (-0.1, 0), "bf16__drpo-d1": (0.1, 0)}
+    c = next(c for c in check_claims(table(**trend), GRID) if c.key == "threshold")
+    assert c.verdict == "supports"
+    deltas = [0.05, 0.15, 1.0]
+    cells = {v.variant: v for v in table(**trend)["bf16"]}
+    ys = np.stack([cells[n].values("final") for n in ("drpo-d0.05", "drpo", "drpo-d1")], -1)
+    expected = paired_t(sweep_change(deltas, ys))
+    assert c.tests[0].estimate == pytest.approx(float(expected.mean))
+    assert c.tests[0].p == pytest.approx(float(expected.p))
 
 
 def test_missing_cells_are_not_tested():
-    v = {c.key: c.verdict for c in check_claims({"fp32": [cell("fp32", "grpo", 0.5)]}, GRID)}
+    v = {c.key: c.verdict for c in check_claims({"fp32": [cell("fp32", "grpo")]}, GRID)}
     assert set(v.values()) == {"not tested"}

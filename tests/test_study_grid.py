@@ -30,7 +30,8 @@ def test_expand_counts_and_overrides():
     assert len(set(ids)) == len(ids)
     b = next(r for r in runs if r.run_id == "b__drpo-noadv__s1")
     assert b.overrides == {"train.steps": 4, "rollout.precision": "bf16", "optim.lr": 0.01, "seed": 1,
-                           "objective.method": "drpo", "objective.params.advantage_weighted": False}
+                           "objective.method": "drpo", "objective.params": "{}",  # drop a config file's
+                           "objective.params.advantage_weighted": False}
     a = next(r for r in runs if r.run_id == "a__drpo-d__s0")
     assert a.overrides["rollout.precision"] == "fp32" and a.overrides["objective.params.delta"] == 0.15
 
@@ -79,24 +80,30 @@ def test_format_value_round_trips_through_train_overrides(value):
 
 def test_presets_cover_the_issue_grid():
     g = get_preset("paper-mini")
+    assert g.config == "configs/testbed.yaml"  # the testbed regime, not the toy one
     methods = {v.method for v in g.methods}
     assert methods == {"pg_is", "grpo", "spo", "dppo_tv", "dppo_kl", "drpo", "mask_drpo"}
     precisions = {ov.get("rollout.precision") for ov in g.settings.values()}
     assert {"fp32", "bf16", "fp8_e4m3", "fp8_e2e"} <= precisions
-    assert any(ov.get("optim.updates_per_rollout", 1) > 1 and ov.get("rollout.sync_every", 1) > 1
-               for ov in g.settings.values())  # stale rollouts, several updates per batch
-    assert any("optim.lr" in ov for ov in g.settings.values())  # the stress setting
-    assert len(g.seeds) >= 3
+    assert len(g.seeds) >= 5
     swept = [v for sw in g.sweeps for v in sw.variants]
     assert {v.params.get("delta") for v in swept if v.method == "drpo"} >= {0.05, 1.0, 12.5}
     assert any(v.params.get("advantage_weighted") is False for v in swept)
+    assert get_preset("quick").config is None  # the toy regime, stated key by key
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_run_is_a_valid_train_config(name):
-    # the grid's keys must be real `drpo train` config keys with valid values
-    for spec in expand(get_preset(name)):
-        cfg = load_config(None, [f"{k}={format_value(v)}" for k, v in spec.overrides.items()])
+    # the grid's keys must be real `drpo train` config keys with valid values, on its config file
+    grid = get_preset(name)
+    config = REPO / grid.config if grid.config else None
+    if config is not None and not config.is_file():
+        pytest.skip(f"{grid.config} is not in this checkout yet (the testbed config lands separately)")
+    for spec in expand(grid):
+        cfg = load_config(config, [f"{k}={format_value(v)}" for k, v in spec.overrides.items()])
         assert cfg.seed == spec.seed and cfg.objective.method == spec.variant.method
 
 
@@ -116,15 +123,13 @@ def test_select_narrows_and_validates():
         select(g, overrides=["seed=3"], seeds=None, methods=None, settings=None)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_preset_base_is_the_short_config(name):
-    # the presets restate configs/short.yaml key by key (paper-mini with 30 RL steps, quick with
-    # 10): apart from those, every run's train config must equal the short config's (threads
-    # aside: `drpo compare` sets train.threads from --threads-per-run)
-    short = Path(__file__).resolve().parents[1] / "configs" / "short.yaml"
-    base = PRESETS[name]["base"]
+def test_quick_preset_is_the_short_config():
+    # `quick` restates configs/short.yaml key by key with 10 RL steps: apart from those, every
+    # run's train config must equal the short config's (threads aside: `drpo compare` sets
+    # train.threads from --threads-per-run)
+    base = PRESETS["quick"]["base"]
     cfg = load_config(None, [f"{k}={format_value(v)}" for k, v in base.items()])
-    ref = load_config(short, [f"train.steps={base['train.steps']}", f"train.eval_every={base['train.eval_every']}",
-                              "train.threads=null"])
+    ref = load_config(REPO / "configs" / "short.yaml", [f"train.steps={base['train.steps']}",
+                                                       f"train.eval_every={base['train.eval_every']}",
+                                                       "train.threads=null"])
     assert cfg.model_dump(exclude={"objective"}) == ref.model_dump(exclude={"objective"})
-    assert name != "paper-mini" or (base["train.steps"], base["train.eval_every"]) == (30, 10)

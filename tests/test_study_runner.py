@@ -1,10 +1,11 @@
-"""Runner pieces that need no training: commands, divergence detection, diverged rows."""
+"""Runner pieces: commands, divergence read from the exit code of a real diverging run, diverged rows."""
 
 import sys
 
 from drpo.study.grid import expand, parse_grid
 from drpo.study.report import diverged_rows
-from drpo.study.runner import DIVERGED_EXIT, _diverged, default_workers, train_command
+from drpo.cli import main
+from drpo.study.runner import DIVERGED_EXIT, default_workers, train_command
 from drpo.train.config import load_config
 
 GRID = {"name": "g", "base": {"train.steps": 8, "optim.lr": 1e-4}, "settings": {"bf16": {"rollout.precision": "bf16"}},
@@ -24,15 +25,17 @@ def test_train_command_round_trips_into_the_trainer_config(tmp_path):
     assert cfg.objective.params == {"delta": 0.15, "advantage_weighted": False}
 
 
-def test_divergence_is_read_from_this_attempts_log_only(tmp_path):
-    log = tmp_path / "train.log"
-    log.write_text("=== attempt 1\nFloatingPointError: non-finite loss nan at update 0, micro-batch 0\n")
-    offset = log.stat().st_size
-    with log.open("a") as f:
-        f.write("=== attempt 2\nRuntimeError: out of memory\n")
-    assert _diverged(log, 1, 0)
-    assert not _diverged(log, 1, offset)  # attempt 2 crashed for another reason
-    assert _diverged(log, DIVERGED_EXIT, offset)
+def test_a_run_whose_weights_go_non_finite_exits_diverged(tmp_path, capsys):
+    # lr 1e30 with decoupled weight decay 1 scales every weight by -1e30 per optimizer step, with
+    # or without reward signal: the weights overflow within the first rollout batch
+    from train_helpers import fast_args
+
+    args = ["train", *fast_args(tmp_path, "warmstart.on_miss=continue", "optim.lr=1e30", "optim.weight_decay=1.0",
+                                "train.steps=2"), "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(args) == DIVERGED_EXIT
+    err = capsys.readouterr().err
+    assert "drpo train: diverged: non-finite" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "summary.json").exists()  # not a finished run
 
 
 def test_diverged_rows_count_accuracy_zero_to_the_planned_end():

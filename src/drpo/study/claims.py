@@ -1,25 +1,59 @@
-"""The paper's comparative claims, each checked against a study's table by a stated rule.
+"""The paper's comparative claims, each decided by a rule fixed before the study runs.
 
-A rule compares two cells seed by seed (cells of one setting share each seed's warm start
-and eval set); a difference counts only when its mean over seeds is larger than
-max(MIN_MARGIN, standard error of the per-seed differences), so one lucky seed or an eval
-set's sampling noise does not decide a verdict. Verdicts: "supports", "contradicts",
-"cannot tell" (mixed or within noise) and "not tested" (the grid lacks the cells).
-These verdicts are mechanical; docs/results/README.md discusses them.
+Every rule is a family of seed-paired tests (stats.py) at level ALPHA = 0.05:
+- a difference between two objectives is the per-seed difference of their final accuracy or
+  AUC, averaged over the settings the claim covers (each seed's runs share its warm start and
+  eval set in every setting); a two-sided paired t-test on those n per-seed values;
+- a claim that something happens in "some" of several comparisons is decided after Holm's
+  correction across them, so with no true effect it is called with probability <= ALPHA;
+- a claim that something holds in "every" comparison (an equivalence, a non-inferiority) needs
+  each test at ALPHA (an intersection-union test is valid at ALPHA without correction);
+- "matches" and "no effect" mean equivalence within +-MARGIN accuracy (TOST: the 90%
+  interval inside the margin); a tie that is not shown equivalent stays "cannot tell";
+- collapse is compared with an exact sign test on seed-paired collapse indicators; a diverged
+  run counts as collapsed; settings where every method collapsed stay in.
+Verdicts: "supports", "contradicts", "cannot tell" (no decision at this power) and "not tested"
+(the grid lacks the cells). Each test also states the smallest effect it detects with 80% power
+given the observed per-seed spread (`stats.mde`). tests/test_study_power.py simulates whole
+studies to check each rule's error rates.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
 
 from drpo.objectives import get_method
-from drpo.study.stats import CellStats
+from drpo.study.stats import ALPHA, CellStats, binom_upper, holm, log_slope, mde, paired_t, sign_test, tost
 
-MIN_MARGIN = 0.02  # accuracy points: below this a difference is not called
+MARGIN = 0.05  # equivalence margin, accuracy points (fraction correct)
+METRICS = ("final", "auc")
 LOW_PRECISION = ("bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e2e")
+
+
+@dataclass
+class Test:
+    """One test of a claim's family; `p_holm` filled in once the family is complete."""
+
+    name: str
+    p: float
+    estimate: float = float("nan")
+    ci: tuple[float, float] = (float("nan"), float("nan"))
+    n: int = 0
+    sd: float = float("nan")  # per-seed spread of what was tested
+    detail: str = ""
+    p_holm: float = float("nan")
+
+    def line(self, k: int) -> str:
+        if self.detail:
+            return f"{self.name}: {self.detail}, p = {self.p:.3f}" + (
+                f", Holm p = {self.p_holm:.3f}" if k > 1 else "")
+        return (f"{self.name}: {self.estimate:+.3f} (95% CI {self.ci[0]:+.3f} .. {self.ci[1]:+.3f}, "
+                f"{self.n} seeds), p = {self.p:.3f}" + (f", Holm p = {self.p_holm:.3f}" if k > 1 else "")
+                + f"; detectable with 80% power: {mde(self.n, self.sd, k):.3f}")
 
 
 @dataclass
@@ -29,45 +63,40 @@ class Claim:
     rule: str
     verdict: str = "not tested"
     evidence: list[str] = field(default_factory=list)
+    tests: list[Test] = field(default_factory=list)
 
 
-def margin(a: tuple[float, float], b: tuple[float, float], na: int, nb: int) -> float:
-    se = math.sqrt(a[1] ** 2 / na + b[1] ** 2 / nb)
-    return max(MIN_MARGIN, se)
+def t_test(name: str, x: np.ndarray) -> Test:
+    t = paired_t(x)
+    lo, hi = t.ci()
+    return Test(name, float(t.p), float(t.mean), (float(lo), float(hi)), len(x), float(np.std(x, ddof=1)))
 
 
-def difference(a: CellStats, b: CellStats, metric: str) -> tuple[float, float]:
-    """(mean difference a - b, margin) on metric final|best|auc|gain. Paired by seed when both
-    cells hold the same seeds (they share each seed's warm start and eval set, so pairing
-    removes the warm start's seed-to-seed spread): the margin is then max(MIN_MARGIN, standard
-    error of the per-seed differences); otherwise the unpaired standard error."""
-    seeds = sorted(set(a.per_seed) & set(b.per_seed))
-    if seeds and len(seeds) == len(a.per_seed) == len(b.per_seed):
-        diffs = [a.per_seed[s][metric] - b.per_seed[s][metric] for s in seeds]
-        mean = sum(diffs) / len(diffs)
-        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
-        return mean, max(MIN_MARGIN, se)
-    ma, mb = getattr(a, metric), getattr(b, metric)
-    return ma[0] - mb[0], margin(ma, mb, a.n, b.n)
+def finish(tests: Sequence[Test]) -> list[bool]:
+    """Holm across the family; returns which tests reject at ALPHA."""
+    if not tests:
+        return []
+    adj = holm([t.p for t in tests])
+    for t, a in zip(tests, adj):
+        t.p_holm = float(a)
+    return [bool(a <= ALPHA) for a in adj]
 
 
-def compare(a: CellStats, b: CellStats, metric: str) -> str:
-    """'better' / 'worse' / 'tie' for cell a against cell b (see `difference`)."""
-    diff, m = difference(a, b, metric)
-    return "better" if diff > m else "worse" if diff < -m else "tie"
+def pooled(pairs: Sequence[tuple[CellStats, CellStats]], value: Callable[[CellStats, CellStats, list], np.ndarray]
+           ) -> np.ndarray:
+    """Per seed, the mean over `pairs` of value(a, b, seeds), on the seeds every cell holds."""
+    if not pairs:
+        return np.zeros(0)
+    seeds = sorted(set.intersection(*(set(a.per_seed) & set(b.per_seed) for a, b in pairs)))
+    return np.mean([value(a, b, seeds) for a, b in pairs], axis=0) if seeds else np.zeros(0)
 
 
-def _dfmt(a: CellStats, b: CellStats, metric: str) -> str:
-    diff, m = difference(a, b, metric)
-    return f"diff {diff:+.3f} (margin {m:.3f})"
-
-
-def _majority(k: int, n: int) -> bool:
-    return n > 0 and k * 2 > n
+def diff(metric: str):
+    return lambda a, b, seeds: a.values(metric, seeds) - b.values(metric, seeds)
 
 
 def _fmt(c: CellStats, metric: str) -> str:
-    m, s = getattr(c, metric)
+    m, s = c.mean_sd(metric)
     return f"{m:.3f}±{s:.3f}"
 
 
@@ -79,199 +108,225 @@ class _Index:
         self.settings = list(cells)
         self.main = {v["method"]: v["name"] for v in grid.get("methods", [])}
         self.grid_settings = grid.get("settings", {})
-        self.sweeps = grid.get("sweeps", [])
         self.variant_defs = {v["name"]: v for v in grid.get("methods", [])}
-        for sw in self.sweeps:
+        for sw in grid.get("sweeps", []):
             for v in sw.get("variants", []):
                 self.variant_defs[v["name"]] = v
-
-        # a setting where every cell collapsed (e.g. a learning rate too large for any method)
-        # cannot separate the methods; it is left out of every verdict and listed as such
-        self.all_collapsed = [s for s, cs in cells.items() if cs and all(_majority(c.collapsed, c.n) for c in cs)]
-        self.settings = [s for s in self.settings if s not in self.all_collapsed]
 
     def get(self, setting: str, method: str) -> CellStats | None:
         name = self.main.get(method)
         return self.cells.get((setting, name)) if name else None
 
+    def pairs(self, a: str, b: str, settings: Sequence[str] | None = None) -> list[tuple[CellStats, CellStats]]:
+        out = [(self.get(s, a), self.get(s, b)) for s in (self.settings if settings is None else settings)]
+        return [(x, y) for x, y in out if x is not None and y is not None]
+
     def low_precision_settings(self) -> list[str]:
-        # settings that change only the precision: mismatch from rounding alone
-        out = []
-        for s in self.settings:
-            ov = self.grid_settings.get(s, {})
-            if ov.get("rollout.precision") in LOW_PRECISION and set(ov) == {"rollout.precision"}:
-                out.append(s)
-        return out
+        # settings that change only the rollout precision: mismatch from rounding alone
+        return [s for s in self.settings if set(self.grid_settings.get(s, {})) == {"rollout.precision"}
+                and self.grid_settings[s]["rollout.precision"] in LOW_PRECISION]
+
+    def drpo_variants(self, setting: str) -> list[tuple[str, dict]]:
+        """DRPO variants with results in `setting`, parameters resolved (defaults filled)."""
+        method = get_method("drpo")
+        return [(name, method.resolve_params(v.get("params", {}))) for name, v in self.variant_defs.items()
+                if v["method"] == "drpo" and (setting, name) in self.cells]
+
+
+def _difference_tests(pairs, label: str) -> list[Test]:
+    tests = []
+    for metric in METRICS:
+        x = pooled(pairs, diff(metric))
+        if len(x) >= 2:
+            tests.append(t_test(f"{label}, {metric}", x))
+    return tests
+
+
+def _describe(c: Claim, pairs, a_name: str, b_name: str) -> None:
+    for a, b in pairs:
+        c.evidence.append(f"{a.setting}: {a_name} final {_fmt(a, 'final')}, AUC {_fmt(a, 'auc')}, collapsed "
+                          f"{a.collapsed}/{a.n}; {b_name} final {_fmt(b, 'final')}, AUC {_fmt(b, 'auc')}, "
+                          f"collapsed {b.collapsed}/{b.n}")
 
 
 def claim_ratio_collapse(ix: _Index) -> Claim:
     c = Claim("ratio_collapse", "Ratio methods (GRPO, SPO) collapse under low-precision rollouts; DRPO does not.",
-              "In the settings that only lower the rollout precision, a method 'collapses' in a setting when most "
-              "seeds collapsed. Supports: GRPO or SPO collapses in some such setting and DRPO in none. Contradicts: "
-              "no seed of GRPO or SPO collapses in any such setting. Otherwise cannot tell.")
+              "Over the settings that only lower the rollout precision, for GRPO and for SPO: an exact one-sided "
+              "sign test that its runs collapse more often than DRPO's runs of the same seed and setting; Holm "
+              "across the two. Supports: either is significant. Contradicts: for both, fewer than half of their "
+              "runs collapse, significantly (exact binomial test against 1/2 at 0.05). Otherwise cannot tell.")
     settings = ix.low_precision_settings()
-    ratio_any, ratio_major, drpo_major, tested = False, False, False, False
-    for s in settings:
-        d = ix.get(s, "drpo")
-        for m in ("grpo", "spo"):
-            cell = ix.get(s, m)
-            if cell is None or d is None:
-                continue
-            tested = True
-            ratio_any |= cell.collapsed > 0
-            ratio_major |= _majority(cell.collapsed, cell.n)
-            c.evidence.append(f"{s}: {m} collapsed {cell.collapsed}/{cell.n}, final {_fmt(cell, 'final')}; "
-                              f"drpo collapsed {d.collapsed}/{d.n}, final {_fmt(d, 'final')}")
-        if d is not None:
-            drpo_major |= _majority(d.collapsed, d.n)
-    if tested:
-        c.verdict = ("supports" if ratio_major and not drpo_major else
-                     "contradicts" if not ratio_any else "cannot tell")
+    tests, rates = [], []
+    for m in ("grpo", "spo"):
+        pairs = ix.pairs(m, "drpo", settings)
+        if not pairs:
+            continue
+        _describe(c, pairs, m, "drpo")
+        seeds = [sorted(set(a.per_seed) & set(b.per_seed)) for a, b in pairs]
+        a = np.concatenate([x.values("collapsed", s) for (x, _), s in zip(pairs, seeds)])
+        b = np.concatenate([y.values("collapsed", s) for (_, y), s in zip(pairs, seeds)])
+        only_a, only_b, p = sign_test(a, b)
+        tests.append(Test(f"{m} collapses more often than drpo", p,
+                          detail=f"{m} collapsed {int(a.sum())}/{len(a)}, drpo {int(b.sum())}/{len(b)}; "
+                                 f"discordant pairs {only_a} {m}-only vs {only_b} drpo-only"))
+        rates.append(binom_upper(len(a) - int(a.sum()), len(a)))  # P(X <= k) under collapse rate 1/2
+    if tests:
+        reject = finish(tests)
+        c.tests = tests
+        c.evidence += [t.line(len(tests)) for t in tests]
+        c.evidence.append("P(so few collapses | half collapse): " + ", ".join(f"{r:.3f}" for r in rates))
+        c.verdict = ("supports" if any(reject) else
+                     "contradicts" if len(rates) == 2 and all(r <= ALPHA for r in rates) else "cannot tell")
     return c
 
 
 def claim_dppo_slower(ix: _Index) -> Claim:
     c = Claim("dppo_slower", "DPPO is stable but converges slower and lower than DRPO.",
-              "Per setting, DRPO vs each DPPO variant on AUC (speed) and final accuracy (level), a difference "
-              "counting only beyond the margin. Supports: DPPO never collapses by majority, and DRPO is better on "
-              "AUC or final in most (setting, DPPO variant) pairs and worse on neither in any. Contradicts: DPPO "
-              "collapses somewhere, or DRPO is worse on AUC or final in most pairs. Otherwise cannot tell.")
-    pairs = better = worse_any = worse = 0
-    dppo_collapse = False
-    for s in ix.settings:
-        d = ix.get(s, "drpo")
-        for m in ("dppo_tv", "dppo_kl"):
-            p = ix.get(s, m)
-            if p is None or d is None:
-                continue
-            pairs += 1
-            auc, fin = compare(d, p, "auc"), compare(d, p, "final")
-            dppo_collapse |= _majority(p.collapsed, p.n)
-            better += "better" in (auc, fin)
-            worse_any += "worse" in (auc, fin)
-            worse += "worse" in (auc, fin) and "better" not in (auc, fin)
-            c.evidence.append(f"{s}: drpo vs {m}: AUC {_fmt(d, 'auc')} vs {_fmt(p, 'auc')}, {_dfmt(d, p, 'auc')} "
-                              f"({auc}); final {_fmt(d, 'final')} vs {_fmt(p, 'final')}, {_dfmt(d, p, 'final')} "
-                              f"({fin}); {m} collapsed {p.collapsed}/{p.n}")
-    if pairs:
-        if not dppo_collapse and _majority(better, pairs) and worse_any == 0:
-            c.verdict = "supports"
-        elif dppo_collapse or _majority(worse, pairs):
-            c.verdict = "contradicts"
-        else:
-            c.verdict = "cannot tell"
-        c.evidence.append(f"DRPO better in {better}/{pairs} pairs, worse (and not better) in {worse}/{pairs}")
+              "For DPPO-TV and DPPO-KL: DRPO minus DPPO on AUC (speed) and on final accuracy (level), per seed, "
+              "averaged over all settings, paired t-tests; and a sign test that DPPO collapses more often than "
+              "DRPO; Holm across all these tests. Supports: DRPO significantly ahead on some metric, behind on "
+              "none, and DPPO not collapsing more. Contradicts: DRPO significantly behind on some metric, or DPPO "
+              "collapsing significantly more. Otherwise cannot tell.")
+    tests, kinds = [], []
+    for m in ("dppo_tv", "dppo_kl"):
+        pairs = ix.pairs("drpo", m)
+        if not pairs:
+            continue
+        _describe(c, pairs, "drpo", m)
+        for t in _difference_tests(pairs, f"drpo - {m}"):
+            tests.append(t)
+            kinds.append("diff")
+        a = np.concatenate([p.values("collapsed", sorted(set(p.per_seed) & set(d.per_seed))) for d, p in pairs])
+        b = np.concatenate([d.values("collapsed", sorted(set(p.per_seed) & set(d.per_seed))) for d, p in pairs])
+        only_a, only_b, p = sign_test(a, b)
+        tests.append(Test(f"{m} collapses more often than drpo", p,
+                          detail=f"discordant pairs {only_a} {m}-only vs {only_b} drpo-only"))
+        kinds.append("collapse")
+    if tests:
+        reject = finish(tests)
+        c.tests = tests
+        c.evidence += [t.line(len(tests)) for t in tests]
+        ahead = any(r and k == "diff" and t.estimate > 0 for t, r, k in zip(tests, reject, kinds))
+        behind = any(r and k == "diff" and t.estimate < 0 for t, r, k in zip(tests, reject, kinds))
+        unstable = any(r and k == "collapse" for r, k in zip(reject, kinds))
+        c.verdict = ("supports" if ahead and not behind and not unstable else
+                     "contradicts" if behind or unstable else "cannot tell")
     return c
-
-
-def _fell(c: CellStats) -> bool:
-    """Mean final accuracy below the warm start beyond max(MIN_MARGIN, SE of the per-run gains)."""
-    m, sd = c.gain
-    se = sd / math.sqrt(c.n) if c.n > 1 else 0.0
-    return -m > max(MIN_MARGIN, se)
 
 
 def claim_pg_is_drops(ix: _Index) -> Claim:
     c = Claim("pg_is_drops", "The unregularized surrogate (pg_is) drops in several settings (where DRPO does not).",
-              "pg_is 'drops' in a setting when its mean gain (final minus warm-start accuracy, per run) is "
-              "below -max(0.02, its standard error) (or most seeds collapsed) and DRPO's final accuracy is better than pg_is's "
-              "(so the drop is the surrogate's, not the setting's). Supports: drops in >= 2 settings. "
-              "Contradicts: drops in none. Cannot tell: exactly one.")
-    drops = tested = 0
-    for s in ix.settings:
-        p, d = ix.get(s, "pg_is"), ix.get(s, "drpo")
-        if p is None or d is None:
+              "pg_is 'drops' in a setting when both its per-seed gain (final minus warm-start accuracy) is "
+              "significantly below 0 and DRPO's final accuracy is significantly above pg_is's (one-sided paired "
+              "t-tests; the setting's p is the larger of the two), Holm across settings. Supports: drops in >= 2 "
+              "settings. Contradicts: in every setting pg_is's gain is significantly above -0.05 (it does not "
+              "lose more than the margin). Otherwise cannot tell.")
+    tests, noninf = [], []
+    for d, p in ix.pairs("drpo", "pg_is"):
+        seeds = sorted(set(d.per_seed) & set(p.per_seed))
+        if len(seeds) < 2:
             continue
-        tested += 1
-        fell = _fell(p) or _majority(p.collapsed, p.n)
-        drop = fell and compare(d, p, "final") == "better"
-        drops += drop
-        c.evidence.append(f"{s}: pg_is gain over warm start {_fmt(p, 'gain')}, final {_fmt(p, 'final')}, "
-                          f"collapsed {p.collapsed}/{p.n}; drpo final {_fmt(d, 'final')}, "
-                          f"drpo - pg_is final {_dfmt(d, p, 'final')}: "
-                          f"{'drop' if drop else 'fell, but DRPO no better' if fell else 'no drop'}")
-    if tested:
-        c.verdict = "supports" if drops >= 2 else "contradicts" if drops == 0 else "cannot tell"
+        gain, ahead = paired_t(p.values("gain", seeds)), paired_t(d.values("final", seeds) - p.values("final", seeds))
+        tests.append(Test(f"{d.setting}: pg_is drops", float(max(gain.p_less, ahead.p_greater)),
+                          detail=f"pg_is gain {float(gain.mean):+.3f} (one-sided p {float(gain.p_less):.3f}), "
+                                 f"drpo - pg_is final {float(ahead.mean):+.3f} (one-sided p "
+                                 f"{float(ahead.p_greater):.3f}), pg_is collapsed {p.collapsed}/{p.n}"))
+        noninf.append(float(paired_t(p.values("gain", seeds), -MARGIN).p_greater))
+    if tests:
+        reject = finish(tests)
+        c.tests = tests
+        c.evidence += [t.line(len(tests)) for t in tests]
+        c.verdict = ("supports" if sum(reject) >= 2 else
+                     "contradicts" if all(q <= ALPHA for q in noninf) else "cannot tell")
     return c
+
+
+def _equivalence(tests: Sequence[Test], pairs, value) -> list[float]:
+    return [float(tost(pooled(pairs, value(t.name.rsplit(", ", 1)[1])), MARGIN)) for t in tests]
 
 
 def claim_mask_matches(ix: _Index) -> Claim:
     c = Claim("mask_matches", "Mask-DRPO (DPPO's gradient inside the boundary, DRPO's outside) matches DRPO.",
-              "Per setting, Mask-DRPO vs DRPO on final accuracy and AUC. Supports: a tie on both in every setting. "
-              "Contradicts: a difference on either in most settings. Otherwise cannot tell.")
-    n = differ = ties = 0
-    for s in ix.settings:
-        d, m = ix.get(s, "drpo"), ix.get(s, "mask_drpo")
-        if d is None or m is None:
-            continue
-        n += 1
-        fin, auc = compare(m, d, "final"), compare(m, d, "auc")
-        ties += fin == auc == "tie"
-        differ += fin != "tie" or auc != "tie"
-        c.evidence.append(f"{s}: mask_drpo final {_fmt(m, 'final')} vs drpo {_fmt(d, 'final')}, "
-                          f"{_dfmt(m, d, 'final')} ({fin}); AUC {_fmt(m, 'auc')} vs {_fmt(d, 'auc')}, "
-                          f"{_dfmt(m, d, 'auc')} ({auc})")
-    if n:
-        c.verdict = "supports" if ties == n else "contradicts" if _majority(differ, n) else "cannot tell"
+              f"Mask-DRPO minus DRPO on final accuracy and AUC, per seed, averaged over all settings. Supports: "
+              f"equivalent within +-{MARGIN} on both (TOST at 0.05 each). Contradicts: otherwise, a significant "
+              f"difference on either (paired t, Holm across the two). Otherwise cannot tell.")
+    pairs = ix.pairs("mask_drpo", "drpo")
+    tests = _difference_tests(pairs, "mask_drpo - drpo")
+    if tests:
+        _describe(c, pairs, "mask_drpo", "drpo")
+        reject = finish(tests)
+        eq = _equivalence(tests, pairs, diff)
+        c.tests = tests
+        c.evidence += [t.line(len(tests)) + f"; equivalence p = {q:.3f}" for t, q in zip(tests, eq)]
+        c.verdict = ("supports" if len(eq) == len(METRICS) and all(q <= ALPHA for q in eq) else
+                     "contradicts" if any(reject) else "cannot tell")
     return c
-
-
-def _drpo_variants(ix: _Index, setting: str) -> list[tuple[str, dict]]:
-    """DRPO variants with results in `setting`, with their parameters resolved (defaults filled)."""
-    method = get_method("drpo")
-    return [(name, method.resolve_params(v.get("params", {}))) for name, v in ix.variant_defs.items()
-            if v["method"] == "drpo" and (setting, name) in ix.cells]
 
 
 def claim_abs_adv(ix: _Index) -> Claim:
     c = Claim("abs_adv", "Removing the |A| factor from DRPO's penalty hurts.",
-              "In each setting with a DRPO variant using advantage_weighted=false, compare it with the DRPO variant "
-              "of the same delta and the |A| factor, on final accuracy and AUC. Supports: worse on either and "
-              "better on neither, in every such setting. Contradicts: better on either and worse on neither, in "
-              "every such setting. Otherwise cannot tell.")
-    outcomes = []
+              f"DRPO without the |A| factor minus DRPO with it at the same delta, on final accuracy and AUC, per "
+              f"seed, averaged over the settings that have both; paired t-tests, Holm across the two. Supports: "
+              f"significantly worse on some metric and better on none. Contradicts: significantly better on some "
+              f"metric, or equivalent within +-{MARGIN} on both (TOST). Otherwise cannot tell.")
+    pairs = []
     for s in ix.settings:
-        variants = _drpo_variants(ix, s)
+        variants = ix.drpo_variants(s)
         for name, params in variants:
             if params["advantage_weighted"]:
                 continue
             ref = next((n for n, p in variants if p["advantage_weighted"] and p["delta"] == params["delta"]), None)
-            if ref is None:
-                continue
-            a, b = ix.cells[(s, name)], ix.cells[(s, ref)]
-            fin, auc = compare(a, b, "final"), compare(a, b, "auc")
-            res = ("worse" if "worse" in (fin, auc) and "better" not in (fin, auc) else
-                   "better" if "better" in (fin, auc) and "worse" not in (fin, auc) else "mixed/tie")
-            outcomes.append(res)
-            c.evidence.append(f"{s}: {name} vs {ref}: final {_fmt(a, 'final')} vs {_fmt(b, 'final')}, "
-                              f"{_dfmt(a, b, 'final')} ({fin}); AUC {_fmt(a, 'auc')} vs {_fmt(b, 'auc')}, "
-                              f"{_dfmt(a, b, 'auc')} ({auc})")
-    if outcomes:
-        c.verdict = ("supports" if all(o == "worse" for o in outcomes) else
-                     "contradicts" if all(o == "better" for o in outcomes) else "cannot tell")
+            if ref is not None:
+                pairs.append((ix.cells[(s, name)], ix.cells[(s, ref)]))
+    tests = _difference_tests(pairs, "without |A| - with |A|")
+    if tests:
+        _describe(c, pairs, "without |A|", "with |A|")
+        reject = finish(tests)
+        eq = _equivalence(tests, pairs, diff)
+        c.tests = tests
+        c.evidence += [t.line(len(tests)) + f"; equivalence p = {q:.3f}" for t, q in zip(tests, eq)]
+        worse = any(r and t.estimate < 0 for t, r in zip(tests, reject))
+        better = any(r and t.estimate > 0 for t, r in zip(tests, reject))
+        c.verdict = ("supports" if worse and not better else
+                     "contradicts" if better or (len(eq) == len(METRICS) and all(q <= ALPHA for q in eq))
+                     else "cannot tell")
     return c
+
+
+def sweep_change(deltas: Sequence[float], ys: np.ndarray) -> np.ndarray:
+    """The least-squares change of ys (last axis: one value per delta) across the swept range:
+    slope on log(delta) x log(max/min). A trend over all deltas, not a pick of the extremes."""
+    return log_slope(deltas, ys) * math.log(max(deltas) / min(deltas))
 
 
 def claim_threshold(ix: _Index) -> Claim:
     c = Claim("threshold", "DRPO's threshold delta matters (the paper leaves its sensitivity to an appendix).",
-              "In each setting with >= 2 DRPO deltas (with the |A| factor), the spread of mean final accuracy and "
-              "of AUC across deltas. Supports: in some setting the best and worst delta differ beyond the margin on "
-              "final or AUC. Otherwise cannot tell (no measurable sensitivity at this scale).")
-    tested = sensitive = False
+              f"In each setting with >= 3 DRPO deltas (with the |A| factor): per seed, the least-squares slope of "
+              f"final accuracy (and of AUC) on log(delta), times the log-range of the sweep (the fitted change "
+              f"across it); averaged over such settings; t-test against 0, Holm across the two metrics. Supports: "
+              f"either trend significant. Contradicts: both changes equivalent to 0 within +-{MARGIN} (TOST). "
+              f"Otherwise cannot tell.")
+    sweeps = []
     for s in ix.settings:
-        vs = [(n, p) for n, p in _drpo_variants(ix, s) if p["advantage_weighted"]]
-        if len(vs) < 2:
-            continue
-        tested = True
-        cells = sorted(((p["delta"], ix.cells[(s, n)]) for n, p in vs), key=lambda t: t[0])
-        parts = [f"delta={d:g}: final {_fmt(x, 'final')}, AUC {_fmt(x, 'auc')}" for d, x in cells]
-        for metric in ("final", "auc"):
-            hi = max(cells, key=lambda t: getattr(t[1], metric)[0])[1]
-            lo = min(cells, key=lambda t: getattr(t[1], metric)[0])[1]
-            sensitive |= compare(hi, lo, metric) == "better"
-        c.evidence.append(f"{s}: " + "; ".join(parts))
-    if tested:
-        c.verdict = "supports" if sensitive else "cannot tell"
+        vs = sorted(((p["delta"], ix.cells[(s, n)]) for n, p in ix.drpo_variants(s) if p["advantage_weighted"]),
+                    key=lambda t: t[0])
+        if len(vs) >= 3:
+            sweeps.append(vs)
+            c.evidence.append(f"{s}: " + "; ".join(f"delta={d:g}: final {_fmt(x, 'final')}, AUC {_fmt(x, 'auc')}"
+                                                   for d, x in vs))
+    seeds = sorted(set.intersection(*(set(cell.per_seed) for vs in sweeps for _, cell in vs))) if sweeps else []
+    tests, eq = [], []
+    for metric in METRICS if len(seeds) >= 2 else ():
+        x = np.mean([sweep_change([d for d, _ in vs], np.stack([cell.values(metric, seeds) for _, cell in vs], -1))
+                     for vs in sweeps], axis=0)
+        tests.append(t_test(f"fitted change across the delta sweep, {metric}", x))
+        eq.append(float(tost(x, MARGIN)))
+    if tests:
+        reject = finish(tests)
+        c.tests = tests
+        c.evidence += [t.line(len(tests)) + f"; equivalence p = {q:.3f}" for t, q in zip(tests, eq)]
+        c.verdict = ("supports" if any(reject) else
+                     "contradicts" if len(eq) == len(METRICS) and all(q <= ALPHA for q in eq) else "cannot tell")
     return c
 
 
@@ -281,10 +336,13 @@ CLAIMS = (claim_ratio_collapse, claim_dppo_slower, claim_pg_is_drops, claim_mask
 
 def check_claims(cells: Mapping[str, Sequence[CellStats]], grid: Mapping) -> list[Claim]:
     ix = _Index(cells, grid)
-    claims = [fn(ix) for fn in CLAIMS]
-    if ix.all_collapsed:
-        note = (f"left out: setting(s) {', '.join(ix.all_collapsed)}, where every method collapsed "
-                "(they cannot separate the methods)")
-        for c in claims:
-            c.evidence.append(note)
-    return claims
+    return [fn(ix) for fn in CLAIMS]
+
+
+def design_note(n: int, sd: float = 0.03) -> str:
+    """The detectable effects of a design with n seeds, for the report and docs."""
+    parts = [f"{mde(n, sd, k):.3f} (Holm family of {k})" for k in (1, 2, 4, 6)]
+    return (f"With {n} seeds and a per-seed spread of {sd:g} in the tested difference, a paired t-test "
+            f"detects with 80% power a true difference of " + ", ".join(parts) + f"; equivalence margin {MARGIN}.")
+
+

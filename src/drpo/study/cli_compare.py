@@ -2,7 +2,7 @@
 results directory, resumably, then write its report.
 
     drpo compare --preset quick                      # minutes; results/quick/report/report.md
-    drpo compare --preset paper-mini --workers 2     # the full study (about an hour on 2 cores)
+    drpo compare --preset paper-mini --workers 2     # the full study, from the repository root
     drpo compare --grid my_grid.yaml --out results/mine --set model.name=smollm2
 """
 
@@ -34,7 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="runs at once (default: usable cores / --threads-per-run)")
     p.add_argument("--threads-per-run", type=int, default=1, help="torch threads per run (default 1)")
-    p.add_argument("--config", metavar="FILE.yaml", help="base `drpo train` config for every run")
+    p.add_argument("--config", metavar="FILE.yaml", help="base `drpo train` config for every run (default: the grid's `config`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra `drpo train` override for every run (repeatable)")
     p.add_argument("--seeds", type=int, default=None, metavar="N", help="use seeds 0..N-1 instead of the grid's")

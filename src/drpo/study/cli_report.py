@@ -2,7 +2,7 @@
 self-contained HTML page for a `drpo compare` results directory.
 
     drpo report results/quick                       # -> results/quick/report/
-    drpo report results/paper-mini --out docs/results --target 0.5
+    drpo report results/paper-mini --out docs/results
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("results", metavar="RESULTS_DIR", help="directory written by `drpo compare`")
     p.add_argument("--out", metavar="DIR", help="where to write the report (default: RESULTS_DIR/report)")
-    p.add_argument("--target", type=float, default=None,
-                   help="target accuracy for 'steps to target' (default: per setting, warm start + half the "
-                        "best mean gain)")
     p.add_argument("--collapse-frac", type=float, default=COLLAPSE_FRAC,
-                   help=f"a run collapsed if final accuracy < this x warm-start accuracy (default {COLLAPSE_FRAC})")
+                   help=f"a run collapsed if the mean of its last evals < this x its warm-start accuracy "
+                        f"(default {COLLAPSE_FRAC})")
     p.set_defaults(run=run)
     return p
 
@@ -35,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from drpo.study.report import write_report
 
     try:
-        paths = write_report(args.results, args.out, target=args.target, collapse_frac=args.collapse_frac)
+        paths = write_report(args.results, args.out, collapse_frac=args.collapse_frac)
     except ValueError as err:
         print(f"drpo report: {err}", file=sys.stderr)
         return 2

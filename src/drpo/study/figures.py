@@ -1,9 +1,9 @@
 """Figures of a comparison study (matplotlib, Agg backend): one panel per setting, one colour
 per objective variant, kept the same in every figure.
 
-- accuracy.png: eval accuracy over steps, mean over seeds, band = min..max over seeds
-- accuracy_gain.png: the same relative to each seed's own warm start (the warm start is
-  trained per seed, so this removes its seed-to-seed spread)
+- accuracy_gain.png: eval accuracy relative to each seed's own warm start (the warm start is
+  trained per seed, so this removes its seed-to-seed spread), mean over seeds, band =
+  min..max over seeds
 - mismatch.png: training-inference mismatch mean |log(pi/mu)| over steps
 - beyond_boundary.png: fraction of tokens beyond the method's trust-region boundary
 - weights.png: how each method weighted its tokens' gradients (stacked fractions)
@@ -129,12 +129,6 @@ def _metric_curve(rows, key):
     return series(rows, key)
 
 
-def accuracy_figure(groups, colors, path: Path, setting_titles=None, dashes=None) -> dict[str, list[str]]:
-    return _curve_figure(groups, "eval/accuracy", "eval accuracy (fraction correct)",
-                         "Eval accuracy (mean over seeds; band = min..max over seeds)", colors, path,
-                         band=True, setting_titles=setting_titles, dashes=dashes)
-
-
 def accuracy_gain_figure(groups, colors, path: Path, setting_titles=None, dashes=None) -> dict[str, list[str]]:
     return _curve_figure(groups, "eval/accuracy", "eval accuracy - warm-start accuracy",
                          "Accuracy gain over each seed's own warm start (mean over seeds; band = min..max)",
@@ -205,3 +199,20 @@ def weights_figure(groups, path: Path, setting_titles=None) -> dict[str, list[st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return drawn
+
+
+def make_figures(groups: Mapping[str, Mapping[str, list]], variants: Sequence[str], main: Sequence[str],
+                 fig_dir: Path) -> tuple[dict[str, Path], dict[str, dict[str, list[str]]]]:
+    """Write every figure of `groups` (setting -> variant -> per-seed metric rows) into fig_dir;
+    returns their paths and, per figure, setting -> variants drawn."""
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: fig_dir / f"{name}.png" for name in ("accuracy_gain", "mismatch", "beyond_boundary", "weights")}
+    colors, dashes = variant_colors(variants), variant_dashes(variants, main)
+    titles = {s: s for s in groups}
+    drawn = {
+        "accuracy_gain": accuracy_gain_figure(groups, colors, paths["accuracy_gain"], titles, dashes),
+        "mismatch": mismatch_figure(groups, colors, paths["mismatch"], titles, dashes),
+        "beyond_boundary": beyond_boundary_figure(groups, colors, paths["beyond_boundary"], titles, dashes),
+        "weights": weights_figure(groups, paths["weights"], titles),
+    }
+    return paths, drawn

@@ -3,6 +3,7 @@ run each. A grid is plain data (a preset in `drpo.study.presets` or a YAML file 
 fields), validated here so that a typo fails before an hour of runs starts:
 
     name: my-grid
+    config: configs/testbed.yaml                       # optional base `drpo train` config file
     base: {train.steps: 20, train.eval_every: 5}       # `--set` overrides for every run
     settings:                                          # mismatch settings (rows of the study)
       fp32: {rollout.precision: fp32}
@@ -31,7 +32,7 @@ from drpo.objectives import get_method
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 # keys the grid itself owns: a setting or `base` must not set them behind its back
-_GRID_KEYS = ("seed", "objective.method")
+_GRID_KEYS = ("seed", "objective.method", "objective.params")
 _GRID_PREFIXES = ("objective.params.",)
 
 Scalar = str | int | float | bool | None
@@ -109,6 +110,7 @@ class Grid(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     description: str = ""
+    config: str | None = None  # base `drpo train` config file (relative to the working directory)
     base: dict[str, Scalar] = Field(default_factory=dict)
     settings: dict[str, dict[str, Scalar]]
     setting_notes: dict[str, str] = Field(default_factory=dict)
@@ -204,6 +206,7 @@ def expand(grid: Grid) -> list[RunSpec]:
             overrides.update(grid.settings[setting])
             overrides["seed"] = seed
             overrides["objective.method"] = variant.method
+            overrides["objective.params"] = "{}"  # the variant's parameters only, not the config file's
             for key, value in variant.params.items():
                 overrides[f"objective.params.{key}"] = value
             runs.append(RunSpec(rid, setting, variant, seed, overrides))

@@ -53,10 +53,10 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
     return Path(out) / "runs" / spec.run_id
 
 
-# `drpo train` stops on a non-finite loss; that is the method's outcome (a divergence), not a
-# crash to retry: deterministic given the seed, so rerunning it would only diverge again.
+# `drpo train` exits with 3 when the loss, a gradient or the weights go non-finite; that is the
+# method's outcome (a divergence), not a crash to retry: deterministic given the seed, so
+# rerunning it would only diverge again.
 DIVERGED_EXIT = 3
-DIVERGED_MARKERS = ("FloatingPointError", "non-finite loss")
 
 
 def is_finished(path: Path) -> bool:
@@ -66,15 +66,6 @@ def is_finished(path: Path) -> bool:
         return True
     record = read_record(path)
     return bool(record and record.get("status") == "diverged")
-
-
-def _diverged(log_path: Path, rc: int, since: int) -> bool:
-    if rc == DIVERGED_EXIT:
-        return True
-    with open(log_path, "rb") as f:
-        f.seek(since)
-        tail = f.read().decode("utf-8", "replace")
-    return any(m in tail for m in DIVERGED_MARKERS)
 
 
 def has_started(path: Path) -> bool:
@@ -150,8 +141,7 @@ def prepare(grid: Grid, runs: Sequence[RunSpec], out: Path, config: str | None =
     (out / "runs").mkdir(parents=True, exist_ok=True)
     grid_file = out / "grid.yaml"
     data = grid.model_dump(mode="json")
-    if config:
-        data["config"] = str(config)
+    data["config"] = str(config) if config else grid.config
     grid_file.write_text(yaml.safe_dump(data, sort_keys=False))
     with (out / "provenance.jsonl").open("a") as f:
         f.write(json.dumps(provenance()) + "\n")
@@ -188,14 +178,13 @@ class _Active:
     proc: subprocess.Popen
     log: object
     started: float
-    log_offset: int  # where this attempt's output starts in train.log
 
 
 @dataclass
 class Outcome:
     finished: list[str] = field(default_factory=list)  # finished in this invocation
     skipped: list[str] = field(default_factory=list)  # already finished before
-    diverged: list[str] = field(default_factory=list)  # stopped on a non-finite loss (a result)
+    diverged: list[str] = field(default_factory=list)  # exit code 3: non-finite loss/weights (a result)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (run_id, reason)
 
 
@@ -213,12 +202,11 @@ def _launch(spec: RunSpec, out: Path, config: str | None, threads: int, python: 
     log = open(d / LOG, "a")
     log.write(f"\n=== attempt {record['attempts']} {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
     log.flush()
-    offset = log.tell()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     record["pid"] = proc.pid
     _write_json(d / RECORD, record)
-    return _Active(spec, proc, log, time.monotonic(), offset)
+    return _Active(spec, proc, log, time.monotonic())
 
 
 def _settle(active: _Active, out: Path, rc: int, interrupted: bool = False) -> tuple[str, str | None]:
@@ -230,7 +218,7 @@ def _settle(active: _Active, out: Path, rc: int, interrupted: bool = False) -> t
     record["wall_s"] = float(record.get("wall_s", 0.0)) + elapsed
     record["rc"] = rc
     reason, status = None, "finished"
-    if rc != 0 and not interrupted and _diverged(d / LOG, rc, active.log_offset):
+    if rc == DIVERGED_EXIT and not interrupted:
         status = "diverged"
     elif rc != 0:
         reason, status = f"exit code {rc}; see {d / LOG}", "failed"
@@ -252,6 +240,10 @@ def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: i
     out = Path(out)
     if threads_per_run < 1:
         raise ValueError(f"threads_per_run must be >= 1, got {threads_per_run}")
+    config = config or grid.config
+    if config and not Path(config).is_file():
+        raise ValueError(f"config file {str(config)!r} not found (a relative path is read from the working "
+                         f"directory, {os.getcwd()}; presets expect the repository root)")
     workers = default_workers(threads_per_run) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -283,7 +275,8 @@ def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: i
                     outcome.finished.append(a.spec.run_id)
                 elif status == "diverged":
                     outcome.diverged.append(a.spec.run_id)
-                    tqdm.write(f"run {a.spec.run_id} diverged (non-finite loss); kept as a result", file=sys.stderr)
+                    tqdm.write(f"run {a.spec.run_id} diverged (non-finite loss or weights); kept as a result",
+                               file=sys.stderr)
                 else:
                     outcome.failed.append((a.spec.run_id, reason))
                     tqdm.write(f"run {a.spec.run_id} failed: {reason}", file=sys.stderr)

@@ -1,49 +1,53 @@
-"""Per-run and per-cell statistics of a comparison study: pure functions over the metrics a
-`drpo train` run logs, so every number in the report can be checked by hand.
+"""Statistics of a comparison study: per-run numbers, per-cell aggregates and the seed-paired
+tests the claims use. Pure functions over plain numbers, so every value in the report can be
+checked by hand; the tests are vectorised over leading axes so whole studies can be simulated.
 
-Definitions (also printed in the report):
-- final / best accuracy: the last / highest eval accuracy of a run (step 0 = warm start).
-- AUC: area under the eval-accuracy curve over training steps (trapezoid rule) divided by
-  the step span, i.e. the time-averaged accuracy, in [0, 1]; comparable across grids.
-- steps to target: the first eval step whose accuracy is >= the target (by default a gain
-  over the run's own warm start); None if never.
-- collapse: a run collapsed if it diverged (a non-finite loss, grad norm or accuracy was
-  logged, or training stopped on a non-finite loss) or its final accuracy is below `collapse_frac` (default 0.5) times
-  its warm-start accuracy.
+Per run (read from the run's summary.json and its eval rows in metrics.jsonl):
+- initial / final / best accuracy: eval accuracy at step 0 (the warm start), at the last
+  eval, and the highest; gain = final - initial.
+- AUC: area under the eval-accuracy curve (trapezoid rule) divided by the step span, i.e. the
+  time-averaged accuracy in [0, 1].
+- collapsed: the run diverged (exit code 3: a non-finite loss, gradient or weights; it counts
+  as accuracy 0 from then on), or the mean of its last `COLLAPSE_WINDOW` evals is below
+  `COLLAPSE_FRAC` x its warm-start accuracy (a window, so one unlucky eval does not decide).
+
+Tests (all two-sided unless a claim states a direction; level ALPHA before correction):
+- `paired_t`: one-sample t-test on per-seed differences (cells of one setting share each
+  seed's warm start and eval set, so pairing removes the warm start's seed-to-seed spread).
+- `tost`: two one-sided t-tests for equivalence within +-margin (= the 90% interval inside
+  the margin at ALPHA = 0.05).
+- `sign_test`: exact one-sided test that runs of A collapse more often than the seed-paired
+  runs of B (binomial on the discordant pairs).
+- `holm`: Holm's step-down adjustment across the tests one claim makes.
+- `mde`: the smallest true mean difference a paired t-test detects with 80% power.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import statistics
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
+
 ACC = "eval/accuracy"
 MISMATCH = "mismatch/abs_log_ratio"
-KL = "mismatch/k3_kl"
-TOKENS = "tokens/generated"
-DIVERGENCE_KEYS = ("objective/loss", "loss", "grad_norm", ACC)
+LONG_TAIL = "objective/long_tail_frac"
+RESPONSE_LENGTH = "response/length"
 COLLAPSE_FRAC = 0.5
+COLLAPSE_WINDOW = 2
+ALPHA = 0.05
+POWER = 0.8
 
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def accuracy_curve(rows: Iterable[Mapping]) -> tuple[list[int], list[float]]:
-    """(steps, accuracies) of the eval rows, sorted by step; the last row wins on duplicates
-    (a resumed run may log a step twice)."""
-    by_step: dict[int, float] = {}
-    for row in rows:
-        if ACC in row and row[ACC] is not None:
-            by_step[int(row["step"])] = float(row[ACC])
-    steps = sorted(by_step)
-    return steps, [by_step[s] for s in steps]
-
-
 def series(rows: Iterable[Mapping], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of one per-step metric (finite values only), last row wins per step."""
+    """(steps, values) of one per-step metric (finite values only), sorted by step; the last
+    row wins per step (a resumed run may log a step twice)."""
     by_step: dict[int, float] = {}
     for row in rows:
         v = row.get(key)
@@ -68,28 +72,17 @@ def auc(steps: Sequence[float], values: Sequence[float]) -> float:
     return area / span
 
 
-def steps_to_target(steps: Sequence[int], values: Sequence[float], target: float) -> int | None:
-    for s, v in zip(steps, values):
-        if v >= target:
-            return int(s)
-    return None
+def is_collapsed(initial: float, accs: Sequence[float], *, diverged: bool = False,
+                 collapse_frac: float = COLLAPSE_FRAC, window: int = COLLAPSE_WINDOW) -> bool:
+    """Diverged, or the mean of the last `window` evals after the warm start below
+    collapse_frac x the warm-start accuracy."""
+    tail = list(accs[1:])[-window:] or list(accs[-1:])
+    return bool(diverged or sum(tail) / len(tail) < collapse_frac * initial)
 
 
-def diverged(rows: Iterable[Mapping]) -> bool:
-    """A non-finite loss, grad norm or accuracy anywhere in the log."""
-    for row in rows:
-        for key in DIVERGENCE_KEYS:
-            v = row.get(key)
-            if isinstance(v, float) and not math.isfinite(v):
-                return True
-            if isinstance(v, str) and v.lower() in ("nan", "inf", "-inf", "infinity", "-infinity"):
-                return True
-    return False
-
-
-def is_collapsed(initial: float, final: float, *, diverged: bool = False,
-                 collapse_frac: float = COLLAPSE_FRAC) -> bool:
-    return bool(diverged or final < collapse_frac * initial)
+def _mean(xs: Sequence[float]) -> float:
+    xs = [x for x in xs if _finite(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 @dataclass(frozen=True)
@@ -98,16 +91,18 @@ class RunStats:
     setting: str
     variant: str
     seed: int
-    initial_acc: float
-    final_acc: float
-    best_acc: float
-    auc: float
     steps: list[int]
     accs: list[float]
-    mean_mismatch: float  # mean over steps of mean |log(pi/mu)|
-    mean_kl: float
+    initial: float
+    final: float
+    best: float
+    auc: float
+    collapsed: bool
     diverged: bool
-    tokens: float
+    mean_mismatch: float  # mean over steps of the mean |log(pi/mu)| over response tokens
+    long_tail: float  # mean over steps of the fraction of response tokens with mu <= 0.01
+    response_length: float  # mean sampled response length (tokens)
+    tokens: float  # generated tokens
     wall_s: float
 
     @property
@@ -115,112 +110,236 @@ class RunStats:
         return self.tokens / self.wall_s if self.wall_s > 0 else float("nan")
 
 
-def _mean(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if _finite(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _median(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if _finite(x)]
-    return statistics.median(xs) if xs else float("nan")
-
-
-def run_stats(run_id: str, setting: str, variant: str, seed: int, rows: Sequence[Mapping],
-              wall_s: float, *, stopped_diverged: bool = False) -> RunStats:
-    steps, accs = accuracy_curve(rows)
+def run_stats(run_id: str, setting: str, variant: str, seed: int, rows: Sequence[Mapping], summary: Mapping | None,
+              wall_s: float, *, diverged: bool = False, collapse_frac: float = COLLAPSE_FRAC) -> RunStats:
+    """One run's numbers. A finished run's own summary.json gives final/best accuracy, mean
+    mismatch and tokens; the eval rows give the curve (AUC, collapse window). A diverged run
+    has no summary: its rows (with accuracy 0 appended from the divergence on) give them."""
+    steps, accs = series(rows, ACC)
     if not steps:
         raise ValueError(f"run {run_id}: metrics.jsonl has no '{ACC}' rows")
-    finite = [a for a in accs if math.isfinite(a)]
+    s = summary or {}
+
+    def pick(key, fallback):
+        return float(s[key]) if _finite(s.get(key)) else fallback
+
     return RunStats(
-        run_id=run_id,
-        setting=setting,
-        variant=variant,
-        seed=seed,
-        initial_acc=accs[0],
-        final_acc=accs[-1],
-        best_acc=max(finite) if finite else float("nan"),
+        run_id=run_id, setting=setting, variant=variant, seed=seed, steps=steps, accs=accs,
+        initial=pick("warmstart_accuracy", accs[0]),
+        final=pick("final_accuracy", accs[-1]),
+        best=pick("best_accuracy", max(accs)),
         auc=auc(steps, accs),
-        steps=steps,
-        accs=accs,
-        mean_mismatch=_mean(series(rows, MISMATCH)[1]),
-        mean_kl=_mean(series(rows, KL)[1]),
-        diverged=stopped_diverged or diverged(rows),
-        tokens=sum(series(rows, TOKENS)[1]),
+        collapsed=is_collapsed(accs[0], accs, diverged=diverged, collapse_frac=collapse_frac),
+        diverged=diverged,
+        mean_mismatch=pick("mean_mismatch", _mean(series(rows, MISMATCH)[1])),
+        long_tail=_mean(series(rows, LONG_TAIL)[1]),
+        response_length=_mean(series(rows, RESPONSE_LENGTH)[1]),
+        tokens=pick("tokens_generated", sum(series(rows, "tokens/generated")[1])),
         wall_s=float(wall_s),
     )
 
 
-def mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n-1; 0 for a single value)."""
-    if not xs:
-        raise ValueError("mean_std: no values")
-    m = sum(xs) / len(xs)
-    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return m, s
+PER_SEED = ("initial", "final", "best", "auc", "gain", "collapsed")
 
 
 @dataclass(frozen=True)
 class CellStats:
-    """One (setting, variant) cell aggregated over its seeds."""
+    """One (setting, variant) cell over its seeds. `per_seed[seed][metric]` for metric in
+    PER_SEED; cells of one setting share each seed's warm start and eval set, so claims
+    compare them seed by seed."""
 
     setting: str
     variant: str
-    n: int
-    initial: tuple[float, float]
-    final: tuple[float, float]
-    best: tuple[float, float]
-    auc: tuple[float, float]
-    reached: int  # seeds that reached the target
-    steps_to_target: float | None  # median over the seeds that reached it
-    collapsed: int  # seeds that collapsed
-    mean_mismatch: float
-    # medians over runs: the first run of each seed also trains (and caches) the warm start
-    wall_s: float
-    tokens_per_s: float
-    gain: tuple[float, float] = (float("nan"), 0.0)  # final - warm-start accuracy, per run
-    # seed -> {initial, final, best, auc, gain}: cells of the same setting share each seed's
-    # warm start and eval set, so methods are compared seed by seed (paired)
-    per_seed: dict = field(default_factory=dict)
+    per_seed: dict[int, dict[str, float]]
+    mean_mismatch: float = float("nan")
+    long_tail: float = float("nan")
+    response_length: float = float("nan")
+    wall_s: float = float("nan")  # mean over runs (the first run of a seed also trains its warm start)
+    tokens_per_s: float = float("nan")  # all generated tokens / all wall-clock
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.per_seed)
+
+    @property
+    def collapsed(self) -> int:
+        return int(sum(v["collapsed"] for v in self.per_seed.values()))
+
+    def values(self, metric: str, seeds: Sequence[int] | None = None) -> np.ndarray:
+        seeds = sorted(self.per_seed) if seeds is None else seeds
+        return np.array([self.per_seed[s][metric] for s in seeds], dtype=float)
+
+    def mean_sd(self, metric: str) -> tuple[float, float]:
+        v = self.values(metric)
+        return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
-def cell_stats(runs: Sequence[RunStats], target: float | None, collapse_frac: float = COLLAPSE_FRAC, *,
-               relative: bool = False) -> CellStats:
-    """Aggregate one cell's runs. `target` is an accuracy, or with relative=True a gain over
-    each run's own warm start (runs of different seeds start from different warm starts);
-    None: no target (steps to target not reported)."""
+def cell_stats(runs: Sequence[RunStats]) -> CellStats:
     if not runs:
         raise ValueError("cell_stats: no runs")
     keys = {(r.setting, r.variant) for r in runs}
     if len(keys) != 1:
         raise ValueError(f"cell_stats: runs from several cells {sorted(keys)}")
-    hits = []
-    if target is not None:
-        hits = [steps_to_target(r.steps, r.accs, r.initial_acc + target if relative else target) for r in runs]
-        hits = [h for h in hits if h is not None]
+    wall = sum(r.wall_s for r in runs)
     return CellStats(
-        setting=runs[0].setting,
-        variant=runs[0].variant,
-        n=len(runs),
-        initial=mean_std([r.initial_acc for r in runs]),
-        final=mean_std([r.final_acc for r in runs]),
-        best=mean_std([r.best_acc for r in runs]),
-        auc=mean_std([r.auc for r in runs]),
-        reached=len(hits),
-        steps_to_target=statistics.median(hits) if hits else None,
-        collapsed=sum(is_collapsed(r.initial_acc, r.final_acc, diverged=r.diverged, collapse_frac=collapse_frac)
-                      for r in runs),
+        setting=runs[0].setting, variant=runs[0].variant,
+        per_seed={r.seed: {"initial": r.initial, "final": r.final, "best": r.best, "auc": r.auc,
+                           "gain": r.final - r.initial, "collapsed": float(r.collapsed)} for r in runs},
         mean_mismatch=_mean([r.mean_mismatch for r in runs]),
-        wall_s=_median([r.wall_s for r in runs]),
-        tokens_per_s=_median([r.tokens_per_s for r in runs]),
-        gain=mean_std([r.final_acc - r.initial_acc for r in runs]),
-        per_seed={r.seed: {"initial": r.initial_acc, "final": r.final_acc, "best": r.best_acc, "auc": r.auc,
-                           "gain": r.final_acc - r.initial_acc} for r in runs},
+        long_tail=_mean([r.long_tail for r in runs]),
+        response_length=_mean([r.response_length for r in runs]),
+        wall_s=wall / len(runs),
+        tokens_per_s=sum(r.tokens for r in runs) / wall if wall > 0 else float("nan"),
     )
 
 
-def default_gain_target(mean_gains: Sequence[float]) -> float | None:
-    """Per-setting target, as a gain over each run's warm start: half of the best cell's mean
-    gain. None when no cell gained on average (then there is nothing to reach)."""
-    finite = [g for g in mean_gains if _finite(g)]
-    best = max(finite) if finite else 0.0
-    return best / 2 if best > 0 else None
+# ---------------------------------------------------------------- tests
+
+
+def t_two_sided(t, df: int) -> np.ndarray:
+    """P(|T| >= |t|) for Student's t with integer df, in closed form (Abramowitz & Stegun 26.7.3-4)."""
+    if df < 1:
+        raise ValueError(f"t test: needs df >= 1, got {df}")
+    theta = np.arctan(np.abs(np.asarray(t, dtype=float)) / math.sqrt(df))
+    s, c2 = np.sin(theta), np.cos(theta) ** 2
+    if df % 2:  # odd: (2/pi)(theta + sin cos (1 + 2/3 cos^2 + ...))
+        term, total = np.ones_like(theta), np.ones_like(theta)
+        for k in range(1, (df - 1) // 2):
+            term = term * c2 * (2 * k) / (2 * k + 1)
+            total = total + term
+        inside = 2 / math.pi * (theta + (s * np.sqrt(c2) * total if df > 1 else 0.0))
+    else:  # even: sin (1 + 1/2 cos^2 + 1.3/2.4 cos^4 + ...)
+        term, total = np.ones_like(theta), np.ones_like(theta)
+        for k in range(1, df // 2):
+            term = term * c2 * (2 * k - 1) / (2 * k)
+            total = total + term
+        inside = s * total
+    return np.clip(1.0 - inside, 0.0, 1.0)
+
+
+def t_upper(t, df: int) -> np.ndarray:
+    """P(T >= t)."""
+    t = np.asarray(t, dtype=float)
+    half = t_two_sided(t, df) / 2
+    return np.where(t >= 0, half, 1.0 - half)
+
+
+@functools.lru_cache(maxsize=None)
+def t_quantile(q: float, df: int) -> float:
+    """The q-quantile of Student's t (bisection on the closed-form tail)."""
+    if not 0 < q < 1:
+        raise ValueError(f"t_quantile: q must be in (0, 1), got {q}")
+    lo, hi = -1e3, 1e3
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 1.0 - float(t_upper(mid, df)) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+@dataclass(frozen=True)
+class TTest:
+    """A one-sample t-test on per-seed values (differences, gains or slopes); arrays when the
+    input had leading axes."""
+
+    mean: np.ndarray
+    se: np.ndarray
+    n: int
+    p: np.ndarray  # two-sided, H0: mean == 0
+    p_greater: np.ndarray  # one-sided, H0: mean <= 0
+    p_less: np.ndarray  # one-sided, H0: mean >= 0
+
+    def ci(self, level: float = 1 - ALPHA) -> tuple[np.ndarray, np.ndarray]:
+        h = t_quantile(1 - (1 - level) / 2, self.n - 1) * self.se
+        return self.mean - h, self.mean + h
+
+
+def paired_t(x, shift: float = 0.0) -> TTest:
+    """t-test of mean(x) - shift over the last axis (the seeds). Identical values (zero spread)
+    give p = 1 when their mean equals the shift and 0 otherwise."""
+    x = np.asarray(x, dtype=float)
+    n = x.shape[-1]
+    if n < 2:
+        raise ValueError(f"paired_t: needs >= 2 seeds, got {n}")
+    mean = x.mean(-1)
+    se = x.std(-1, ddof=1) / math.sqrt(n)
+    d = mean - shift
+    # zero spread: an exact difference is decisive, an exact tie is not
+    t = np.where(se > 0, d / np.where(se > 0, se, 1.0), np.sign(np.round(d, 12)) * 1e12)
+    two = t_two_sided(t, n - 1)
+    greater = np.where(t >= 0, two / 2, 1 - two / 2)
+    less = np.where(t <= 0, two / 2, 1 - two / 2)
+    return TTest(mean, se, n, two, greater, less)
+
+
+def tost(x, margin: float) -> np.ndarray:
+    """p-value of equivalence: both one-sided tests mean > -margin and mean < +margin; p <= alpha
+    iff the (1 - 2 alpha) interval lies inside (-margin, margin)."""
+    return np.maximum(paired_t(x, -margin).p_greater, paired_t(x, margin).p_less)
+
+
+def holm(p) -> np.ndarray:
+    """Holm-adjusted p-values over the last axis (reject where adjusted p <= alpha); controls the
+    family-wise error rate of one claim's tests."""
+    p = np.asarray(p, dtype=float)
+    k = p.shape[-1]
+    order = np.argsort(p, axis=-1)
+    ranked = np.take_along_axis(p, order, -1) * (k - np.arange(k))
+    ranked = np.minimum(np.maximum.accumulate(ranked, axis=-1), 1.0)
+    out = np.empty_like(ranked)
+    np.put_along_axis(out, order, ranked, -1)
+    return out
+
+
+def binom_upper(k: int, n: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2)."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n if n else 1.0
+
+
+def sign_test(a_collapsed: Sequence[float], b_collapsed: Sequence[float]) -> tuple[int, int, float]:
+    """(a-only, b-only, p): exact one-sided test that A's runs collapse more often than B's
+    seed-paired runs. Only discordant pairs count; each is a fair coin under the null."""
+    a, b = np.asarray(a_collapsed, bool), np.asarray(b_collapsed, bool)
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    return only_a, only_b, binom_upper(only_a, only_a + only_b)
+
+
+def t_power(effect: float, n: int, level: float) -> float:
+    """Power of the two-sided one-sample t-test at `level` on n seeds when the true mean is
+    `effect` standard deviations: P(|T'| > c) for noncentral T' = (Z + effect sqrt(n)) /
+    sqrt(V / df), integrated over V ~ chi2(df) numerically."""
+    df, lam = n - 1, effect * math.sqrt(n)
+    c = t_quantile(1 - level / 2, df)
+    v = np.linspace(1e-6, df + 60 * math.sqrt(2 * df) + 60, 4001)
+    log_pdf = (df / 2 - 1) * np.log(v) - v / 2 - (df / 2) * math.log(2) - math.lgamma(df / 2)
+    cut = c * np.sqrt(v / df)
+    phi = np.vectorize(lambda z: 0.5 * math.erfc(-z / math.sqrt(2)))  # standard normal CDF
+    reject = (1 - phi(cut - lam)) + phi(-cut - lam)
+    return float(np.trapezoid(reject * np.exp(log_pdf), v))
+
+
+def mde(n: int, sd: float, k: int = 1, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Smallest true mean that a two-sided t-test on n per-seed values with spread `sd` detects
+    with probability `power`, at the strictest Holm level alpha / k (exact noncentral-t power,
+    by bisection)."""
+    return _mde_unit(n, k, alpha, power) * sd
+
+
+@functools.lru_cache(maxsize=None)
+def _mde_unit(n: int, k: int, alpha: float, power: float) -> float:
+    if n < 2:
+        return float("inf")
+    lo, hi = 0.0, 50.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_power(mid, n, alpha / k) < power else (lo, mid)
+    return hi
+
+
+def log_slope(deltas: Sequence[float], y) -> np.ndarray:
+    """Least-squares slope of y (last axis: one value per delta) on log(delta): the accuracy
+    change per e-fold of the threshold."""
+    x = np.log(np.asarray(deltas, dtype=float))
+    x = x - x.mean()
+    y = np.asarray(y, dtype=float)
+    return (y * x).sum(-1) / (x * x).sum()
