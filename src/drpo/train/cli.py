@@ -9,6 +9,8 @@ from drpo.tasks.jsonl import DatasetError
 from drpo.train.checkpoint import CheckpointError
 from drpo.train.config import ConfigError, load_config
 
+DIVERGED_EXIT = 3  # exit code of a run whose loss, gradients or weights went non-finite
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -40,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress,
                         log=lambda msg: print(msg, file=sys.stderr))
+    except FloatingPointError as err:  # the run diverged: an outcome (`drpo compare` counts it as a collapse)
+        print(f"drpo train: diverged: {err}", file=sys.stderr)
+        return DIVERGED_EXIT
     except (DatasetError, CheckpointError, RunError, ValueError) as err:  # bad input: message, no traceback
         print(f"drpo train: {err}", file=sys.stderr)
         return 2
