@@ -159,6 +159,7 @@ def test_anchor_choice_and_rollout_nan_fallback(tmp_path):
     torch.testing.assert_close(anchor, expected)
     # The rollout ratio already is the IS correction: only TRL's rejections (ratio 0) remain.
     torch.testing.assert_close(weights, (mask * 2.0 > 0).float())
+    metrics = {k: float(v) for k, v in metrics.items()}
     assert metrics == {"drpo/anchor_is_rollout": 1.0, "drpo/anchor_fallback_frac": pytest.approx(1 / 5)}
 
     trainer.args.drpo_anchor = "old"

@@ -390,3 +390,54 @@ def test_config_field_rule_is_difference_from_trls_default(tmp_path):
     make_config(tmp_path, epsilon=0.2, epsilon_high=None, delta=None, loss_type="dapo")
     with pytest.raises(ValueError, match=r"drpo_params=\{\"eps_low\": \.\.\., \"eps_high\": \.\.\..*drpo_method='grpo'"):
         make_config(tmp_path, epsilon_high=0.28)
+
+
+# ------------------------------------------------------------------ non-finite inputs
+def test_nonfinite_sampling_logp_is_dropped_and_counted(tmp_path):
+    """A -inf rollout log-prob at one response position: finite loss and gradients, that token
+    gets no gradient, drpo/nonfinite_tokens = 1. A NaN one (vLLM could not score it) trains
+    against TRL's old log-probs, as TRL does, and is counted as a fallback, not dropped."""
+    trainer = make_trainer(tmp_path, rollout_func=scripted_rollout, num_iterations=2)  # anchor auto -> rollout
+    inputs = generated_batch(trainer)
+    sampling = inputs["sampling_per_token_logps"].clone()
+    sampling[0, 1] = float("-inf")
+    sampling[3, 2] = float("nan")
+    inputs["sampling_per_token_logps"] = sampling
+    grad = logps_grad(trainer, inputs)
+    assert torch.isfinite(grad).all()
+    assert grad[0, 1] == 0 and grad[0, 0] != 0 and grad[3, 2] != 0
+    assert all(torch.isfinite(p.grad).all() for p in trainer.model.parameters() if p.grad is not None)
+    logged = trainer._metrics["train"]
+    assert logged["drpo/nonfinite_tokens"][-1] == 1.0
+    n_tokens = float((inputs["completion_mask"] * inputs["tool_mask"]).sum())
+    assert logged["drpo/anchor_fallback_frac"][-1] == pytest.approx(1 / n_tokens)
+    assert logged["drpo/tokens"][-1] == n_tokens - 1
+
+
+def test_nonfinite_old_logp_is_dropped_like_padding(tmp_path):
+    """A NaN in TRL's old log-probs (anchor "old"), loss_type bnpo: the loss equals TRL's on
+    the same batch with that token masked out as padding."""
+    trainer = make_trainer(tmp_path, rollout_func=scripted_rollout, drpo_anchor="old", loss_type="bnpo",
+                           num_iterations=2)
+    padded = generated_batch(trainer)
+    inputs = dict(padded, old_per_token_logps=padded["old_per_token_logps"].clone())
+    inputs["old_per_token_logps"][4, 1] = float("nan")
+    # TRL's reference: the token masked out of the loss only (tool_mask; the attention is unchanged).
+    padded["tool_mask"] = padded["tool_mask"].clone()
+    padded["tool_mask"][4, 1] = 0
+    model = trainer.model
+    assert_matches(compare(model, trainer._compute_loss(model, inputs), GRPOTrainer._compute_loss(trainer, model, padded)))
+    assert trainer._metrics["train"]["drpo/nonfinite_tokens"][0] == 1.0
+
+
+def test_strict_raises_on_nonfinite(tmp_path):
+    trainer = make_trainer(tmp_path, rollout_func=scripted_rollout, num_iterations=2,
+                           drpo_params={"strict": True, "eps_low": 0.2, "eps_high": 0.2})
+    assert trainer.nonfinite == "raise" and "strict" not in trainer.drpo_params
+    inputs = generated_batch(trainer)
+    inputs["sampling_per_token_logps"] = inputs["sampling_per_token_logps"].clone()
+    inputs["sampling_per_token_logps"][0, 1] = float("-inf")
+    with pytest.raises(ValueError, match="`old_logp` has a non-finite value -inf"):
+        trainer._compute_loss(trainer.model, inputs)
+    with pytest.raises(ValueError, match="strict"):
+        make_config(tmp_path, drpo_params={"strict": "yes"})

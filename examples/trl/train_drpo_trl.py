@@ -34,7 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="drpo", help="drpo method (drpo.objectives.METHODS)")
     p.add_argument("--params", default="{}", help='method parameters as JSON, e.g. \'{"delta": 12.5}\'')
     p.add_argument("--anchor", default="auto", choices=("auto", "rollout", "old"))
-    p.add_argument("--agg", default="seq-mean-token-sum-norm")
+    p.add_argument("--loss-type", default="dapo", choices=("dapo", "bnpo", "dr_grpo", "grpo"),
+                   help="TRL's loss normalisation (TRL's default: dapo)")
+    p.add_argument("--scale-rewards", default="none", choices=("none", "group", "batch"),
+                   help="TRL's advantage scaling; the paper's recipe only mean-centres (none); TRL's default is group")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--num-generations", type=int, default=8, help="group size G")
@@ -80,7 +83,8 @@ def main(argv=None) -> int:
         drpo_method=args.method,
         drpo_params=args.params,
         drpo_anchor=args.anchor,
-        drpo_agg=args.agg,
+        loss_type=args.loss_type,
+        scale_rewards=args.scale_rewards,
         max_steps=args.steps,
         per_device_train_batch_size=args.prompts_per_step * args.num_generations,
         num_generations=args.num_generations,

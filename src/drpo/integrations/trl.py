@@ -28,8 +28,15 @@ Anchor (`drpo_anchor`):
              else the current log-probs detached, i.e. on-policy). With vLLM, TRL's
              `importance_sampling_ratio` multiplies each token's loss, as in GRPOTrainer.
   "auto"     (default) "rollout" when TRL provides rollout log-probs, else "old".
-Tokens whose rollout log-prob vLLM could not return (NaN) use the "old" anchor instead;
-their share is logged as `drpo/anchor_fallback_frac`.
+Tokens whose rollout log-prob vLLM could not return (NaN) use the "old" anchor instead, as
+TRL trains them (IS ratio 1); their share is logged as `drpo/anchor_fallback_frac`.
+
+Non-finite inputs. As TRL's own loss carries on past them, a response token whose current
+or anchor log-prob, advantage or IS weight is still NaN/inf is dropped from the loss (no
+contribution, no gradient, out of the local counts; TRL's `num_items_in_batch`, B and
+`max_completion_length` stay as TRL computed them) and counted in `drpo/nonfinite_tokens`,
+with no extra host sync (`policy_loss(..., nonfinite="drop")`). `drpo_params={"strict": True}`
+raises instead, naming the argument (`strict` is not passed to the method).
 
 GRPOConfig fields the drpo objective would ignore (TRL's clip `epsilon`/`epsilon_high`/
 `delta`, `beta`, entropy terms, off-policy masking, sequence-level IS, loss types that are
@@ -37,9 +44,9 @@ TRL objectives rather than normalisations) are refused by `DRPOConfig` with what
 instead. A field counts as set when it differs from GRPOConfig's own default.
 
 Logged through TRL's metrics (`trainer.state.log_history`, TensorBoard/W&B via report_to):
-every drpo diagnostic as `drpo/<name>` (see `drpo.objectives.METRIC_NAMES`), plus TRL's
-`entropy` and `aux_loss` (MoE), `drpo/loss`, `drpo/anchor_is_rollout` and
-`drpo/anchor_fallback_frac`.
+every drpo diagnostic as `drpo/<name>` (see `drpo.objectives.METRIC_NAMES`), `drpo/loss`
+(before the accumulation scaling, like TRL's `policy_loss`), `drpo/anchor_is_rollout`,
+`drpo/anchor_fallback_frac`, and TRL's `entropy` and `aux_loss` (MoE).
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ import torch
 from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer
 
-from drpo.objectives import METRIC_NAMES, check_token_weights, get_method, policy_loss
+from drpo.objectives import METRIC_NAMES, get_method, policy_loss
 
 ANCHORS = ("auto", "rollout", "old")
 # TRL loss types that are normalisations of a per-token loss; TRL's others are objectives.
@@ -94,6 +101,10 @@ def _refused_fields(config: "DRPOConfig") -> dict[str, str]:
     }
 
 
+def _method_params(drpo_params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in drpo_params.items() if k != "strict"}  # `strict` is ours, not the method's
+
+
 def _rollout_is_conflict(mode: str) -> str | None:
     if mode in ("token_truncate", "sequence_truncate"):
         return (
@@ -126,7 +137,9 @@ class DRPOConfig(GRPOConfig):
                 raise ValueError(f"`drpo_params` is not valid JSON: {self.drpo_params!r} ({err})") from None
         if not isinstance(self.drpo_params, dict):
             raise ValueError(f"`drpo_params` must be a dict of parameter -> value, got {self.drpo_params!r}")
-        get_method(self.drpo_method).resolve_params(self.drpo_params)  # unknown names / bad values raise here
+        if not isinstance(self.drpo_params.get("strict", False), bool):
+            raise ValueError(f"`drpo_params['strict']` must be true or false, got {self.drpo_params['strict']!r}")
+        get_method(self.drpo_method).resolve_params(_method_params(self.drpo_params))  # bad names/values raise
         if self.drpo_anchor not in ANCHORS:
             raise ValueError(f"`drpo_anchor` must be one of {', '.join(ANCHORS)}, got {self.drpo_anchor!r}")
         if self.loss_type not in LOSS_TYPES:
@@ -153,7 +166,8 @@ class DRPOGRPOTrainer(GRPOTrainer):
         if not isinstance(config, DRPOConfig):
             raise TypeError(f"DRPOGRPOTrainer needs `args` to be a DRPOConfig, got {type(config).__name__}")
         super().__init__(*args, **kwargs)
-        self.drpo_params = get_method(config.drpo_method).resolve_params(config.drpo_params)
+        self.nonfinite = "raise" if config.drpo_params.get("strict", False) else "drop"
+        self.drpo_params = get_method(config.drpo_method).resolve_params(_method_params(config.drpo_params))
 
     # ---------------------------------------------------------------- stages of one loss call
     def _policy_logps(self, model, inputs: dict) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
@@ -175,8 +189,8 @@ class DRPOGRPOTrainer(GRPOTrainer):
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         return logps, entropies, aux_loss, mask
 
-    def _anchor(self, inputs: dict, logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None, dict[str, float]]:
-        """(anchor log-probs, per-token loss weight or None, anchor metrics)."""
+    def _anchor(self, inputs: dict, logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+        """(anchor log-probs, per-token loss weight or None, anchor metrics as device scalars)."""
         old = inputs.get("old_per_token_logps")
         old = logps.detach() if old is None else old
         rollout = inputs.get("sampling_per_token_logps")
@@ -187,74 +201,76 @@ class DRPOGRPOTrainer(GRPOTrainer):
                 "drpo_anchor='rollout' but TRL provided no rollout log-probs (`sampling_per_token_logps`; "
                 "TRL 1.16 returns them when generating with vLLM); use drpo_anchor='old' or 'auto'"
             )
+        zero = logps.new_zeros(())
         if rollout is None or choice == "old":
-            return old, is_ratio, {"drpo/anchor_is_rollout": 0.0, "drpo/anchor_fallback_frac": 0.0}
+            return old, is_ratio, {"drpo/anchor_is_rollout": zero, "drpo/anchor_fallback_frac": zero}
         weights = None
         if is_ratio is not None:
             conflict = _rollout_is_conflict(self.vllm_importance_sampling_mode)
             if conflict:
                 raise ValueError(f"drpo_anchor={choice!r} with {conflict}")
             weights = (is_ratio > 0).to(logps.dtype)  # keep TRL's "*_mask" rejections, not its ratio
-        missing = torch.isnan(rollout) & (mask != 0)
-        anchor = torch.where(torch.isnan(rollout), old, rollout)
-        fallback = float(missing.sum()) / max(float((mask != 0).sum()), 1.0)
-        return anchor, weights, {"drpo/anchor_is_rollout": 1.0, "drpo/anchor_fallback_frac": fallback}
+        # vLLM marks tokens it could not score with NaN; TRL gives them IS ratio 1, i.e. trains
+        # them against its train-side log-probs. So do we (other non-finite values are dropped).
+        unscored = torch.isnan(rollout)
+        anchor = torch.where(unscored, old, rollout)
+        on = mask != 0
+        fallback = (unscored & on).sum() / on.sum().clamp(min=1)
+        return anchor, weights, {"drpo/anchor_is_rollout": zero + 1.0, "drpo/anchor_fallback_frac": fallback}
 
     def _normalised_loss(
         self, logps: Tensor, anchor: Tensor, inputs: dict, mask: Tensor, weights: Tensor | None, mode: str
     ) -> tuple[Tensor, dict[str, float]]:
-        """The drpo per-token loss reduced as TRL's `loss_type` reduces its own, scaled for
-        gradient accumulation as TRL scales it."""
-        method, adv = self.args.drpo_method, inputs["advantages"]
+        """The drpo per-token loss reduced as TRL's `loss_type` reduces its own (the sum over
+        response tokens divided by TRL's count), scaled for gradient accumulation as TRL does."""
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if weights is not None:
-            weights = check_token_weights(weights, mask, "importance_sampling_ratio")
-        common = dict(token_weights=weights, **self.drpo_params)
-        if self.loss_type == "bnpo":  # sum / local response tokens
-            loss, diag = policy_loss(method, logps, anchor, adv, mask, agg="token-mean", **common)
-            return loss / accumulation, diag
-        if self.loss_type == "grpo":  # mean over all B sequences (empty ones too) of per-sequence means
-            loss, diag = policy_loss(method, logps, anchor, adv, mask, agg="seq-mean-token-mean", **common)
-            has_tokens = (mask.sum(-1) > 0).sum().clamp(min=1)
-            return loss * has_tokens / (mask.size(0) * accumulation), diag
-        # dapo / dr_grpo: a plain token sum over a constant. Flattened to one row, drpo's
-        # seq-mean-token-sum is exactly that sum.
-        def row(x: Tensor) -> Tensor:
-            return torch.broadcast_to(x, mask.shape).reshape(1, -1)
-
-        adv = adv[:, None] if adv.dim() == 1 else adv
-        if weights is not None:
-            common["token_weights"] = row(weights)
-        flat = [row(x) for x in (logps, anchor, adv, mask)]
-        total, diag = policy_loss(method, *flat, agg="seq-mean-token-sum", **common)
-        if self.loss_type == "dr_grpo":
-            return total / (mask.size(0) * self.max_completion_length * accumulation), diag
-        # dapo: `num_items_in_batch` counts the whole generation batch over all processes.
-        normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-        if mode == "train":
-            normaliser = normaliser * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        return total / normaliser, diag
+        if self.loss_type == "bnpo":  # local response tokens
+            agg, normalizer = "token-mean", None
+        elif self.loss_type == "grpo":  # per-sequence means, averaged over all B rows (empty ones too)
+            agg, normalizer = "seq-mean-token-mean", mask.size(0)
+        elif self.loss_type == "dr_grpo":
+            agg, normalizer = "token-mean", mask.size(0) * self.max_completion_length
+        else:  # dapo: `num_items_in_batch` counts the whole generation batch over all processes
+            agg = "token-mean"
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":  # already spans the accumulation window
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+                accumulation = 1.0
+        loss, diag = policy_loss(
+            self.args.drpo_method,
+            logps,
+            anchor,
+            inputs["advantages"],
+            mask,
+            agg=agg,
+            normalizer=normalizer,
+            token_weights=weights,
+            nonfinite=self.nonfinite,
+            **self.drpo_params,
+        )
+        return loss / accumulation, diag
 
     def _log_metrics(self, mode: str, metrics: dict[str, Any], entropies: Tensor, mask: Tensor) -> None:
-        # One gather for all diagnostics (mean over processes), like GRPOTrainer's own metrics.
+        # Diagnostics averaged over processes and TRL's token-weighted entropy, read in one transfer.
         names = list(metrics)
         device = entropies.device
         values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=device) for k in names])
-        values = self.accelerator.gather(values[None]).nanmean(0).tolist()
-        for name, value in zip(names, values):
-            self._metrics[mode][name].append(value)
+        values = self.accelerator.gather(values[None]).nanmean(0)
         m = mask.float()
-        totals = self.accelerator.reduce(torch.stack([(entropies * m).sum(), m.sum()]), reduction="sum")
-        self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        totals = self.accelerator.reduce(torch.stack([(entropies.detach() * m).sum(), m.sum()]), reduction="sum")
+        entropy = (totals[0] / totals[1].clamp(min=1.0)).to(torch.float64)
+        for name, value in zip([*names, "entropy"], torch.cat([values, entropy[None]]).tolist()):
+            self._metrics[mode][name].append(value)
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         logps, entropies, aux_loss, mask = self._policy_logps(model, inputs)
         anchor, weights, anchor_metrics = self._anchor(inputs, logps, mask)
         loss, diag = self._normalised_loss(logps, anchor, inputs, mask, weights, mode)
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        metrics = {f"drpo/{k}": diag[k] for k in METRIC_NAMES} | {"drpo/loss": loss.detach() * accumulation}
+        # drpo/loss: before the accumulation scaling, like TRL's `policy_loss` metric.
+        metrics = {f"drpo/{k}": diag[k] for k in (*METRIC_NAMES, "loss")}
         if aux_loss is not None:  # as GRPOTrainer: router load-balancing loss, scaled for accumulation
+            accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             metrics["aux_loss"] = aux_loss.detach()
         self._log_metrics(mode, metrics | anchor_metrics, entropies, mask)
