@@ -143,7 +143,7 @@ class DRPOConfig(GRPOConfig):
         if self.drpo_anchor not in ANCHORS:
             raise ValueError(f"`drpo_anchor` must be one of {', '.join(ANCHORS)}, got {self.drpo_anchor!r}")
         if self.loss_type not in LOSS_TYPES:
-            hint = f"; for TRL's CISPO use drpo_method='cispo'" if self.loss_type == "cispo" else ""
+            hint = "; for TRL's CISPO use drpo_method='cispo'" if self.loss_type == "cispo" else ""
             raise ValueError(
                 f"DRPOConfig does not support `loss_type={self.loss_type!r}`: it is a TRL objective, not a "
                 f"normalisation of the drpo loss; use one of {', '.join(LOSS_TYPES)}{hint}"
