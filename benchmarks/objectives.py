@@ -1,10 +1,13 @@
 """Loss + backward time and peak memory of every method over a large token batch, as ratios to
 `grpo` measured in the same run.
 
-    .venv/bin/python benchmarks/objectives.py [--tokens 1048576] [--repeats 5]
+    .venv/bin/python benchmarks/objectives.py [--tokens 1048576] [--repeats 5] [--device cuda]
 
-Peak memory is the high-water mark of torch's CPU allocations during one loss+backward,
-measured with torch.profiler's memory profiler (allocations only, not the interpreter).
+Each call is `policy_loss` with its diagnostics (one host transfer per call). Peak memory on
+the CPU is the high-water mark of torch's CPU allocations during one loss+backward, measured
+with torch.profiler's memory profiler (allocations only, not the interpreter); on CUDA it is
+torch.cuda.max_memory_allocated over the call, less what was allocated before it. On CUDA the
+inputs are bf16 (computed in fp32, as in a real run) and timings end with a synchronize.
 Last line: `objectives: drpo_time_vs_grpo=<x> drpo_memory_vs_grpo=<y>`.
 """
 
@@ -23,14 +26,20 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from drpo.objectives import METHODS, policy_loss  # noqa: E402
 
 
-def make_batch(tokens: int, seq: int, seed: int = 0):
+def make_batch(tokens: int, seq: int, seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
     batch = tokens // seq
     old = -torch.rand(batch, seq, generator=g) * 4
     logp = (old + torch.randn(batch, seq, generator=g) * 0.2).clamp(max=0)
     adv = torch.randn(batch, generator=g)
     mask = torch.rand(batch, seq, generator=g) < 0.9
-    return logp, old, adv, mask
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return logp.to(device, dtype), old.to(device, dtype), adv.to(device, dtype), mask.to(device)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def step(method: str, logp, old, adv, mask, validate: bool):
@@ -40,7 +49,7 @@ def step(method: str, logp, old, adv, mask, validate: bool):
     return x.grad
 
 
-def time_methods(methods, batch, repeats, validate) -> dict[str, float]:
+def time_methods(methods, batch, repeats, validate, device) -> dict[str, float]:
     """Median wall time per method; methods interleaved round by round so load spikes on a
     shared machine hit all of them alike."""
     for m in methods:
@@ -48,14 +57,23 @@ def time_methods(methods, batch, repeats, validate) -> dict[str, float]:
     times = {m: [] for m in methods}
     for _ in range(repeats):
         for m in methods:
+            _sync(device)
             t0 = time.perf_counter()
             step(m, *batch, validate)
+            _sync(device)
             times[m].append(time.perf_counter() - t0)
     return {m: statistics.median(v) for m, v in times.items()}
 
 
-def peak_memory(method, batch, validate) -> int:
-    """Peak bytes of live torch CPU allocations during one loss + backward."""
+def peak_memory(method, batch, validate, device) -> int:
+    """Peak bytes of live torch allocations during one loss + backward."""
+    if device == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(method, *batch, validate)
+        _sync(device)
+        return torch.cuda.max_memory_allocated() - base
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
         step(method, *batch, validate)
     # Replay allocation events in time order to find the high-water mark.
@@ -75,19 +93,23 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-validate", action="store_true", help="skip input validation (as a hot training loop may)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU on this machine")
     if args.tokens < args.seq:
         raise SystemExit(f"--tokens ({args.tokens}) must be at least --seq ({args.seq})")
     torch.manual_seed(0)
-    batch = make_batch(args.tokens, args.seq)
+    batch = make_batch(args.tokens, args.seq, device=args.device)
     validate = not args.no_validate
     methods = [m for m in ("grpo", "pg_is", "cispo", "spo", "dppo_tv", "dppo_kl", "drpo", "mask_drpo") if m in METHODS]
-    print(f"loss+backward over {batch[0].numel():,} tokens (fp32, {torch.get_num_threads()} threads), "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"loss+backward over {batch[0].numel():,} tokens ({batch[0].dtype}, {where}), "
           f"median of {args.repeats}; validate={validate}")
-    times = time_methods(methods, batch, args.repeats, validate)
+    times = time_methods(methods, batch, args.repeats, validate, args.device)
     results = {}
     for m in methods:
-        results[m] = (times[m], peak_memory(m, batch, validate))
+        results[m] = (times[m], peak_memory(m, batch, validate, args.device))
         print(f"  measured {m:<10} {times[m] * 1e3:8.1f} ms  {results[m][1] / 2**20:8.1f} MiB", flush=True)
     t_ref, m_ref = results["grpo"]
     print(f"\n{'method':<10} {'time ms':>9} {'peak MiB':>9} {'time/grpo':>10} {'mem/grpo':>9}")

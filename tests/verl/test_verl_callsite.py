@@ -297,3 +297,33 @@ def test_bypass_settings_drpo_cannot_honour_are_refused(override, match):
             old_log_prob=_padded(flat, rows, "old"), log_prob=_padded(flat, rows, "logp"),
             advantages=_padded(flat, rows, "adv"), response_mask=mask, config=actor,
         )
+
+
+# ---------------------------------------------------------------- host syncs per call
+class _CountHostSyncs(torch.overrides.TorchFunctionMode):
+    NAMES = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "numpy", "cpu"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.NAMES:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_one_host_sync_per_call_through_verls_registry(method):
+    """Our losses read their metrics (and input checks) in one transfer; verl's vanilla loss,
+    measured the same way, makes three (`.item()` per metric)."""
+    flat, rows = _sequences(seed=2)
+    mask = _padded(flat, rows, "mask") > 0
+    args = dict(old_log_prob=_padded(flat, rows, "old"), advantages=_padded(flat, rows, "adv"), response_mask=mask)
+    actor = verl_actor(f"actor_rollout_ref.actor.policy_loss.loss_mode={plugin.VERL_LOSS_NAMES[method]}")
+    for name, expected in ((plugin.VERL_LOSS_NAMES[method], 1), ("vanilla", 3)):
+        x = _padded(flat, rows, "logp").requires_grad_(True)
+        with _CountHostSyncs() as counter:
+            loss, _ = get_policy_loss_fn(name)(log_prob=x, config=actor, **args)
+            loss.backward()
+        assert len(counter.calls) == expected, (name, counter.calls)
