@@ -102,14 +102,14 @@ def test_compare_and_report_hold_every_run(tmp_path, cache_dir):
         assert r["initial"] == accs[0] and r["final"] == accs[-1] == run_summary["final_accuracy"]
         assert r["mean_mismatch"] == run_summary["mean_mismatch"]
         assert 0.0 <= r["long_tail"] <= 1.0
-    for name in ("accuracy_gain", "mismatch", "beyond_boundary", "weights"):
+    for name in ("accuracy_gain", "mismatch", "beyond_boundary"):
         png = report / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         drawn = summary["figures_drawn"][name]
         assert {(s, v) for s, vs in drawn.items() for v in vs} >= {
             (s, m) for s in ("fp32", "fp8_e2e") for m in ("grpo", "drpo")}, name
     page = (report / "report.html").read_text()  # rendered from report.md, figures inlined
-    assert page.count("data:image/png;base64,") == 4 and "<table>" in page and 'src="figures' not in page
+    assert page.count("data:image/png;base64,") == 3 and "<table>" in page and 'src="figures' not in page
 
     # `drpo report` on its own, into another directory
     assert main(["report", str(out), "--out", str(tmp_path / "rep2"), "--collapse-frac", "1.0"]) == 0

@@ -6,7 +6,6 @@ per objective variant, kept the same in every figure.
   min..max over seeds
 - mismatch.png: training-inference mismatch mean |log(pi/mu)| over steps
 - beyond_boundary.png: fraction of tokens beyond the method's trust-region boundary
-- weights.png: how each method weighted its tokens' gradients (stacked fractions)
 """
 
 from __future__ import annotations
@@ -22,14 +21,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from drpo.study.stats import MISMATCH, series  # noqa: E402
 
-# weight categories over tokens with A != 0 (DESIGN.md section 2); what is left has w == 1
-WEIGHT_PARTS = (
-    ("objective/weight_zero_frac", "w = 0 (masked/clipped)", "#444444"),
-    ("objective/weight_attenuated_frac", "0 < w < 1 (attenuated)", "#6baed6"),
-    (None, "w = 1 (untouched)", "#e5e5e5"),
-    ("objective/weight_amplified_frac", "w > 1 (amplified)", "#fd8d3c"),
-    ("objective/weight_corrective_frac", "w < 0 (corrective)", "#d62728"),
-)
 BEYOND = ("objective/beyond_boundary_pos_frac", "objective/beyond_boundary_neg_frac")
 
 
@@ -148,71 +139,17 @@ def beyond_boundary_figure(groups, colors, path: Path, setting_titles=None, dash
                          band=False, setting_titles=setting_titles, dashes=dashes)
 
 
-def weight_fractions(rows_per_seed: Sequence[Sequence[Mapping]]) -> dict[str, float]:
-    """Mean over seeds and steps of each weight category; the remainder is w == 1."""
-    out: dict[str, float] = {}
-    for key, label, _ in WEIGHT_PARTS:
-        if key is None:
-            continue
-        vals = [v for rows in rows_per_seed for v in series(rows, key)[1]]
-        out[label] = sum(vals) / len(vals) if vals else float("nan")
-    known = [v for v in out.values() if not math.isnan(v)]
-    out[WEIGHT_PARTS[2][1]] = max(0.0, 1.0 - sum(known)) if known else float("nan")
-    return out
-
-
-def weight_range(rows_per_seed: Sequence[Sequence[Mapping]]) -> tuple[float, float]:
-    """Smallest weight_min and largest weight_max over all steps and seeds (nan if not logged).
-    Shown next to the bars because the categories are exact: DRPO's w = 1 - 1e-6 counts as
-    attenuated although it is practically 1."""
-    lows = [v for rows in rows_per_seed for v in series(rows, "objective/weight_min")[1]]
-    highs = [v for rows in rows_per_seed for v in series(rows, "objective/weight_max")[1]]
-    return (min(lows) if lows else float("nan"), max(highs) if highs else float("nan"))
-
-
-def weights_figure(groups, path: Path, setting_titles=None) -> dict[str, list[str]]:
-    n = len(groups)
-    drawn: dict[str, list[str]] = {}
-    nvar = max(len(v) for v in groups.values())
-    fig, axes = _panels(n, width=6.4, height=0.9 + 0.32 * nvar)
-    legend = {}
-    for ax, (setting, by_variant) in zip(axes, groups.items()):
-        names = list(by_variant)
-        fracs = [weight_fractions(by_variant[v]) for v in names]
-        labels = [f"{v}  w in [{lo:.3g}, {hi:.3g}]" for v, (lo, hi) in
-                  ((v, weight_range(by_variant[v])) for v in names)]
-        drawn[setting] = [v for v, f in zip(names, fracs) if not all(math.isnan(x) for x in f.values())]
-        left = [0.0] * len(names)
-        for _, label, color in WEIGHT_PARTS:
-            widths = [0.0 if math.isnan(f[label]) else f[label] for f in fracs]
-            bars = ax.barh(labels, widths, left=left, color=color, edgecolor="white", lw=0.5)
-            legend.setdefault(label, bars)
-            left = [a + b for a, b in zip(left, widths)]
-        ax.set_xlim(0, 1)
-        ax.invert_yaxis()
-        ax.set_title((setting_titles or {}).get(setting, setting), fontsize=10)
-        ax.set_xlabel("fraction of tokens with A != 0 (mean over steps and seeds)")
-        ax.tick_params(axis="y", labelsize=8)
-    fig.suptitle("Gradient weight w per token: how each objective treats its tokens", fontsize=12)
-    _legend(fig, legend)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return drawn
-
-
 def make_figures(groups: Mapping[str, Mapping[str, list]], variants: Sequence[str], main: Sequence[str],
                  fig_dir: Path) -> tuple[dict[str, Path], dict[str, dict[str, list[str]]]]:
     """Write every figure of `groups` (setting -> variant -> per-seed metric rows) into fig_dir;
     returns their paths and, per figure, setting -> variants drawn."""
     fig_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: fig_dir / f"{name}.png" for name in ("accuracy_gain", "mismatch", "beyond_boundary", "weights")}
+    paths = {name: fig_dir / f"{name}.png" for name in ("accuracy_gain", "mismatch", "beyond_boundary")}
     colors, dashes = variant_colors(variants), variant_dashes(variants, main)
     titles = {s: s for s in groups}
     drawn = {
         "accuracy_gain": accuracy_gain_figure(groups, colors, paths["accuracy_gain"], titles, dashes),
         "mismatch": mismatch_figure(groups, colors, paths["mismatch"], titles, dashes),
         "beyond_boundary": beyond_boundary_figure(groups, colors, paths["beyond_boundary"], titles, dashes),
-        "weights": weights_figure(groups, paths["weights"], titles),
     }
     return paths, drawn

@@ -229,7 +229,6 @@ FIGURE_CAPTIONS = {
                      "dashed lines: sweep variants.",
     "mismatch": "Training-inference mismatch mean |log(pi/mu)| over steps (mean over seeds).",
     "beyond_boundary": "Fraction of tokens beyond each method's trust-region boundary in the harmful direction.",
-    "weights": "Gradient-weight categories per method (fractions of tokens with A != 0, mean over steps and seeds).",
 }
 
 
