@@ -188,6 +188,13 @@ def test_loss_and_grads_equal_trls_on_a_ragged_generated_batch(tmp_path, loss_ty
     logged = trainer._metrics["eval"]
     assert logged["drpo/beyond_boundary_pos_frac"][-1] > 0 and logged["drpo/beyond_boundary_neg_frac"][-1] > 0
 
+    # TRL's two-sided clip `delta` is grpo's dual clip: equal again, and it changes the loss.
+    plain = float(trainer._compute_loss(model, inputs))
+    trainer.args.delta, trainer.drpo_params["dual_clip"] = 1.3, 1.3
+    rec = compare(model, trainer._compute_loss(model, inputs), GRPOTrainer._compute_loss(trainer, model, inputs))
+    assert_matches(rec)
+    assert rec["loss"] != pytest.approx(plain, rel=1e-4)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -339,7 +346,8 @@ def test_vllm_importance_sampling_modes(tmp_path, mode, anchor):
         return
     if anchor == "old":
         model = trainer.model
-        assert_matches(compare(model, trainer._compute_loss(model, inputs), GRPOTrainer._compute_loss(trainer, model, inputs)))
+        ref = GRPOTrainer._compute_loss(trainer, model, inputs)
+        assert_matches(compare(model, trainer._compute_loss(model, inputs), ref))
     rejected = (torch.broadcast_to(ratio, mask.shape) == 0) & (mask != 0)
     if mode.endswith("mask"):
         # Rows 1 and 4 (shift 2.5 and 1.5 > log 3) exceed the cap: as whole sequences, or at their first token.
@@ -370,6 +378,7 @@ def test_rollout_anchor_with_truncate_mode_refused_at_config_time(tmp_path):
     ("overrides", "match"),
     [
         (dict(delta=0.15), r"`delta=0.15`.*drpo_params=\{\"delta\": \.\.\.\}"),
+        (dict(drpo_method="grpo", delta=3.0), r"`delta=3.0`.*drpo_params=\{\"dual_clip\": 3.0\}"),
         (dict(epsilon=0.3), r"`epsilon=0.3`.*drpo_params"),
         (dict(epsilon_high=0.28), r"`epsilon_high=0.28`.*drpo_params"),
         (dict(loss_type="cispo"), r"`loss_type='cispo'`.*drpo_method='cispo'"),
@@ -382,13 +391,14 @@ def test_rollout_anchor_with_truncate_mode_refused_at_config_time(tmp_path):
 )
 def test_config_refuses_fields_the_loss_would_ignore(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        make_config(tmp_path, drpo_method="drpo", drpo_params={}, **overrides)
+        make_config(tmp_path, **({"drpo_method": "drpo", "drpo_params": {}} | overrides))
 
 
 def test_config_field_rule_is_difference_from_trls_default(tmp_path):
     # TRL's defaults, even passed explicitly, are accepted; the grpo method names its own parameters.
     make_config(tmp_path, epsilon=0.2, epsilon_high=None, delta=None, loss_type="dapo")
-    with pytest.raises(ValueError, match=r"drpo_params=\{\"eps_low\": \.\.\., \"eps_high\": \.\.\..*drpo_method='grpo'"):
+    names_grpo_params = r"drpo_params=\{\"eps_low\": \.\.\., \"eps_high\": \.\.\..*drpo_method='grpo'"
+    with pytest.raises(ValueError, match=names_grpo_params):
         make_config(tmp_path, epsilon_high=0.28)
 
 
@@ -426,7 +436,8 @@ def test_nonfinite_old_logp_is_dropped_like_padding(tmp_path):
     padded["tool_mask"] = padded["tool_mask"].clone()
     padded["tool_mask"][4, 1] = 0
     model = trainer.model
-    assert_matches(compare(model, trainer._compute_loss(model, inputs), GRPOTrainer._compute_loss(trainer, model, padded)))
+    ref = GRPOTrainer._compute_loss(trainer, model, padded)
+    assert_matches(compare(model, trainer._compute_loss(model, inputs), ref))
     assert trainer._metrics["train"]["drpo/nonfinite_tokens"][0] == 1.0
 
 

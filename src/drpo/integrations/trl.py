@@ -88,10 +88,14 @@ def _refused_fields(config: "DRPOConfig") -> dict[str, str]:
     params = ", ".join(f'"{k}": ...' for k in numeric)
     own = f"set the drpo method's parameters instead: drpo_params={{{params}}} (drpo_method={config.drpo_method!r})"
     outside = "it would add a term outside the drpo objective; leave it at TRL's default"
+    if config.drpo_method == "grpo":  # TRL's cap on the unclipped ratio is the dual clip (A < 0)
+        two_sided = f'TRL\'s two-sided clip is drpo\'s `dual_clip`: set drpo_params={{"dual_clip": {config.delta!r}}}'
+    else:
+        two_sided = f"TRL's two-sided clip is not DRPO's delta (a Binary-TV threshold); {own}"
     return {
         "epsilon": f"TRL's clip range is not read by the drpo loss; {own}",
         "epsilon_high": f"TRL's clip range is not read by the drpo loss; {own}",
-        "delta": f"TRL's two-sided clip is not DRPO's delta; {own}",
+        "delta": two_sided,
         "beta": outside,
         "entropy_coef": outside,
         "use_adaptive_entropy": outside,
