@@ -313,6 +313,64 @@ def test_forward_receives_every_input_trls_compute_loss_passes(tmp_path):
         assert ours[key] is extra[key]
 
 
+def tiny_qwen2_vl(tokenizer):
+    """A tiny random Qwen2-VL (vision tower + M-RoPE text model); image/vision ids are the
+    last ids of the character vocabulary."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    v = len(tokenizer)
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2,
+                           temporal_patch_size=2, spatial_merge_size=2, in_channels=3),
+        image_token_id=v - 1, vision_start_token_id=v - 2, vision_end_token_id=v - 3, video_token_id=v - 4,
+    )
+    torch.manual_seed(0)
+    return Qwen2VLForConditionalGeneration(config).float()
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_multimodal_batch_equals_trl(tmp_path, loss_type):
+    """A Qwen2-VL batch shaped as TRL builds it (pixel_values, image_grid_thw, num_images,
+    mm_token_type_ids over prompt + completion): loss and gradients equal TRL's, and the
+    vision tower gets gradient (the images reached the forward)."""
+    tokenizer = make_char_tokenizer()
+    model = tiny_qwen2_vl(tokenizer)
+    trainer = make_trainer(tmp_path, model=model, loss_type=loss_type, drpo_anchor="old")
+    v, g = len(tokenizer), torch.Generator().manual_seed(0)
+    # Each prompt: text, <vision_start> <image> <vision_end>, text (one merged patch per image).
+    prompt_ids = torch.tensor([[5, 6, v - 2, v - 1, v - 3, 7], [0, 8, v - 2, v - 1, v - 3, 9]] * 2)
+    prompt_mask = (prompt_ids != 0).long()
+    completion_ids = torch.randint(3, v - 4, (4, 5), generator=g)
+    completion_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    grid = torch.tensor([[1, 2, 2]] * 4)
+    mm = torch.cat([(prompt_ids == v - 1).long(), torch.zeros_like(completion_ids)], dim=1)
+    inputs = dict(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+        completion_mask=completion_mask, advantages=torch.tensor([0.9, -0.4, 0.3, -0.8]),
+        num_items_in_batch=completion_mask.sum(), pixel_values=torch.randn(16, 24, generator=g),
+        image_grid_thw=grid, num_images=[1, 1, 1, 1], mm_token_type_ids=mm,
+    )
+    with torch.no_grad():  # an older policy: TRL's logps with the images, shifted
+        lp, _, _ = trainer._get_per_token_logps_and_entropies(
+            model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), 5,
+            pixel_values=inputs["pixel_values"], image_grid_thw=grid, num_images=[1] * 4, mm_token_type_ids=mm,
+        )
+    inputs["old_per_token_logps"] = (lp + 0.3 * torch.randn(lp.shape, generator=g)).clamp(max=-1e-4)
+    trainer.current_gradient_accumulation_steps = 2
+    model.train()
+    ref = GRPOTrainer._compute_loss(trainer, model, inputs)
+    assert_matches(compare(model, trainer._compute_loss(model, inputs), ref))
+    model.zero_grad()
+    trainer._compute_loss(model, inputs).backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.model.visual.parameters())
+
+
 # ------------------------------------------------------------------ vLLM importance-sampling correction
 def logps_grad(trainer, inputs) -> torch.Tensor:
     """d loss / d (current per-token log-probs), through our `_compute_loss`."""
