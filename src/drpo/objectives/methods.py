@@ -145,9 +145,8 @@ class Grpo:
         unclipped = r * adv
         clipped = torch.clamp(r, 1 - eps_low, 1 + eps_high) * adv
         j = torch.minimum(unclipped, clipped)
-        # Dual clip bounds the loss of a negative-advantage token whose ratio exploded
-        # (dual_clip*A is NaN at A == 0 when dual_clip is inf; that branch is never taken there).
-        j = torch.where(adv < 0, torch.maximum(j, dual_clip * adv), j)
+        if dual_clip != math.inf:  # bounds the loss of a negative-advantage token whose ratio exploded
+            j = torch.where(adv < 0, torch.maximum(j, dual_clip * adv), j)
         return j, unclipped.detach() - j.detach()
 
     @staticmethod
@@ -243,14 +242,14 @@ def _hard_mask_method(outside_fn):
         def objective(logp, old_logp, adv, *, delta_low, delta_high, ratio_cap):
             r = ratio(logp, old_logp)
             outside = outside_fn(logp, old_logp, adv, delta_low, delta_high)
-            capped = r * (torch.clamp(r, max=ratio_cap) / r).detach()
+            capped = r if ratio_cap == math.inf else r * (torch.clamp(r, max=ratio_cap) / r).detach()
             return torch.where(outside, _zeros(r), capped * adv), torch.where(outside, (r * adv).detach(), _zeros(r))
 
         @staticmethod
         def weight(logp, old_logp, adv, *, delta_low, delta_high, ratio_cap):
             r = ratio(logp.detach(), old_logp)
             keep = (~outside_fn(logp, old_logp, adv, delta_low, delta_high)).to(logp.dtype)
-            return keep * (torch.clamp(r, max=ratio_cap) / r)
+            return keep if ratio_cap == math.inf else keep * (torch.clamp(r, max=ratio_cap) / r)
 
         @staticmethod
         def boundary(logp, old_logp, adv, *, delta_low, delta_high, ratio_cap):
