@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from drpo.rewards import get_reward
 from drpo.tasks.arithmetic import eval_problems, train_stream
-from drpo.tasks.base import Example, Task
+from drpo.tasks.base import Example, Task, check_examples
 from drpo.tasks import wordproblems
 from drpo.tasks.jsonl import DatasetError, cycle_stream, load_jsonl, split_examples
 
-__all__ = ["DatasetError", "Example", "Task", "load_jsonl", "make_task"]
+__all__ = ["DatasetError", "Example", "Task", "check_examples", "load_jsonl", "make_task"]
 
 
 def make_task(cfg, seed: int) -> Task:
@@ -33,5 +33,5 @@ def make_task(cfg, seed: int) -> Task:
             train, held = examples, load_jsonl(cfg.eval_dataset)[: cfg.eval_size]
         else:
             train, held = split_examples(examples, cfg.eval_size, seed)
-        return Task("jsonl", cycle_stream(train, seed), tuple(held), reward)
+        return Task("jsonl", cycle_stream(train, seed), tuple(held), reward, train_set=tuple(train))
     raise ValueError(f"unknown task.name {cfg.name!r}; choose arithmetic, jsonl or wordproblems")

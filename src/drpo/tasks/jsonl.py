@@ -1,6 +1,8 @@
 """JSONL math datasets: one `{"prompt"|"question": ..., "answer": ...}` object per line.
 
 Malformed lines stop the load with the file and line number; nothing is skipped silently.
+Each example keeps its FILE:LINE, so the trainer's load-time tokenizer and length checks
+(drpo.tasks.base.check_examples) name it too.
 """
 
 from __future__ import annotations
@@ -10,11 +12,9 @@ import json
 import random
 from pathlib import Path
 
-from drpo.tasks.base import Example
+from drpo.tasks.base import DatasetError, Example
 
-
-class DatasetError(ValueError):
-    """A dataset file is missing or has a malformed line."""
+__all__ = ["DatasetError", "cycle_stream", "load_jsonl", "split_examples"]
 
 
 def _parse_line(path: Path, lineno: int, line: str) -> Example:
@@ -36,7 +36,7 @@ def _parse_line(path: Path, lineno: int, line: str) -> Example:
         raise DatasetError(f"{where}: '{keys[0]}' must be a non-empty string, got {prompt!r}")
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
         raise DatasetError(f"{where}: 'answer' must be a non-empty string or a number, got {answer!r}")
-    return Example(prompt=prompt, answer=str(answer).strip())
+    return Example(prompt=prompt, answer=str(answer).strip(), source=where)
 
 
 def load_jsonl(path: str | Path) -> list[Example]:

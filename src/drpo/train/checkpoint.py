@@ -1,17 +1,18 @@
-"""Checkpoints: written atomically (temp file, fsync, rename) with a SHA-256 sidecar, so a
-truncated or corrupt file is detected on load and the previous good one is used instead."""
+"""Checkpoints: written atomically (drpo.train.files) with a SHA-256 sidecar, so a truncated
+or corrupt file is detected on load and the previous good one is used instead."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from drpo.train.files import atomic_write, atomic_writer, die, fault, sweep_temp_files
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -22,19 +23,6 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
     return Path(ckpt_dir) / f"step_{step:08d}.pt"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over `path`: readers
-    see the old file or the complete new one, never a partial write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256_file(path: Path) -> str:
@@ -49,22 +37,18 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], *, keep: i
     """Save `state` (model, optimizer, RNG states, step, data position...) as step_<step>.pt
     plus step_<step>.pt.json holding its size and SHA-256; prune to the newest `keep`."""
     path = checkpoint_path(ckpt_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Stream to a temp file (no second in-memory copy of a large model), fsync, rename.
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
+    # Streamed into the temp file (no second in-memory copy of a large model).
+    with atomic_writer(path, "checkpoint") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    meta = {"step": step, "bytes": tmp.stat().st_size, "sha256": _sha256_file(tmp)}
-    os.replace(tmp, path)
+    meta = {"step": step, "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
     # The sidecar is written last: a checkpoint without one is incomplete.
-    atomic_write_bytes(path.with_name(path.name + ".json"), json.dumps(meta).encode())
+    atomic_write(path.with_name(path.name + ".json"), json.dumps(meta), "sidecar")
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         old.unlink(missing_ok=True)
+        if fault("prune.between") == "kill":
+            die()
         old.with_name(old.name + ".json").unlink(missing_ok=True)
-    for stale in Path(ckpt_dir).glob(".step_*.tmp.*"):  # left by a writer killed mid-write
-        stale.unlink(missing_ok=True)
+    sweep_temp_files(ckpt_dir)  # left by a writer killed mid-write
     return path
 
 

@@ -268,3 +268,33 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _set_leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def resume_config(saved_yaml: str, cfg: Config, where: str) -> Config:
+    """The config a resumed run continues with: the one saved with the run. Only the keys set
+    now (config file or --set) are compared with it, so a default changed by a newer drpo
+    neither strands the run nor changes it half-way; keys left unset come from the save."""
+    try:
+        saved = build_config(yaml.safe_load(saved_yaml) or {})
+    except (yaml.YAMLError, ConfigError) as err:
+        raise ConfigError(f"the config saved in {where} cannot be read by this drpo: {err}") from None
+    have = dict(_set_leaves(saved.model_dump(mode="json")))
+    diffs = [
+        f"{key} = {value!r} now, {have.get(key, '(absent)')!r} saved"
+        for key, value in _set_leaves(cfg.model_dump(mode="json", exclude_unset=True))
+        if have.get(key, object()) != value
+    ]
+    if diffs:
+        raise ConfigError(
+            f"--resume with a config different from the one saved in {where}: " + "; ".join(diffs)
+            + ". Resume with the same settings (keys you leave unset are taken from the saved config)"
+        )
+    return saved

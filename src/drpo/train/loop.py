@@ -21,14 +21,15 @@ from tqdm.auto import tqdm
 
 from drpo.advantages import group_advantages
 from drpo.logprobs import sequence_logprobs
-from drpo.models import build_tiny_model, load_policy, make_char_tokenizer, quantized_forward
+from drpo.models import build_tiny_model, encode_prompt, load_policy, make_char_tokenizer, quantized_forward
 from drpo.models.bpe import task_tokenizer
 from drpo.objectives import policy_loss
 from drpo.rollout import generate, make_engine, sync_weights
-from drpo.tasks import Task, make_task
+from drpo.tasks import Task, check_examples, make_task
 from drpo.train.batching import decode_completions, encode_prompts
-from drpo.train.checkpoint import load_latest_checkpoint, save_checkpoint
-from drpo.train.config import Config, to_yaml
+from drpo.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from drpo.train.config import Config, ConfigError, resume_config, to_yaml
+from drpo.train.files import DiskFullError, LockHeldError, atomic_write, dir_lock, sweep_temp_files
 from drpo.train.metrics import MetricsLogger, plot_curves, read_metrics, truncate_metrics
 from drpo.train.warmstart import warm_start
 
@@ -85,10 +86,27 @@ def load_model(cfg: Config, task: Task, device: torch.device, log=print):
             max_position=m.max_position,
             seed=cfg.seed,
         ).to(device)
+        check_task_fits(task, tokenizer, model, cfg)
         info = warm_start(model, tokenizer, task, cfg, log=log) if cfg.warmstart.enabled else {}
         return model, tokenizer, info
     model, tokenizer = load_policy(cfg.model.name, seed=cfg.seed)
+    check_task_fits(task, tokenizer, model, cfg)
     return model.to(device), tokenizer, {}
+
+
+def check_task_fits(task: Task, tokenizer, model, cfg: Config) -> None:
+    """At load, not when an example is first sampled: every prompt and answer tokenizes and
+    every prompt leaves room for max_new_tokens in the model's positions."""
+    check_examples(
+        task,
+        encode_prompt=lambda text: encode_prompt(tokenizer, cfg.task.prompt_template.format(prompt=text),
+                                                 system=cfg.model.system_prompt),
+        encode_answer=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+        unk_id=tokenizer.unk_token_id,
+        max_positions=getattr(model.config, "max_position_embeddings", None),
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        positions_key="model.max_position" if cfg.model.name == "tiny" else f"max_position_embeddings of {cfg.model.name}",
+    )
 
 
 def make_optimizer(model, cfg: Config):
@@ -102,15 +120,32 @@ def make_optimizer(model, cfg: Config):
 
 
 def prepare_out_dir(out_dir: Path, cfg: Config, resume: bool) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Called with the directory's lock held."""
     has_run = (out_dir / "metrics.jsonl").exists() or (out_dir / "checkpoints").exists()
     if has_run and not resume:
         raise RunError(f"output directory {out_dir} already holds a run; pass --resume to continue it or pick another --out")
-    saved = out_dir / "config.yaml"
-    if resume and saved.exists() and saved.read_text() != to_yaml(cfg):
-        raise RunError(f"--resume with a config different from the one saved in {saved}; resume with the same config")
-    saved.write_text(to_yaml(cfg))
+    if not (resume and (out_dir / "config.yaml").exists()):  # a resumed run keeps the saved one
+        atomic_write(out_dir / "config.yaml", to_yaml(cfg), "config")
     (out_dir / "summary.json").unlink(missing_ok=True)  # its presence must mean "finished"
+    sweep_temp_files(out_dir)
+
+
+def saved_config(out_dir: Path, cfg: Config, resume: bool) -> Config:
+    """What a resumed run continues with: its saved config, checked against the keys set now."""
+    saved = out_dir / "config.yaml"
+    if not (resume and saved.is_file()):
+        return cfg
+    try:
+        return resume_config(saved.read_text(), cfg, str(saved))
+    except ConfigError as err:
+        raise RunError(str(err)) from None
+
+
+def disk_full_message(err: DiskFullError, out_dir: Path) -> str:
+    kept = list_checkpoints(out_dir / "checkpoints")
+    where = f"its last checkpoint, {kept[-1]}," if kept else "no checkpoint yet; metrics.jsonl"
+    return (f"{err.strerror}. Nothing written before is lost ({where} and every complete metrics.jsonl "
+            "line are intact); free disk space and continue with --resume")
 
 
 # ---------------------------------------------------------------- one step
@@ -372,10 +407,22 @@ def summarize(rows: list[dict], wall: float, warm: dict, resumed: bool) -> dict:
 
 
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print, progress: bool = True) -> dict:
-    t_start = time.perf_counter()
+    """Run (or, with resume, continue) one run in `out_dir`, holding the directory's lock."""
     out_dir = Path(out_dir)
+    cfg = saved_config(out_dir, cfg, resume)
     task = make_task(cfg.task, cfg.seed)  # dataset errors stop the run before anything is written
     device = pick_device(cfg.train.device)
+    try:
+        with dir_lock(out_dir):
+            return run_locked(cfg, task, device, out_dir, resume=resume, log=log, progress=progress)
+    except LockHeldError as err:
+        raise RunError(str(err)) from None
+    except DiskFullError as err:
+        raise RunError(disk_full_message(err, out_dir)) from None
+
+
+def run_locked(cfg: Config, task: Task, device, out_dir: Path, *, resume: bool, log, progress: bool) -> dict:
+    t_start = time.perf_counter()
     prepare_out_dir(out_dir, cfg, resume)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -394,7 +441,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print, 
     elif resume:
         truncate_metrics(out_dir / "metrics.jsonl", -1)
         log("no checkpoint found: starting from scratch")
-    logger = MetricsLogger(out_dir)
+    logger = MetricsLogger(out_dir, purge_step=state.step + 1 if found else 0 if resume else None)
 
     if state.step == 0 and not found:
         logger.log({"step": 0, **evaluate(eval_engine, model, tokenizer, task, cfg, 0)})
@@ -425,5 +472,5 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print, 
     plot_curves(rows, out_dir / "curves.png", title=f"{cfg.objective.method} / {cfg.model.name} / seed {cfg.seed}")
     summary = summarize(rows, time.perf_counter() - t_start, warm, resumed=bool(found))
     # Written last: its presence marks a finished run.
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2), "summary")
     return summary

@@ -3,10 +3,14 @@ TensorBoard, and a PNG of the curves at the end."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
+
+from drpo.train.files import append_line, atomic_write
 
 # Wall-clock dependent keys: everything else in metrics.jsonl is a function of config + seed.
 TIMING_KEYS = ("time/rollout", "time/reward", "time/update", "time/eval")
@@ -48,7 +52,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def truncate_metrics(path: Path, last_step: int) -> None:
     """On resume, keep rows up to `last_step` (the checkpoint's step): rows logged after the
     checkpoint are recomputed, so keeping them would duplicate steps. A torn last line
-    (killed mid-write) is dropped for the same reason."""
+    (killed mid-write) is dropped for the same reason. The kept rows replace the file
+    atomically: a kill or a full disk here leaves the old file whole."""
     path = Path(path)
     if not path.is_file():
         return
@@ -60,33 +65,36 @@ def truncate_metrics(path: Path, last_step: int) -> None:
             break  # only the final line can be torn; everything after it is post-checkpoint anyway
         if row.get("step", math.inf) <= last_step:
             kept.append(line)
-    path.write_text("".join(k + "\n" for k in kept))
+    atomic_write(path, "".join(k + "\n" for k in kept), "truncate")
 
 
 class MetricsLogger:
-    """Appends rows to metrics.jsonl and TensorBoard."""
+    """Appends rows to metrics.jsonl (each line fsynced before the step's checkpoint can be
+    written, and never left torn) and to TensorBoard. `purge_step`: the first step this
+    process logs on resume; TensorBoard then hides the events an earlier process wrote from
+    that step on, so resumed steps are not shown twice."""
 
-    def __init__(self, out_dir: Path, *, tensorboard: bool = True):
+    def __init__(self, out_dir: Path, *, tensorboard: bool = True, purge_step: int | None = None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"), purge_step=purge_step)
 
     def log(self, row: dict[str, Any]) -> None:
         step = int(row["step"])
-        self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-        self._file.flush()
+        append_line(self._fd, json.dumps({k: _clean(v) for k, v in row.items()}), self.path, "metrics")
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, step)
+            self._tb.flush()  # on disk with the jsonl line, so a resume neither loses nor repeats a step
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)
         if self._tb is not None:
             self._tb.close()
 
@@ -117,6 +125,8 @@ def plot_curves(rows: list[dict[str, Any]], png_path: Path, title: str = "") -> 
         fig.suptitle(title)
     fig.tight_layout()
     png_path = Path(png_path)
-    fig.savefig(png_path, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
+    atomic_write(png_path, buf.getvalue(), "curves")
     return png_path

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from drpo.logprobs import sequence_logprobs
 from drpo.tasks import Task
 from drpo.train.batching import decode_completions, encode_prompts, supervised_batch
-from drpo.train.checkpoint import atomic_write_bytes
+from drpo.train.files import atomic_write
 
 CACHE_VERSION = 3  # bump when the warm-start procedure changes
 
@@ -188,7 +188,7 @@ def warm_start(model, tokenizer, task: Task, cfg, log=print) -> dict:
         info = {k: result[k] for k in ("steps", "check_accuracy", "reached", "target_accuracy", "final_loss")}
         buf = io.BytesIO()
         torch.save({"model": model.state_dict(), "info": info, "losses": result["losses"]}, buf)
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write(path, buf.getvalue(), "warmstart")
         _settle(info, cfg, path, log)
         log(
             f"warm start: {info['steps']} SFT steps, check accuracy {info['check_accuracy']:.3f} "
