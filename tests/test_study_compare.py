@@ -83,6 +83,7 @@ def test_compare_and_report_hold_every_run(tmp_path, cache_dir):
     report = out / "report"
     md = (report / "report.md").read_text()
     assert f"Code: drpo {drpo.__version__}" in md
+    assert "`drpo compare` wall-clock: " in md and "over 1 invocation(s) with 2 worker(s)" in md
     for rid in finished | diverged:
         assert f"| {rid} |" in md  # per-run table holds every run
     summary = json.loads((report / "summary.json").read_text())
@@ -120,6 +121,8 @@ def test_compare_and_report_hold_every_run(tmp_path, cache_dir):
     assert main(["compare", "--grid", str(grid), "--out", str(out), "--quiet", "--no-report"]) == 0
     assert before == {rid: (out / "runs" / rid / "summary.json").stat().st_mtime_ns for rid in finished}
     assert all(json.loads((out / "runs" / rid / "study_run.json").read_text())["attempts"] == 1 for rid in diverged)
+    timing = [json.loads(x) for x in (out / "timing.jsonl").read_text().splitlines()]
+    assert [t["runs_ended"] for t in timing] == [6, 0] and all(t["elapsed_s"] > 0 for t in timing)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -23,7 +23,7 @@ import yaml
 
 from drpo.study import figures
 from drpo.study.claims import MARGIN, Claim, check_claims, design_note
-from drpo.study.runner import LOG, RECORD, SUMMARY
+from drpo.study.runner import LOG, RECORD, SUMMARY, TIMING
 from drpo.study.stats import ALPHA, COLLAPSE_FRAC, COLLAPSE_WINDOW, CellStats, RunStats, cell_stats, run_stats
 
 
@@ -212,6 +212,23 @@ def read_provenance(root: Path) -> list[str]:
     return lines
 
 
+def read_timing(root: Path) -> list[dict]:
+    """One entry per `drpo compare` invocation: start, elapsed_s, workers (OUT/timing.jsonl)."""
+    path = root / TIMING
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def study_time(root: Path, tables: Tables) -> str:
+    """The study's wall-clock and the runs' summed wall-clock, in words."""
+    spans = read_timing(root)
+    runs = f"run wall-clock summed over runs: {sum(r.wall_s for r in tables.runs) / 60:.1f} min"
+    if not spans:
+        return runs.capitalize() + "."
+    workers = sorted({s["workers"] for s in spans})
+    return (f"`drpo compare` wall-clock: {sum(s['elapsed_s'] for s in spans) / 60:.1f} min over {len(spans)} "
+            f"invocation(s) with {'/'.join(map(str, workers))} worker(s); {runs}.")
+
+
 def compute_rows(study: Study, tables: Tables) -> list[list[str]]:
     """Per variant over all settings: runs, wall-clock and throughput (the compute the paper omits)."""
     out = []
@@ -246,10 +263,8 @@ def render_markdown(study: Study, tables: Tables, figs: dict[str, Path], out: Pa
     if command:
         lines += ["Produced by:", "", "```", command, "```", ""]
     lines += [f"Code: {p}" + "  " for p in read_provenance(study.root)] + [""]
-    total_wall = sum(r.wall_s for r in tables.runs)
     lines += [f"Runs: {len(tables.runs)} with a result of {len(study.runs)} ({len(study.settings)} settings, "
-              f"{len(study.variants)} objective variants); run wall-clock summed over runs: {total_wall / 60:.1f} "
-              f"min.", ""]
+              f"{len(study.variants)} objective variants). {study_time(study.root, tables)}", ""]
     lines += ["## Definitions", ""] + [f"- {d}" for d in definitions(collapse_frac)] + [""]
     lines += ["## Objective variants", ""] + _table(("variant", "method", "parameters (defaults filled in)"),
                                                     variant_table(study))
@@ -346,8 +361,9 @@ def write_report(root: str | Path, out: str | Path | None = None, *, collapse_fr
         "alpha": ALPHA,
         "equivalence_margin": MARGIN,
         "cells": [_cell_json(c) for cells in tables.cells.values() for c in cells],
-        "runs": [{k: v for k, v in asdict(r).items() if k not in ("steps", "accs")} for r in tables.runs],
+        "runs": [asdict(r) for r in tables.runs],
         "unfinished": [r.run_id for r in tables.unfinished],
+        "compare_invocations": read_timing(study.root),
         "figures_drawn": drawn,
         "claims": [asdict(c) for c in claims],
     }), indent=2) + "\n")

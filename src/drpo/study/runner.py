@@ -4,6 +4,7 @@ Layout written under OUT:
 
     OUT/grid.yaml                  the grid that was asked for (kept for the report)
     OUT/provenance.jsonl           versions and git commit of the code, one line per start
+    OUT/timing.jsonl               wall-clock and workers of each `drpo compare` invocation
     OUT/runs/<run_id>/study_run.json   what this run is (setting, variant, seed, overrides)
                                        and how it went (attempts, rc, wall_s)
     OUT/runs/<run_id>/train.log    stdout+stderr of every attempt
@@ -38,6 +39,7 @@ from drpo.study.grid import Grid, RunSpec, format_value
 SUMMARY = "summary.json"
 RECORD = "study_run.json"
 LOG = "train.log"
+TIMING = "timing.jsonl"
 
 
 def default_workers(threads_per_run: int = 1) -> int:
@@ -248,6 +250,7 @@ def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: i
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     prepare(grid, runs, out, config)
+    t0, started = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     outcome = Outcome()
     pending: list[RunSpec] = []
     for spec in runs:
@@ -293,6 +296,10 @@ def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: i
                 a.proc.wait()
             _settle(a, out, a.proc.returncode if a.proc.returncode is not None else -1, interrupted=True)
         bar.close()
+        with (out / TIMING).open("a") as f:  # the study's own wall-clock, one line per invocation
+            f.write(json.dumps({"started": started, "elapsed_s": time.monotonic() - t0, "workers": workers,
+                                "runs_ended": len(outcome.finished) + len(outcome.diverged) + len(outcome.failed)})
+                    + "\n")
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return outcome

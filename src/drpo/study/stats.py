@@ -91,8 +91,6 @@ class RunStats:
     setting: str
     variant: str
     seed: int
-    steps: list[int]
-    accs: list[float]
     initial: float
     final: float
     best: float
@@ -124,7 +122,7 @@ def run_stats(run_id: str, setting: str, variant: str, seed: int, rows: Sequence
         return float(s[key]) if _finite(s.get(key)) else fallback
 
     return RunStats(
-        run_id=run_id, setting=setting, variant=variant, seed=seed, steps=steps, accs=accs,
+        run_id=run_id, setting=setting, variant=variant, seed=seed,
         initial=pick("warmstart_accuracy", accs[0]),
         final=pick("final_accuracy", accs[-1]),
         best=pick("best_accuracy", max(accs)),
