@@ -133,3 +133,11 @@ def test_quick_preset_is_the_short_config():
                                                        f"train.eval_every={base['train.eval_every']}",
                                                        "train.threads=null"])
     assert cfg.model_dump(exclude={"objective"}) == ref.model_dump(exclude={"objective"})
+
+
+def test_missing_config_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    from drpo.cli import main
+
+    out = tmp_path / "out"
+    assert main(["compare", "--preset", "quick", "--out", str(out), "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file" in capsys.readouterr().err and not out.exists()

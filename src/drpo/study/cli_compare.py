@@ -17,7 +17,7 @@ import yaml
 
 from drpo.study.grid import Grid, expand, load_grid, parse_grid
 from drpo.study.presets import PRESETS, get_preset
-from drpo.study.runner import default_workers, is_finished, run_dir, run_grid
+from drpo.study.runner import base_config, default_workers, is_finished, run_dir, run_grid
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         grid = load_grid(args.grid) if args.grid else get_preset(args.preset or "quick")
         grid = select(grid, overrides=args.overrides, seeds=args.seeds, methods=args.methods,
                       settings=args.settings)
+        base_config(grid, args.config)
     except ValueError as err:
         print(f"drpo compare: {err}", file=sys.stderr)
         return 2

@@ -93,6 +93,15 @@ def train_command(spec: RunSpec, out: Path, *, config: str | None = None, resume
     return cmd
 
 
+def base_config(grid: Grid, config: str | None) -> str | None:
+    """The `drpo train` config file every run starts from (--config, else the grid's), checked."""
+    config = config or grid.config
+    if config and not Path(config).is_file():
+        raise ValueError(f"config file {str(config)!r} not found (a relative path is read from the working "
+                         f"directory, {os.getcwd()}; presets expect the repository root)")
+    return config
+
+
 def _write_json(path: Path, data: dict) -> None:
     # write-then-rename so a kill never leaves a half-written record
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -242,10 +251,7 @@ def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: i
     out = Path(out)
     if threads_per_run < 1:
         raise ValueError(f"threads_per_run must be >= 1, got {threads_per_run}")
-    config = config or grid.config
-    if config and not Path(config).is_file():
-        raise ValueError(f"config file {str(config)!r} not found (a relative path is read from the working "
-                         f"directory, {os.getcwd()}; presets expect the repository root)")
+    config = base_config(grid, config)
     workers = default_workers(threads_per_run) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
