@@ -1,0 +1,280 @@
+"""Fault injection across every write a run makes: `drpo train` killed (SIGKILL) at each
+point, including inside every write, then resumed, must end with exactly the metrics of an
+uninterrupted run; a full disk at each write must stop the run with a clear error and lose
+nothing; a second writer on a run directory is refused; `drpo compare` killed mid-way and
+restarted finishes the study.
+
+Faults are injected through DRPO_FAULT_AT (drpo.train.files): the process SIGKILLs itself at
+the named point, or lowers RLIMIT_FSIZE so the kernel refuses that write (EFBIG). Each run is
+a real `drpo train` (drpo.cli.main) in its own process, forked from a server that imported
+drpo once (a fresh interpreter costs ~10 s on the shared 2-core box).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from drpo.train.checkpoint import list_checkpoints, load_checkpoint
+from drpo.train.files import LOCK_FILE
+from drpo.train.metrics import TIMING_KEYS, read_metrics
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+# A very small model warm-started on 1-digit sums (~0.3 accuracy, ~125 SFT steps, cached once),
+# so rewards vary within groups and the updates move the weights. 6 steps, checkpoints at 2,
+# 4, 6 (keep 2: the step-6 save prunes step 2), evals at 0, 3, 6; stale engine weights, two
+# updates per rollout and a warmup: all of it must survive a kill.
+SETTINGS = (
+    "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
+    "warmstart.steps=400", "warmstart.batch_size=32", "warmstart.check_size=32", "warmstart.check_every=25",
+    "warmstart.target_accuracy=0.3", "warmstart.lr=3e-3", "warmstart.on_miss=continue",
+    "task.digits=1", "task.eval_size=16", "rollout.prompts_per_step=8", "rollout.n_samples=4",
+    "rollout.max_new_tokens=3", "rollout.sync_every=2", "optim.lr=1e-3", "optim.updates_per_rollout=2",
+    "optim.warmup_steps=3", "train.steps=6", "train.save_every=2", "train.eval_every=3",
+    "train.keep_checkpoints=2", "train.threads=1",
+)
+
+# (scenario, faults of successive attempts): each attempt but the last is killed at its fault.
+# Points: <kind>.write = inside the write (half the bytes on disk), .rename = complete temp
+# file not yet renamed, .done = just after. metrics.write:N is the N-th metrics line (step N-1).
+KILLS = [
+    ("config.write:1",), ("config.rename:1",),
+    ("warmstart.write:1",), ("warmstart.rename:1",),
+    ("metrics.write:1",), ("metrics.write:4",), ("metrics.done:3",), ("metrics.write:7",),
+    ("checkpoint.write:1",), ("checkpoint.rename:1",), ("checkpoint.done:1",), ("checkpoint.write:3",),
+    ("sidecar.write:2",), ("sidecar.rename:2",), ("sidecar.done:2",),
+    ("prune.between:1",),
+    ("curves.write:1",), ("curves.rename:1",),
+    ("summary.write:1",), ("summary.rename:1",),
+    # a resume killed while it truncates metrics.jsonl (rows 5 logged after checkpoint 4)
+    ("metrics.done:6", "truncate.write:1"), ("metrics.done:6", "truncate.rename:1"),
+    # killed twice: inside a checkpoint, then the resume inside its first metrics line
+    ("checkpoint.write:2", "metrics.write:1"),
+]
+# A full disk at each write: the run stops with a clear error and loses nothing.
+FULL = ["config.write:1", "warmstart.write:1", "metrics.write:1", "metrics.write:5", "checkpoint.write:1",
+        "checkpoint.write:3", "sidecar.write:2", "curves.write:1", "summary.write:1", "truncate.write:1"]
+
+_results: dict[str, list] = {"kill": [], "full": []}
+
+
+def _child(argv: list[str], fault: str | None, cache: str, log: str) -> None:
+    """A `drpo train` process: output to the FIFO `log` (a full-disk fault limits the size of
+    regular files, not of pipes), fault armed, shared warm-start cache."""
+    fd = os.open(log, os.O_WRONLY)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ["DRPO_CACHE"] = cache
+    os.environ.pop("DRPO_FAULT_AT", None)
+    if fault:
+        os.environ["DRPO_FAULT_AT"] = fault
+    from drpo.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as err:
+        rc = err.code if isinstance(err.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        rc = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["drpo.cli", "drpo.train.cli", "drpo.train.loop"])
+    return ctx
+
+
+class Runner:
+    def __init__(self, ctx, root: Path):
+        self.ctx, self.root = ctx, root
+        self.cache = root / "cache"  # the warm start, trained once and shared
+        self.n = 0
+
+    def start(self, out: Path, fault: str | None = None, *, resume: bool = False, cache: Path | None = None):
+        self.n += 1
+        fifo = self.root / f"attempt{self.n}.fifo"
+        os.mkfifo(fifo)
+        # the cache comes from $DRPO_CACHE, not a config key, so a scenario with its own cache
+        # has the same config as the reference
+        argv = ["train", "--no-progress", "--out", str(out)]
+        for item in SETTINGS:
+            argv += ["--set", item]
+        if resume:
+            argv.append("--resume")
+        proc = self.ctx.Process(target=_child, args=(argv, fault, str(cache or self.cache), str(fifo)))
+        proc.fifo = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # before the child opens it for writing
+        proc.start()
+        return proc
+
+    @staticmethod
+    def output(proc) -> str:
+        """Everything the process wrote, once it has exited."""
+        chunks = []
+        while True:
+            try:
+                data = os.read(proc.fifo, 1 << 16)
+            except BlockingIOError:
+                data = None
+            if data:
+                chunks.append(data)
+                continue
+            if not proc.is_alive():
+                if data == b"" or data is None:
+                    break
+            time.sleep(0.05)
+        os.close(proc.fifo)
+        return b"".join(chunks).decode(errors="replace")
+
+    def run(self, *args, **kwargs):
+        proc = self.start(*args, **kwargs)
+        log = self.output(proc)
+        proc.join(600)
+        assert proc.exitcode is not None, "drpo train hung"
+        return proc.exitcode, log
+
+
+def _comparable(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def harness(ctx, tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    runner = Runner(ctx, root)
+    rc, log = runner.run(root / "reference")
+    assert rc == 0, log
+    ref = _comparable(read_metrics(root / "reference" / "metrics.jsonl"))
+    assert [r["step"] for r in ref] == list(range(STEPS + 1))
+    yield runner, ref
+    kills, full = _results["kill"], _results["full"]
+    if kills:
+        print(f"\nfault injection: {len(kills)} kill points, {sum(kills)} survived with identical metrics")
+    if full:
+        print(f"fault injection: {len(full)} full-disk points, {sum(full)} clear errors, nothing lost")
+
+
+@pytest.mark.parametrize("faults", KILLS, ids=["+".join(f) for f in KILLS])
+def test_killed_at_each_point_then_resumed_gives_identical_metrics(harness, faults, tmp_path):
+    runner, ref = harness
+    out = tmp_path / "run"
+    # the warm-start faults need a cache that does not hold it yet
+    cache = tmp_path / "cache" if faults[0].startswith("warmstart") else None
+    survived = False
+    try:
+        for i, fault in enumerate(faults):
+            rc, log = runner.run(out, fault, resume=i > 0, cache=cache)
+            assert rc == -signal.SIGKILL, f"fault {fault} never fired (exit {rc}):\n{log}"
+        rc, log = runner.run(out, resume=True, cache=cache)
+        assert rc == 0, log
+        assert _comparable(read_metrics(out / "metrics.jsonl")) == ref
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["steps"] == STEPS and summary["final_accuracy"] == ref[-1]["eval/accuracy"]
+        assert not [p.name for p in out.rglob(".*.tmp.*")], "temp files left behind"
+        survived = True
+    finally:
+        _results["kill"].append(survived)
+
+
+@pytest.mark.parametrize("point", FULL)
+def test_full_disk_at_each_write_is_a_clear_error_and_loses_nothing(harness, point, tmp_path):
+    runner, ref = harness
+    out = tmp_path / "run"
+    cache = tmp_path / "cache" if point.startswith("warmstart") else None
+    ok = False
+    try:
+        if point.startswith("truncate"):  # a resume truncates: kill a run after step 5's line first
+            assert runner.run(out, "metrics.done:6", cache=cache)[0] == -signal.SIGKILL
+        before_ckpts = {p.name for p in list_checkpoints(out / "checkpoints")}
+        before_rows = read_metrics(out / "metrics.jsonl")
+        rc, log = runner.run(out, point + ":full", resume=point.startswith("truncate"), cache=cache)
+        # a clear error: exit 2, one line naming the file and what is intact, no traceback
+        assert rc == 2, log
+        assert "Traceback" not in log, log
+        message = [line for line in log.splitlines() if line.startswith("drpo train: ")]
+        assert len(message) == 1 and "disk full while writing" in message[0] and "File too large" in message[0], log
+        assert "continue with --resume" in message[0]
+        # nothing lost: every metrics line complete and equal to the reference's, every earlier
+        # checkpoint still there and verifying, no temp file left
+        rows = read_metrics(out / "metrics.jsonl")
+        assert _comparable(rows) == ref[: len(rows)] and len(rows) >= len(before_rows)
+        kept = list_checkpoints(out / "checkpoints")
+        assert before_ckpts <= {p.name for p in kept}
+        for path in kept:
+            load_checkpoint(path)
+        assert not [p.name for p in out.rglob(".*.tmp.*")], "temp files left behind"
+        if (out / "config.yaml").exists():
+            yaml.safe_load((out / "config.yaml").read_text())
+        # and the space freed, the run continues to the uninterrupted run's metrics
+        rc, log = runner.run(out, resume=(out / "config.yaml").exists(), cache=cache)
+        assert rc == 0, log
+        assert _comparable(read_metrics(out / "metrics.jsonl")) == ref
+        ok = True
+    finally:
+        _results["full"].append(ok)
+
+
+def test_second_writer_on_a_run_directory_is_refused_naming_the_lock(harness, tmp_path):
+    runner, _ = harness
+    out = tmp_path / "run"
+    assert runner.run(out, "metrics.done:3")[0] == -signal.SIGKILL
+    first = runner.start(out, resume=True)
+    lock = out / LOCK_FILE
+    deadline = time.time() + 120
+    while not (lock.is_file() and lock.read_text().strip() == str(first.pid)):
+        assert first.is_alive() and time.time() < deadline
+        time.sleep(0.01)
+    t0 = time.time()
+    rc, log = runner.run(out, resume=True)
+    elapsed = time.time() - t0
+    first_log = Runner.output(first)
+    first.join(600)
+    assert first.exitcode == 0, first_log
+    assert rc == 2 and elapsed < 10, (rc, elapsed, log)
+    assert f"is in use by another drpo process (pid {first.pid}, lock file {lock})" in log, log
+    print(f"\nsecond --resume refused after {elapsed:.1f} s: {log.strip().splitlines()[-1]}")
+
+
+def test_killed_compare_restarts_and_finishes_with_uninterrupted_metrics(harness, tmp_path):
+    runner, ref = harness
+    base = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in SETTINGS)}
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"name": "faults", "base": base, "settings": {"fp32": {}},
+                                    "methods": ["drpo", "grpo"], "seeds": [0]}))
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "drpo.cli", "compare", "--grid", str(grid), "--out", str(out), "--workers", "1",
+           "--quiet", "--no-report"]
+    env = {**os.environ, "DRPO_CACHE": str(runner.cache)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not list((out / "runs").glob("*/checkpoints/step_00000002.pt.json")):  # mid-way through the first run
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    time.sleep(1)  # its `drpo train` child gets SIGTERM from the kernel when compare dies
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 2 and all((d / "summary.json").is_file() for d in runs)
+    drpo_run = next(d for d in runs if "drpo" in d.name)
+    assert _comparable(read_metrics(drpo_run / "metrics.jsonl")) == ref  # the reference is drpo
+    records = [json.loads((d / "study_run.json").read_text()) for d in runs]
+    assert max(r["attempts"] for r in records) == 2
