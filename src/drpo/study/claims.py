@@ -1,22 +1,9 @@
-"""The paper's comparative claims, each decided by a rule fixed before the study runs.
-
-Every rule is a family of seed-paired tests (stats.py) at level ALPHA = 0.05:
-- a difference between two objectives is the per-seed difference of their final accuracy or
-  AUC, averaged over the settings the claim covers (each seed's runs share its warm start and
-  eval set in every setting); a two-sided paired t-test on those n per-seed values;
-- a claim that something happens in "some" of several comparisons is decided after Holm's
-  correction across them, so with no true effect it is called with probability <= ALPHA;
-- a claim that something holds in "every" comparison (an equivalence, a non-inferiority) needs
-  each test at ALPHA (an intersection-union test is valid at ALPHA without correction);
-- "matches" and "no effect" mean equivalence within +-MARGIN accuracy (TOST: the 90%
-  interval inside the margin); a tie that is not shown equivalent stays "cannot tell";
-- collapse is compared with an exact sign test on seed-paired collapse indicators; a diverged
-  run counts as collapsed; settings where every method collapsed stay in.
-Verdicts: "supports", "contradicts", "cannot tell" (no decision at this power) and "not tested"
-(the grid lacks the cells). Each test also states the smallest effect it detects with 80% power
-given the observed per-seed spread (`stats.mde`). tests/test_study_power.py simulates whole
-studies to check each rule's error rates.
-"""
+"""The paper's comparative claims, each decided by a rule fixed before the study runs: a family
+of seed-paired tests at level ALPHA, Holm-corrected where a claim is called on "some" of its
+tests, each at ALPHA where it needs "every" one (an intersection-union test), equivalence within
++-MARGIN by TOST, collapse by an exact sign test. Verdicts: "supports", "contradicts", "cannot
+tell" (no decision at this power) and "not tested" (the grid lacks the cells). docs/study.md
+states the rules, the detectable effects and the simulated error rates."""
 
 from __future__ import annotations
 

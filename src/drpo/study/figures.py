@@ -69,8 +69,7 @@ def _relative(curve: tuple[list[int], list[float]]) -> tuple[list[int], list[flo
 
 def _curve_figure(groups: Mapping[str, Mapping[str, list]], key: str | tuple[str, ...], ylabel: str,
                   title: str, colors: Mapping[str, tuple], path: Path, *, band: bool, logy: bool = False,
-                  setting_titles: Mapping[str, str] | None = None, relative: bool = False,
-                  dashes: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+                  relative: bool = False, dashes: Mapping[str, str] | None = None) -> dict[str, list[str]]:
     """Draws the figure; returns what it drew: setting -> variants with a line."""
     fig, axes = _panels(len(groups))
     legend = {}
@@ -92,7 +91,7 @@ def _curve_figure(groups: Mapping[str, Mapping[str, list]], key: str | tuple[str
                 ax.fill_between(steps, lo, hi, color=colors[variant], alpha=0.10, lw=0)
             legend.setdefault(variant, line)
             drawn[setting].append(variant)
-        ax.set_title((setting_titles or {}).get(setting, setting), fontsize=10)
+        ax.set_title(setting, fontsize=10)
         ax.set_xlabel("training step (rollout batches)")
         ax.set_ylabel(ylabel)
         if relative:
@@ -120,23 +119,17 @@ def _metric_curve(rows, key):
     return series(rows, key)
 
 
-def accuracy_gain_figure(groups, colors, path: Path, setting_titles=None, dashes=None) -> dict[str, list[str]]:
-    return _curve_figure(groups, "eval/accuracy", "eval accuracy - warm-start accuracy",
-                         "Accuracy gain over each seed's own warm start (mean over seeds; band = min..max)",
-                         colors, path, band=True, setting_titles=setting_titles, relative=True, dashes=dashes)
-
-
-def mismatch_figure(groups, colors, path: Path, setting_titles=None, dashes=None) -> dict[str, list[str]]:
-    return _curve_figure(groups, MISMATCH, "mean |log(pi/mu)| (nats)",
-                         "Training-inference mismatch per step (mean over seeds)", colors, path,
-                         band=False, logy=True, setting_titles=setting_titles, dashes=dashes)
-
-
-def beyond_boundary_figure(groups, colors, path: Path, setting_titles=None, dashes=None) -> dict[str, list[str]]:
-    return _curve_figure(groups, BEYOND, "fraction of tokens beyond boundary",
-                         "Tokens beyond the trust-region boundary in the harmful direction "
-                         "(mean of A>0 and A<0 fractions; pg_is has no boundary)", colors, path,
-                         band=False, setting_titles=setting_titles, dashes=dashes)
+# name: (metric key(s), y label, title, options)
+FIGURES = {
+    "accuracy_gain": ("eval/accuracy", "eval accuracy - warm-start accuracy",
+                      "Accuracy gain over each seed's own warm start (mean over seeds; band = min..max)",
+                      dict(band=True, relative=True)),
+    "mismatch": (MISMATCH, "mean |log(pi/mu)| (nats)", "Training-inference mismatch per step (mean over seeds)",
+                 dict(band=False, logy=True)),
+    "beyond_boundary": (BEYOND, "fraction of tokens beyond boundary",
+                        "Tokens beyond the trust-region boundary in the harmful direction "
+                        "(mean of A>0 and A<0 fractions; pg_is has no boundary)", dict(band=False)),
+}
 
 
 def make_figures(groups: Mapping[str, Mapping[str, list]], variants: Sequence[str], main: Sequence[str],
@@ -144,12 +137,8 @@ def make_figures(groups: Mapping[str, Mapping[str, list]], variants: Sequence[st
     """Write every figure of `groups` (setting -> variant -> per-seed metric rows) into fig_dir;
     returns their paths and, per figure, setting -> variants drawn."""
     fig_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: fig_dir / f"{name}.png" for name in ("accuracy_gain", "mismatch", "beyond_boundary")}
+    paths = {name: fig_dir / f"{name}.png" for name in FIGURES}
     colors, dashes = variant_colors(variants), variant_dashes(variants, main)
-    titles = {s: s for s in groups}
-    drawn = {
-        "accuracy_gain": accuracy_gain_figure(groups, colors, paths["accuracy_gain"], titles, dashes),
-        "mismatch": mismatch_figure(groups, colors, paths["mismatch"], titles, dashes),
-        "beyond_boundary": beyond_boundary_figure(groups, colors, paths["beyond_boundary"], titles, dashes),
-    }
+    drawn = {name: _curve_figure(groups, key, ylabel, title, colors, paths[name], dashes=dashes, **opts)
+             for name, (key, ylabel, title, opts) in FIGURES.items()}
     return paths, drawn

@@ -1,19 +1,7 @@
 """The comparison grid: settings x method variants x seeds, expanded into one `drpo train`
 run each. A grid is plain data (a preset in `drpo.study.presets` or a YAML file with the same
-fields), validated here so that a typo fails before an hour of runs starts:
-
-    name: my-grid
-    config: configs/testbed.yaml                       # optional base `drpo train` config file
-    base: {train.steps: 20, train.eval_every: 5}       # `--set` overrides for every run
-    settings:                                          # mismatch settings (rows of the study)
-      fp32: {rollout.precision: fp32}
-      bf16: {rollout.precision: bf16}
-    methods: [grpo, drpo, {name: drpo-d0.15, method: drpo, params: {delta: 0.15}}]
-    seeds: [0, 1, 2]
-    sweeps:                                            # extra variants on a subset of settings
-      - settings: [bf16]
-        variants: [{name: drpo-noadv, method: drpo, params: {advantage_weighted: false}}]
-"""
+fields; docs/study.md shows one), validated here so that a typo fails before an hour of runs
+starts."""
 
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from drpo.study import figures
 from drpo.study.claims import MARGIN, Claim, check_claims, design_note
 from drpo.study.runner import LOG, RECORD, SUMMARY, TIMING
 from drpo.study.stats import ALPHA, COLLAPSE_FRAC, COLLAPSE_WINDOW, CellStats, RunStats, cell_stats, run_stats
+from drpo.train.metrics import read_metrics
 
 
 @dataclass
@@ -51,28 +52,6 @@ class Study:
     runs: list[Run]
     settings: list[str] = field(default_factory=list)  # in grid order
     variants: list[str] = field(default_factory=list)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """Parse metrics.jsonl; a malformed line is an error naming the file and line number,
-    except a truncated last line of an unfinished run (the process was killed mid-write)."""
-    rows: list[dict] = []
-    if not path.is_file():
-        return rows
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            if i == len(lines) and not (path.parent / SUMMARY).is_file():
-                break  # half-written tail of a killed run; the rerun rewrites it
-            raise ValueError(f"{path}:{i}: malformed metrics line ({err.msg}): {line[:80]!r}") from None
-        if not isinstance(row, dict) or "step" not in row:
-            raise ValueError(f"{path}:{i}: a metrics line must be an object with a 'step' field, got {line[:80]!r}")
-        rows.append(row)
-    return rows
 
 
 def diverged_rows(rows: list[dict], record: dict) -> list[dict]:
@@ -104,7 +83,8 @@ def load_study(root: str | Path) -> Study:
                 raise ValueError(f"{rec_path}: missing field {key!r}")
         summary = json.loads((d / SUMMARY).read_text()) if (d / SUMMARY).is_file() else None
         diverged = summary is None and rec.get("status") == "diverged"
-        rows = read_metrics(d / "metrics.jsonl")
+        # only runs with a result are read: their process ended, so their metrics file is whole
+        rows = read_metrics(d / "metrics.jsonl") if summary is not None or diverged else []
         runs.append(Run(rec["run_id"], rec["setting"], rec["variant"], rec["method"], int(rec["seed"]), rec,
                         diverged_rows(rows, rec) if diverged else rows, summary, diverged))
     if not runs:
@@ -241,14 +221,6 @@ def compute_rows(study: Study, tables: Tables) -> list[list[str]]:
     return out
 
 
-FIGURE_CAPTIONS = {
-    "accuracy_gain": "Eval accuracy minus each seed's own warm-start accuracy (mean over seeds, band = min..max); "
-                     "dashed lines: sweep variants.",
-    "mismatch": "Training-inference mismatch mean |log(pi/mu)| over steps (mean over seeds).",
-    "beyond_boundary": "Fraction of tokens beyond each method's trust-region boundary in the harmful direction.",
-}
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
             *("| " + " | ".join(r) + " |" for r in rows), ""]
@@ -282,7 +254,7 @@ def render_markdown(study: Study, tables: Tables, figs: dict[str, Path], out: Pa
     if figs:
         lines += ["## Figures", ""]
         for name, path in figs.items():
-            lines += [f"**{FIGURE_CAPTIONS[name]}**", "", f"![{name}]({path.relative_to(out).as_posix()})", ""]
+            lines += [f"**{figures.FIGURES[name][2]}.**", "", f"![{name}]({path.relative_to(out).as_posix()})", ""]
     lines += ["## Per-run results", ""] + _table(
         ("run", "final acc", "AUC", "collapsed", "long-tail share", "mean abs log-ratio", "wall s"),
         [[r.run_id, f"{r.final:.3f}", f"{r.auc:.3f}", "diverged" if r.diverged else "yes" if r.collapsed else "no",

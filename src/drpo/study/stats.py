@@ -1,26 +1,7 @@
 """Statistics of a comparison study: per-run numbers, per-cell aggregates and the seed-paired
-tests the claims use. Pure functions over plain numbers, so every value in the report can be
-checked by hand; the tests are vectorised over leading axes so whole studies can be simulated.
-
-Per run (read from the run's summary.json and its eval rows in metrics.jsonl):
-- initial / final / best accuracy: eval accuracy at step 0 (the warm start), at the last
-  eval, and the highest; gain = final - initial.
-- AUC: area under the eval-accuracy curve (trapezoid rule) divided by the step span, i.e. the
-  time-averaged accuracy in [0, 1].
-- collapsed: the run diverged (exit code 3: a non-finite loss, gradient or weights; it counts
-  as accuracy 0 from then on), or the mean of its last `COLLAPSE_WINDOW` evals is below
-  `COLLAPSE_FRAC` x its warm-start accuracy (a window, so one unlucky eval does not decide).
-
-Tests (all two-sided unless a claim states a direction; level ALPHA before correction):
-- `paired_t`: one-sample t-test on per-seed differences (cells of one setting share each
-  seed's warm start and eval set, so pairing removes the warm start's seed-to-seed spread).
-- `tost`: two one-sided t-tests for equivalence within +-margin (= the 90% interval inside
-  the margin at ALPHA = 0.05).
-- `sign_test`: exact one-sided test that runs of A collapse more often than the seed-paired
-  runs of B (binomial on the discordant pairs).
-- `holm`: Holm's step-down adjustment across the tests one claim makes.
-- `mde`: the smallest true mean difference a paired t-test detects with 80% power.
-"""
+tests the claims use (definitions and rules: docs/study.md). Pure functions over plain numbers,
+so every value in the report can be checked by hand; the tests work over leading axes so whole
+studies can be simulated (tests/test_study_power.py)."""
 
 from __future__ import annotations
 
