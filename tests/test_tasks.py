@@ -120,3 +120,65 @@ def test_make_task_jsonl_uses_math_reward(tmp_path):
     ex = task.train_example(0)
     assert task.reward(f"so the answer is \\boxed{{{ex.answer}}}", ex.answer) == 1.0
     assert task.reward("the answer is 12345", ex.answer) == 0.0
+
+
+# ---------------------------------------------------------------- load-time checks against the model
+
+
+def _jsonl_run(tmp_path, lines, *overrides):
+    """A jsonl run that must stop at load; returns the error and the run directory."""
+    from drpo.train.loop import train
+    from train_helpers import fast_config
+
+    data = _write(tmp_path, lines)
+    cfg = fast_config(tmp_path, "task.name=jsonl", f"task.dataset={data}", "task.eval_size=2", *overrides)
+    out = tmp_path / "run"
+    with pytest.raises(DatasetError) as err:
+        train(cfg, out, progress=False, log=lambda *_: None)
+    return str(err.value), data, out
+
+
+def _ok(i):
+    return json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)})
+
+
+@pytest.mark.parametrize("field, text", [("prompt", "caf\u00e9 1+1="), ("answer", "2\u20ac")])
+def test_untokenizable_text_stops_the_run_at_load_naming_file_line_and_character(tmp_path, field, text):
+    bad = {"prompt": "1+1=", "answer": "2", field: text}
+    msg, data, out = _jsonl_run(tmp_path, [_ok(1), _ok(2), _ok(3), json.dumps(bad), _ok(4)])
+    bad_char = next(c for c in text if ord(c) > 127)
+    assert msg.startswith(f"{data}:4: {field} {text!r} cannot be tokenized by the model's tokenizer")
+    assert f"character {bad_char!r} (U+{ord(bad_char):04X}) is not in its vocabulary" in msg
+    assert not (out / "metrics.jsonl").exists()  # before the warm start and the first step
+
+
+def test_prompt_longer_than_the_model_positions_stops_the_run_at_load(tmp_path):
+    # the char tokenizer: one token per character plus <bos>; 50 + 1 + 6 new tokens > 56 positions
+    long_prompt = "1+" * 24 + "1="
+    lines = [_ok(1), _ok(2), json.dumps({"prompt": long_prompt, "answer": "25"}), _ok(3)]
+    msg, data, _ = _jsonl_run(tmp_path, lines, "model.max_position=56", "rollout.max_new_tokens=6")
+    assert msg == (f"{data}:3: prompt {long_prompt!r} is 51 tokens; with rollout.max_new_tokens=6 that is 57 > "
+                   "56 positions (model.max_position)")
+    # exactly at the limit is fine
+    from drpo.models import build_tiny_model, make_char_tokenizer
+    from drpo.tasks import check_examples
+
+    tok = make_char_tokenizer()
+    model = build_tiny_model(tok, hidden_size=8, num_layers=1, num_heads=1, intermediate_size=8, max_position=57)
+    task = make_task(TaskConfig(name="jsonl", dataset=str(data), eval_size=1), seed=0)
+    check_examples(task, encode_prompt=lambda t: tok(t)["input_ids"], encode_answer=lambda t: tok(t)["input_ids"],
+                   unk_id=tok.unk_token_id, max_positions=model.config.max_position_embeddings, max_new_tokens=6)
+
+
+def test_generated_tasks_pass_the_load_check():
+    from drpo.models import make_char_tokenizer
+    from drpo.tasks import check_examples
+
+    tok = make_char_tokenizer()
+    task = make_task(TaskConfig(digits=3, ops="+-*", eval_size=64), seed=0)
+    # the longest 3-digit prompt "999*999=" is 8 characters + <bos>: 9 + 6 fits 15, not 14
+    check_examples(task, encode_prompt=lambda t: tok(t)["input_ids"], encode_answer=lambda t: tok(t)["input_ids"],
+                   unk_id=None, max_positions=15, max_new_tokens=6)
+    with pytest.raises(DatasetError, match=r"arithmetic (train|eval) example \d+: prompt '\d+[-+*]\d+=' is 9 tokens"):
+        check_examples(task, encode_prompt=lambda t: tok(t)["input_ids"], encode_answer=lambda t: tok(t)["input_ids"],
+                       unk_id=None, max_positions=14, max_new_tokens=6)

@@ -127,3 +127,80 @@ def test_sigkill_mid_run_then_resume_gives_identical_metrics(tmp_path):
     assert json.loads((run / "summary.json").read_text())["final_accuracy"] == json.loads(
         (tmp_path / "ref" / "summary.json").read_text()
     )["final_accuracy"]
+
+
+def test_save_sweeps_temp_files_of_this_or_dead_writers_only(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mine, gone, other = (tmp_path / f".step_00000001.pt.tmp.{pid}" for pid in (os.getpid(), dead.stdout.strip(), live.pid))
+        for p in (mine, gone, other):
+            p.write_bytes(b"partial")
+        save_checkpoint(tmp_path, 1, _state(1))
+        assert not mine.exists() and not gone.exists()
+        assert other.exists()  # a live writer's temp file is never touched
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_checkpoint_without_sidecar_is_an_unfinished_save_and_ignored(tmp_path):
+    # killed between the checkpoint's rename and its sidecar's: nothing usable, nothing damaged
+    save_checkpoint(tmp_path, 2, _state(2))
+    (tmp_path / "step_00000002.pt.json").unlink()
+    warnings = []
+    assert load_latest_checkpoint(tmp_path, warn=warnings.append) is None
+    assert len(warnings) == 1 and "is incomplete" in warnings[0] and "ignoring it" in warnings[0]
+
+
+def test_second_writer_on_a_run_directory_gets_the_lock_holder(tmp_path):
+    from drpo.train.files import LOCK_FILE, dir_lock
+    from drpo.train.loop import RunError
+
+    cfg = fast_config(tmp_path, "train.steps=1")
+    with dir_lock(tmp_path / "run"):
+        t0 = time.time()
+        with pytest.raises(RunError) as err:
+            train(cfg, tmp_path / "run", resume=True, progress=False, log=lambda *_: None)
+        assert time.time() - t0 < 5
+    lock = tmp_path / "run" / LOCK_FILE
+    assert str(err.value) == (f"run directory {tmp_path / 'run'} is in use by another drpo process "
+                              f"(pid {os.getpid()}, lock file {lock}); wait for it to finish or stop it")
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before writing anything
+
+
+@pytest.mark.slow
+def test_resume_compares_only_the_keys_set_and_keeps_the_saved_config(tmp_path):
+    from drpo.train.loop import RunError
+
+    cfg = fast_config(tmp_path, "train.steps=2", "train.save_every=1")
+    run = tmp_path / "run"
+    train(cfg, run, progress=False, log=lambda *_: None)
+    saved = run / "config.yaml"
+    # a run made by a drpo whose default beta2 was 0.99: nobody set it, so resuming is fine and
+    # the run keeps the value it started with
+    assert "beta2: 0.999\n" in saved.read_text()
+    saved.write_text(saved.read_text().replace("beta2: 0.999\n", "beta2: 0.99\n"))
+    before = saved.read_text()
+    summary = train(cfg, run, resume=True, progress=False, log=lambda *_: None)
+    assert summary["resumed"] is True and saved.read_text() == before
+    # a key set now to another value than the saved one is refused, naming it and both values
+    other = fast_config(tmp_path, "train.steps=2", "train.save_every=1", "optim.beta2=0.999")
+    with pytest.raises(RunError, match=r"config different .*: optim.beta2 = 0.999 now, 0.99 saved"):
+        train(other, run, resume=True, progress=False, log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_resumed_steps_appear_once_in_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = fast_config(tmp_path, "train.steps=3", "train.save_every=2", "train.save_final=false", "train.eval_every=1")
+    run = tmp_path / "run"
+    train(cfg, run, progress=False, log=lambda *_: None)
+    train(cfg, run, resume=True, progress=False, log=lambda *_: None)  # redoes step 3 from checkpoint 2
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2, 3]
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [0, 1, 2, 3]
+    assert [e.value for e in acc.Scalars("reward/mean")] == pytest.approx([r["reward/mean"] for r in rows[1:]])

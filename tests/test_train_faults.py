@@ -156,7 +156,7 @@ def _comparable(rows):
 
 
 @pytest.fixture(scope="module")
-def harness(ctx, tmp_path_factory):
+def harness(ctx, tmp_path_factory, pytestconfig):
     root = tmp_path_factory.mktemp("faults")
     runner = Runner(ctx, root)
     rc, log = runner.run(root / "reference")
@@ -165,10 +165,11 @@ def harness(ctx, tmp_path_factory):
     assert [r["step"] for r in ref] == list(range(STEPS + 1))
     yield runner, ref
     kills, full = _results["kill"], _results["full"]
+    say = pytestconfig.pluginmanager.getplugin("terminalreporter").write_line  # shown even when captured
     if kills:
-        print(f"\nfault injection: {len(kills)} kill points, {sum(kills)} survived with identical metrics")
+        say(f"\nfault injection: {len(kills)} kill points, {sum(kills)} survived with identical metrics")
     if full:
-        print(f"fault injection: {len(full)} full-disk points, {sum(full)} clear errors, nothing lost")
+        say(f"fault injection: {len(full)} full-disk points, {sum(full)} clear errors, nothing lost")
 
 
 @pytest.mark.parametrize("faults", KILLS, ids=["+".join(f) for f in KILLS])

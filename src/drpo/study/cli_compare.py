@@ -18,6 +18,7 @@ import yaml
 from drpo.study.grid import Grid, expand, load_grid, parse_grid
 from drpo.study.presets import PRESETS, get_preset
 from drpo.study.runner import base_config, default_workers, is_finished, run_dir, run_grid
+from drpo.train.files import dir_lock
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -131,11 +132,11 @@ def run(args: argparse.Namespace) -> int:
     command = canonical_command(args, out)
     print(f"drpo compare: {len(runs)} runs of grid {grid.name!r}, {workers} at a time, into {out}", file=sys.stderr)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "command.txt").open("a") as f:
-            f.write(command + "\n")
-        outcome = run_grid(grid, runs, out, workers=workers, threads_per_run=args.threads_per_run,
-                           config=args.config, progress=not args.quiet)
+        with dir_lock(out, "study directory"):  # a second study on OUT is refused, naming the holder
+            with (out / "command.txt").open("a") as f:
+                f.write(command + "\n")
+            outcome = run_grid(grid, runs, out, workers=workers, threads_per_run=args.threads_per_run,
+                               config=args.config, progress=not args.quiet)
     except ValueError as err:
         print(f"drpo compare: {err}", file=sys.stderr)
         return 2

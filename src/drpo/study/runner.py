@@ -35,6 +35,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from drpo.study.grid import Grid, RunSpec, format_value
+from drpo.train.files import atomic_write
 
 SUMMARY = "summary.json"
 RECORD = "study_run.json"
@@ -103,10 +104,8 @@ def base_config(grid: Grid, config: str | None) -> str | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    # write-then-rename so a kill never leaves a half-written record
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    # atomic, so a kill never leaves a half-written record
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n", "record")
 
 
 def read_record(path: Path) -> dict | None:
@@ -153,7 +152,7 @@ def prepare(grid: Grid, runs: Sequence[RunSpec], out: Path, config: str | None =
     grid_file = out / "grid.yaml"
     data = grid.model_dump(mode="json")
     data["config"] = str(config) if config else grid.config
-    grid_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic_write(grid_file, yaml.safe_dump(data, sort_keys=False), "grid")
     with (out / "provenance.jsonl").open("a") as f:
         f.write(json.dumps(provenance()) + "\n")
     for spec in runs:

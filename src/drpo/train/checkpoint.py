@@ -21,6 +21,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or corrupt."""
 
 
+class IncompleteCheckpoint(CheckpointError):
+    """A checkpoint whose sidecar was never written: its writer died between the two renames.
+    Not damage, an unfinished save, so a resume ignores it."""
+
+
 def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
     return Path(ckpt_dir) / f"step_{step:08d}.pt"
 
@@ -41,8 +46,13 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], *, keep: i
     with atomic_writer(path, "checkpoint") as f:
         torch.save(state, f)
     meta = {"step": step, "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
-    # The sidecar is written last: a checkpoint without one is incomplete.
-    atomic_write(path.with_name(path.name + ".json"), json.dumps(meta), "sidecar")
+    # The sidecar is written last: a checkpoint without one is incomplete, so one whose
+    # sidecar cannot be written (full disk) is removed rather than left half-saved.
+    try:
+        atomic_write(path.with_name(path.name + ".json"), json.dumps(meta), "sidecar")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         old.unlink(missing_ok=True)
         if fault("prune.between") == "kill":
@@ -68,7 +78,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not meta_path.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: its checksum file {meta_path.name} is missing")
+        raise IncompleteCheckpoint(f"checkpoint {path} is incomplete: its checksum file {meta_path.name} is missing")
     try:
         meta = json.loads(meta_path.read_text())
         expected_size, expected_sha = int(meta["bytes"]), str(meta["sha256"])
@@ -89,16 +99,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def load_latest_checkpoint(ckpt_dir: Path, warn=print) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that verifies, skipping (and reporting through `warn`) corrupt
-    ones; None when there is none. Raises CheckpointError if checkpoints exist but all are bad."""
-    candidates = list_checkpoints(ckpt_dir)
+    """The newest checkpoint that verifies, skipping (and reporting through `warn`) corrupt and
+    incomplete ones; None when there is none. Raises CheckpointError if complete checkpoints
+    exist but all are bad."""
     errors = []
-    for path in reversed(candidates):
+    for path in reversed(list_checkpoints(ckpt_dir)):
         try:
             return path, load_checkpoint(path)
+        except IncompleteCheckpoint as err:  # an unfinished save, not a loss
+            warn(f"warning: {err}; ignoring it")
         except CheckpointError as err:
             errors.append(str(err))
             warn(f"warning: {err}; falling back to the previous checkpoint")
-    if candidates:
+    if errors:
         raise CheckpointError("no usable checkpoint in " + str(ckpt_dir) + ":\n  " + "\n  ".join(errors))
     return None
