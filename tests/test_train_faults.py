@@ -165,11 +165,16 @@ def harness(ctx, tmp_path_factory, pytestconfig):
     assert [r["step"] for r in ref] == list(range(STEPS + 1))
     yield runner, ref
     kills, full = _results["kill"], _results["full"]
-    say = pytestconfig.pluginmanager.getplugin("terminalreporter").write_line  # shown even when captured
     if kills:
-        say(f"\nfault injection: {len(kills)} kill points, {sum(kills)} survived with identical metrics")
+        _say(pytestconfig, f"fault injection: {len(kills)} kill points, {sum(kills)} survived with identical metrics")
     if full:
-        say(f"fault injection: {len(full)} full-disk points, {sum(full)} clear errors, nothing lost")
+        _say(pytestconfig, f"fault injection: {len(full)} full-disk points, {sum(full)} clear errors, nothing lost")
+
+
+def _say(pytestconfig, line: str) -> None:
+    """Print past pytest's output capture (the harness's result belongs in every CI log)."""
+    with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print("\n" + line, flush=True)
 
 
 @pytest.mark.parametrize("faults", KILLS, ids=["+".join(f) for f in KILLS])
@@ -232,7 +237,7 @@ def test_full_disk_at_each_write_is_a_clear_error_and_loses_nothing(harness, poi
         _results["full"].append(ok)
 
 
-def test_second_writer_on_a_run_directory_is_refused_naming_the_lock(harness, tmp_path):
+def test_second_writer_on_a_run_directory_is_refused_naming_the_lock(harness, tmp_path, pytestconfig):
     runner, _ = harness
     out = tmp_path / "run"
     assert runner.run(out, "metrics.done:3")[0] == -signal.SIGKILL
@@ -250,7 +255,7 @@ def test_second_writer_on_a_run_directory_is_refused_naming_the_lock(harness, tm
     assert first.exitcode == 0, first_log
     assert rc == 2 and elapsed < 10, (rc, elapsed, log)
     assert f"is in use by another drpo process (pid {first.pid}, lock file {lock})" in log, log
-    print(f"\nsecond --resume refused after {elapsed:.1f} s: {log.strip().splitlines()[-1]}")
+    _say(pytestconfig, f"second --resume refused after {elapsed:.1f} s: {log.strip().splitlines()[-1]}")
 
 
 def test_killed_compare_restarts_and_finishes_with_uninterrupted_metrics(harness, tmp_path):

@@ -20,9 +20,11 @@ __all__ = ["DatasetError", "cycle_stream", "load_jsonl", "split_examples"]
 def _parse_line(path: Path, lineno: int, line: str) -> Example:
     where = f"{path}:{lineno}"
     try:
-        obj = json.loads(line)
+        obj = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as err:
-        raise DatasetError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+        text = line.rstrip("\r\n")
+        raise DatasetError(f"{where}: invalid JSON ({err.msg} at column {err.colno}): "
+                           f"{text[:80]!r}{'...' if len(text) > 80 else ''}") from None
     if not isinstance(obj, dict):
         raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     keys = [k for k in ("prompt", "question") if k in obj]
