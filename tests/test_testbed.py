@@ -160,3 +160,32 @@ def test_fp8_e2e_engine_requantizes_from_the_fp32_master_on_sync(policy, tok):
     assert not math.isclose(float(engine.model.lm_head.weight.float().sum()),
                             float(policy.lm_head.weight.detach().sum()), rel_tol=1e-3)
 
+
+
+def test_fp8_activation_quantization_per_token_and_straight_through():
+    from drpo.models.precision import fp8_fake_quantize_activations
+
+    x = (torch.randn(3, 5, 16, dtype=torch.float64) * torch.tensor([0.01, 1.0, 300.0])[:, None, None]).float()
+    x[0, 0] = 0.0  # an all-zero token keeps scale 1
+    x.requires_grad_(True)
+    q = fp8_fake_quantize_activations(x, torch.float8_e4m3fn)
+    for row, qrow in zip(x.detach().reshape(-1, 16), q.detach().reshape(-1, 16)):
+        amax = row.abs().max()
+        scale = amax / 448.0 if amax > 0 else torch.tensor(1.0)
+        unscaled = qrow / scale
+        torch.testing.assert_close(unscaled.to(torch.float8_e4m3fn).float(), unscaled, rtol=1e-6, atol=0)
+        assert (qrow - row).abs().max() <= 2 ** -4 * amax + 1e-30  # within half an e4m3 step of the max
+    q.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # straight through
+
+
+def test_fp8_engine_quantizes_linear_inputs_but_not_the_lm_head(policy):
+    engine = make_engine(policy, "fp8_e4m3")
+    layers = [m for m in engine.model.modules() if isinstance(m, torch.nn.Linear)]
+    hooked = [m for m in layers if m._forward_pre_hooks]
+    assert engine.model.lm_head not in hooked and len(hooked) == len(layers) - 1
+    sync_weights(engine, policy, step=1)  # re-quantizing does not stack a second hook
+    assert all(len(m._forward_pre_hooks) == 1 for m in hooked)
+    with quantized_forward(policy, "fp8_e2e"):
+        assert sum(bool(m._forward_pre_hooks) for m in policy.modules()) == len(hooked)
+    assert not any(getattr(m, "_forward_pre_hooks", None) for m in policy.modules())

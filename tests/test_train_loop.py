@@ -122,14 +122,15 @@ def test_recompute_anchor_removes_the_mismatch_from_the_ratio(tmp_path):
 
 
 def test_fp8_e2e_quantizes_the_training_forward_too(tmp_path):
-    # Weight-only fp8 on the rollout side leaves a gap to the fp32 trainer; quantizing the
-    # training forward the same way (fp8_e2e) closes most of it.
+    # fp8 on the rollout side leaves a gap to the fp32 trainer; quantizing the training
+    # forward the same way (fp8_e2e) closes most of it, but not all: the engine's kernels
+    # compute between the GEMMs in bf16, the trainer's in fp32 (different kernels).
     mismatch = {}
     for precision in ("fp8_e4m3", "fp8_e2e"):
         cfg = fast_config(tmp_path, "train.steps=1", f"rollout.precision={precision}")
         train(cfg, tmp_path / precision, progress=False, log=lambda *_: None)
         mismatch[precision] = read_metrics(tmp_path / precision / "metrics.jsonl")[1]["mismatch/abs_log_ratio"]
-    assert mismatch["fp8_e2e"] < 0.1 * mismatch["fp8_e4m3"], mismatch
+    assert 1e-5 < mismatch["fp8_e2e"] < 0.5 * mismatch["fp8_e4m3"], mismatch
 
 
 def test_jsonl_dataset_run(tmp_path):

@@ -34,7 +34,8 @@ ITEMS = (
     "letters marbles medals muffins nails oranges pebbles pencils pens pins plums puzzles ribbons rings rocks "
     "seeds shells socks spoons stamps stickers stones straws tickets tiles toys trains walnuts whistles"
 ).split()
-# Free-form asides: many near-equally likely words, the source of low-probability samples.
+# Free-form words: many near-equally likely choices in every sentence of a solution, the
+# source of low-probability samples (as word choice is in an LLM's free-form reasoning).
 ADJECTIVES = (
     "amber ancient bright brisk calm careful cheerful chilly clever cosy crisp curious dainty dusty eager "
     "early fancy fierce fine fluffy fresh friendly gentle giant glad glossy golden grand happy hasty heavy "
@@ -42,7 +43,13 @@ ADJECTIVES = (
     "orange pale patient perfect plain playful plucky polite proud quick quiet rapid rare rosy round royal "
     "rusty salty shiny silent silver simple sleepy slim smooth snowy soft solid sour spare speedy spotted "
     "steady sticky stout striped sturdy sunny sweet swift tall tame tidy tiny tough tricky velvet vivid "
-    "warm wavy wild windy wise witty wooden woolly young zesty"
+    "warm wavy wild windy wise witty wooden woolly young zesty agile airy bold bouncy breezy bumpy busy "
+    "chunky classic clear cloudy cool copper cozy crafty crimson dapper daring dizzy dreamy dusky elegant "
+    "faded fair famous fast fizzy flat fond foggy frosty funny fuzzy giddy glowing graceful green grumpy "
+    "handy hardy hearty honest hungry icy jagged jazzy keen lazy light little loud loyal lumpy magic mellow "
+    "mild minty muddy nice nutty old pink plump posh pretty prime quirky rainy ready red rich rocky rough "
+    "rowdy rugged sandy scruffy sharp short shy silky sly smart snappy spicy spiky stormy sunlit tangy "
+    "thick thin thrifty toasty trusty upbeat vast violet wary weary white wintry yellow zany"
 ).split()
 PLACES = (
     "at the park|at the market|at school|at home|in the garden|at the fair|by the river|at the library|"
@@ -55,16 +62,20 @@ SUB_STORY = ("{n} gives {k} {item} to {m}.", "{n} loses {k} {item} {place}.", "{
              "{n} trades away {k} {item}.", "{n} gives away {k} of the {item}.")
 OPENERS = ("Let me work it out.", "Let us think step by step.", "We track the count.", "Step by step:",
            "Let me count.", "Okay, one step at a time.", "We follow each change.", "Let us see.")
-START = ("{n} starts with {a} {item}.", "At first {n} has {a} {item}.", "In the beginning there are {a} {item}.",
-         "{n} has {a} {adj} {item} to begin with.", "The count starts at {a}.")
-ADD_STEP = ("Adding {k} gives {a} + {k} = {c}.", "{n} gets {k} more, so {a} + {k} = {c}.",
-            "Then {a} + {k} = {c} {item}.", "After the {adj} gift, {a} + {k} = {c}.", "Now {a} + {k} = {c}.")
-SUB_STEP = ("Taking away {k} leaves {a} - {k} = {c}.", "{n} loses {k}, so {a} - {k} = {c}.",
-            "Then {a} - {k} = {c} {item}.", "After that {adj} trade, {a} - {k} = {c}.", "Now {a} - {k} = {c}.")
+START = ("{n} starts with {a} {adj} {item}.", "At first {n} has {a} {adj} {item}.",
+         "In the beginning there are {a} {adj} {item}.", "{n} has {a} {adj} {item} to begin with.",
+         "The {adj} count starts at {a}.")
+ADD_STEP = ("Adding {k} {adj} ones gives {a} + {k} = {c}.", "{n} gets {k} more {adj} {item}, so {a} + {k} = {c}.",
+            "Then {a} + {k} = {c} {adj} {item}.", "After the {adj} gift, {a} + {k} = {c}.",
+            "Now {a} + {k} = {c}, a {adj} sum.")
+SUB_STEP = ("Taking away {k} {adj} ones leaves {a} - {k} = {c}.", "{n} loses {k} {adj} {item}, so {a} - {k} = {c}.",
+            "Then {a} - {k} = {c} {adj} {item}.", "After that {adj} trade, {a} - {k} = {c}.",
+            "Now {a} - {k} = {c}, a {adj} result.")
 ASIDES = ("What a {adj} day.", "The {item} look {adj}.", "That is a {adj} pile.", "{n} feels {adj}.",
           "It is a {adj} morning {place}.")
-CLOSERS = ("So {n} has {c} {item} now.", "That leaves {n} with {c} {item}.", "In the end there are {c} {item}.",
-           "So the count ends at {c}.", "{n} ends up with {c} {adj} {item}.")
+CLOSERS = ("So {n} has {c} {adj} {item} now.", "That leaves {n} with {c} {adj} {item}.",
+           "In the end there are {c} {adj} {item}.", "So the {adj} count ends at {c}.",
+           "{n} ends up with {c} {adj} {item}.")
 FINAL = "The answer is {c}."
 
 _ANSWER = re.compile(r"answer is\s*(-?\d+)")
@@ -105,7 +116,7 @@ def make_problem(rng: random.Random, n_ops: int) -> Example:
             event = "Then " + (event[0].lower() + event[1:] if event.startswith("A ") else event)
         story.append(event)
         work.append(_fill(rng.choice(ADD_STEP if add else SUB_STEP), rng, n=n, a=a, k=k, c=c, item=item))
-        if rng.random() < 0.3:
+        if rng.random() < 0.5:
             work.append(_fill(rng.choice(ASIDES), rng, n=n, item=item))
         a = c
     story.append(f"How many {item} does {n} have now?")

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from contextlib import nullcontext
@@ -34,6 +35,7 @@ from drpo.train.metrics import MetricsLogger, plot_curves, read_metrics, truncat
 from drpo.train.warmstart import warm_start
 
 EVAL_BATCH = 128  # prompts per greedy eval batch
+LOG_LONG_TAIL = math.log(0.01)  # sampled tokens with mu <= 0.01 are the long tail
 
 
 class RunError(RuntimeError):
@@ -336,6 +338,10 @@ def rl_step(step, model, engine, optimizer, scheduler, tokenizer, task, cfg: Con
         "advantage/zero_groups_frac": float((groups.max(1).values == groups.min(1).values).float().mean()),
         "response/length": float(lengths.mean()),
         "response/finished_frac": float(rollout.finished.float().mean()),
+        # Share of sampled tokens with behaviour probability mu <= 0.01 (the long tail).
+        "response/long_tail_frac": float(
+            (rollout.behaviour_logp <= LOG_LONG_TAIL)[rollout.response_mask].float().mean()
+        ),
         "tokens/generated": int(lengths.sum()),
         "staleness": step - state.last_sync,
         **row,
@@ -398,6 +404,8 @@ def summarize(rows: list[dict], wall: float, warm: dict, resumed: bool) -> dict:
         "best_accuracy": max((a for _, a in evals), default=None),
         "final_reward": steps[-1]["reward/mean"] if steps else None,
         "mean_mismatch": sum(r["mismatch/abs_log_ratio"] for r in steps) / len(steps) if steps else None,
+        "mean_long_tail_share": (sum(r["response/long_tail_frac"] for r in steps) / len(steps)
+                                 if steps and all("response/long_tail_frac" in r for r in steps) else None),
         "wall_clock_s": wall,
         "tokens_generated": tokens,
         "rollout_tokens_per_s": tokens / rollout_time if rollout_time > 0 else None,
