@@ -102,7 +102,7 @@ def test_compare_and_report_hold_every_run(tmp_path, cache_dir):
         assert [row["step"] for row in rows if "eval/accuracy" in row] == [0, 2, 4]
         assert r["initial"] == accs[0] and r["final"] == accs[-1] == run_summary["final_accuracy"]
         assert r["mean_mismatch"] == run_summary["mean_mismatch"]
-        assert 0.0 <= r["long_tail"] <= 1.0
+        assert r["long_tail"] == run_summary["mean_long_tail_share"] and 0.0 <= r["long_tail"] <= 1.0
     for name in ("accuracy_gain", "mismatch", "beyond_boundary"):
         png = report / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -46,22 +46,23 @@ def test_series_sorts_and_last_row_wins():
 
 def _rows(accs, mismatch, tokens=100, long_tail=0.1):
     return [{"step": 5 * i, "eval/accuracy": a, "mismatch/abs_log_ratio": mismatch[i], "tokens/generated": tokens,
-             "objective/long_tail_frac": long_tail, "response/length": 40.0} for i, a in enumerate(accs)]
+             "response/long_tail_frac": long_tail, "response/length": 40.0} for i, a in enumerate(accs)]
 
 
 def test_run_stats_read_the_runs_summary_and_cell_by_hand():
     summary = {"warmstart_accuracy": 0.4, "final_accuracy": 0.8, "best_accuracy": 0.8, "mean_mismatch": 0.5,
-               "tokens_generated": 1000}
+               "tokens_generated": 1000, "mean_long_tail_share": 0.2}
     r0 = stats.run_stats("a", "fp32", "drpo", 0, _rows([0.4, 0.6, 0.8], [0.01, 0.02, 0.03]), summary, wall_s=10.0)
     assert (r0.initial, r0.final, r0.best) == (0.4, 0.8, 0.8)
-    assert r0.mean_mismatch == 0.5 and r0.tokens == 1000  # from summary.json, not recomputed
+    # from summary.json, not recomputed
+    assert (r0.mean_mismatch, r0.tokens, r0.long_tail) == (0.5, 1000, 0.2)
     assert r0.auc == pytest.approx(((0.4 + 0.6) / 2 * 5 + (0.6 + 0.8) / 2 * 5) / 10)
-    assert r0.long_tail == pytest.approx(0.1) and r0.response_length == 40.0
+    assert r0.response_length == 40.0
     # a diverged run has no summary: the rows give its numbers
     r1 = stats.run_stats("b", "fp32", "drpo", 1, _rows([0.4, 0.2, 0.1], [0.03, 0.03, 0.03]), None, wall_s=30.0,
                          diverged=True)
     assert (r1.final, r1.best, r1.tokens, r1.collapsed) == (0.1, 0.4, 300, True)
-    assert r1.mean_mismatch == pytest.approx(0.03)
+    assert r1.mean_mismatch == pytest.approx(0.03) and r1.long_tail == pytest.approx(0.1)
     c = stats.cell_stats([r0, r1])
     assert c.n == 2 and c.collapsed == 1
     m, s = c.mean_sd("final")

@@ -14,7 +14,7 @@ import numpy as np
 
 ACC = "eval/accuracy"
 MISMATCH = "mismatch/abs_log_ratio"
-LONG_TAIL = "objective/long_tail_frac"
+LONG_TAIL = "response/long_tail_frac"  # share of sampled response tokens with mu <= 0.01
 RESPONSE_LENGTH = "response/length"
 COLLAPSE_FRAC = 0.5
 COLLAPSE_WINDOW = 2
@@ -111,7 +111,7 @@ def run_stats(run_id: str, setting: str, variant: str, seed: int, rows: Sequence
         collapsed=is_collapsed(accs[0], accs, diverged=diverged, collapse_frac=collapse_frac),
         diverged=diverged,
         mean_mismatch=pick("mean_mismatch", _mean(series(rows, MISMATCH)[1])),
-        long_tail=_mean(series(rows, LONG_TAIL)[1]),
+        long_tail=pick("mean_long_tail_share", _mean(series(rows, LONG_TAIL)[1])),
         response_length=_mean(series(rows, RESPONSE_LENGTH)[1]),
         tokens=pick("tokens_generated", sum(series(rows, "tokens/generated")[1])),
         wall_s=float(wall_s),
