@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import math
 import re
@@ -25,6 +26,7 @@ from drpo.study import figures
 from drpo.study.claims import MARGIN, Claim, check_claims, design_note
 from drpo.study.runner import LOG, RECORD, SUMMARY, TIMING
 from drpo.study.stats import ALPHA, COLLAPSE_FRAC, COLLAPSE_WINDOW, CellStats, RunStats, cell_stats, run_stats
+from drpo.train.files import atomic_write
 from drpo.train.metrics import read_metrics
 
 
@@ -324,9 +326,10 @@ def write_report(root: str | Path, out: str | Path | None = None, *, collapse_fr
     md = render_markdown(study, tables, figs, out, collapse_frac=collapse_frac, command=command, claims=claims)
     paths = {"markdown": out / "report.md", "html": out / "report.html", "json": out / "summary.json",
              "csv": out / "summary.csv", **{f"figure:{k}": v for k, v in figs.items()}}
-    paths["markdown"].write_text(md)
-    paths["html"].write_text(render_html(md, out, f"Comparison study: {study.grid.get('name', study.root.name)}"))
-    paths["json"].write_text(json.dumps(_json({
+    atomic_write(paths["markdown"], md, "report")
+    atomic_write(paths["html"], render_html(md, out, f"Comparison study: {study.grid.get('name', study.root.name)}"),
+                 "report")
+    atomic_write(paths["json"], json.dumps(_json({
         "grid": study.grid.get("name"),
         "collapse_frac": collapse_frac,
         "collapse_window": COLLAPSE_WINDOW,
@@ -338,9 +341,10 @@ def write_report(root: str | Path, out: str | Path | None = None, *, collapse_fr
         "compare_invocations": read_timing(study.root),
         "figures_drawn": drawn,
         "claims": [asdict(c) for c in claims],
-    }), indent=2) + "\n")
-    with paths["csv"].open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["setting", *TABLE_HEADER])
-        w.writerows([setting, *cell_row(c)] for setting, cells in tables.cells.items() for c in cells)
+    }), indent=2) + "\n", "report")
+    table = io.StringIO(newline="")
+    w = csv.writer(table)
+    w.writerow(["setting", *TABLE_HEADER])
+    w.writerows([setting, *cell_row(c)] for setting, cells in tables.cells.items() for c in cells)
+    atomic_write(paths["csv"], table.getvalue(), "report")
     return paths
