@@ -189,3 +189,19 @@ def test_fp8_engine_quantizes_linear_inputs_but_not_the_lm_head(policy):
     with quantized_forward(policy, "fp8_e2e"):
         assert sum(bool(m._forward_pre_hooks) for m in policy.modules()) == len(hooked)
     assert not any(getattr(m, "_forward_pre_hooks", None) for m in policy.modules())
+
+
+def test_mismatch_cli_on_a_config(tmp_path):
+    import json
+
+    from drpo.rollout.mismatch import main
+
+    out = tmp_path / "m.json"
+    assert main(["--config", str(TESTBED), "--set", "warmstart.enabled=false", "--set", "model.num_layers=1",
+                 "--precisions", "fp32,bf16", "--prompts", "3", "--n-samples", "2", "--max-new-tokens", "8",
+                 "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["precisions"]
+    assert rows["fp32"]["mean_abs_log_ratio"] < 1e-5 < rows["bf16"]["mean_abs_log_ratio"]
+    for row in rows.values():
+        assert 0 <= row["long_tail_share"] <= 1 and 1 <= row["response_length"] <= 8
+        assert row["tokens"] == pytest.approx(row["response_length"] * 3 * 2)

@@ -71,7 +71,7 @@ def precision_mismatch(policy, prompts: list[list[int]], precision: str, *, eos_
     return {**stats, "sample_seconds": seconds}
 
 
-def _testbed(config: str, n_prompts: int):
+def _testbed(config: str, overrides: list[str], n_prompts: int):
     """(policy, tokenizer, prompts, rollout config) of a `drpo train` config: its warm-started
     policy (trained and cached on first use) and the first training prompts of its task."""
     from drpo.tasks import make_task
@@ -79,7 +79,7 @@ def _testbed(config: str, n_prompts: int):
     from drpo.train.config import load_config
     from drpo.train.loop import load_model
 
-    cfg = load_config(config)
+    cfg = load_config(config, overrides)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     task = make_task(cfg.task, cfg.seed)
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None, help="a `drpo train` config (e.g. configs/testbed.yaml): its "
                    "warm-started policy, task prompts, n_samples, max_new_tokens and temperature")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --config: a config override, as for drpo train (e.g. seed=1)")
     p.add_argument("--policy", default="tiny", help="without --config: 'tiny', 'smollm2' or a local HF directory")
     p.add_argument("--precisions", default="fp32,bf16,fp8_e4m3,fp8_e5m2")
     p.add_argument("--prompts", type=int, default=64, help="with --config: number of training prompts")
@@ -108,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
     if args.config:
-        policy, tokenizer, prompts, ro = _testbed(args.config, args.prompts)
-        defaults, source = (ro.n_samples, ro.max_new_tokens, ro.temperature), f"config={args.config}"
+        policy, tokenizer, prompts, ro = _testbed(args.config, args.set, args.prompts)
+        source = f"config={args.config}" + "".join(f" --set {item}" for item in args.set)
+        defaults = (ro.n_samples, ro.max_new_tokens, ro.temperature)
     else:
         policy, tokenizer = load_policy(args.policy, seed=args.seed)
         prompts = [encode_prompt(tokenizer, q) for q in DEFAULT_QUESTIONS]
