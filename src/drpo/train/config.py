@@ -175,6 +175,15 @@ class TrainConfig(_Section):
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch default
 
 
+class DumpConfig(_Section):
+    """Opt-in rollout dumps for `drpo inspect` (docs/inspect.md): every `every` steps the
+    batch's per-token log-probs, advantages and token ids go to a Parquet shard in `dir`."""
+
+    every: int = Field(0, ge=0)  # 0 = off
+    dir: str = "dumps"  # relative to the run's output directory
+    after: bool = True  # also the train-side log-probs after the step's update (one more forward)
+
+
 class Config(_Section):
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -185,6 +194,7 @@ class Config(_Section):
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    dump: DumpConfig = Field(default_factory=DumpConfig)
 
     @model_validator(mode="after")
     def _batch_splits(self):

@@ -312,7 +312,44 @@ def evaluate(eval_engine, model, tokenizer, task: Task, cfg: Config, step: int) 
     return {"eval/accuracy": correct / len(examples), "eval/response_length": lengths / len(examples)}
 
 
-def rl_step(step, model, engine, optimizer, scheduler, tokenizer, task, cfg: Config, state: RunState) -> dict:
+# ---------------------------------------------------------------- rollout dumps (opt-in)
+
+
+def make_dumper(cfg: Config, out_dir: Path):
+    """The `drpo inspect` dump writer of this run, or None (cfg.dump.every == 0)."""
+    if not cfg.dump.every:
+        return None
+    from drpo.inspect.dump import DumpWriter
+
+    r = cfg.rollout
+    meta = {
+        "source": "drpo_train",
+        "model": cfg.model.name,
+        "method": cfg.objective.method,
+        "params": cfg.objective.resolved_params,
+        "anchor": cfg.objective.anchor,
+        "sampling": {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "precision": r.precision},
+        "tokenizer": cfg.model.name if cfg.model.name != "tiny" else None,
+        "columns": {
+            "logp_rollout": f"rollout engine ({r.precision}) log-prob of the sampled token under the sampling "
+                            "distribution (temperature, top-p, top-k applied)",
+            "logp_before": "train-side (fp32) log-prob at the sampling temperature, before the step's update",
+            "logp_after": "train-side log-prob after the step's optimizer steps",
+        },
+    }
+    return DumpWriter(out_dir / cfg.dump.dir, every=cfg.dump.every, metadata=meta)
+
+
+@torch.no_grad()
+def dump_logprobs(model, rollout, cfg: Config) -> torch.Tensor:
+    micro = max(1, rollout.input_ids.shape[0] // (cfg.optim.updates_per_rollout * cfg.optim.grad_accum))
+    return torch.cat([
+        policy_logprobs(model, rollout.input_ids[s : s + micro], rollout.attention_mask[s : s + micro], rollout.prompt_len, cfg)
+        for s in range(0, rollout.input_ids.shape[0], micro)
+    ])
+
+
+def rl_step(step, model, engine, optimizer, scheduler, tokenizer, task, cfg: Config, state: RunState, dumper=None) -> dict:
     r = cfg.rollout
     if state.last_sync < 0 or step - state.last_sync >= r.sync_every:
         sync_weights(engine, model, step)
@@ -326,8 +363,16 @@ def rl_step(step, model, engine, optimizer, scheduler, tokenizer, task, cfg: Con
     rewards, _ = score(task, tokenizer, rollout, examples, r.n_samples)
     adv = group_advantages(rewards, r.n_samples, cfg.advantage.estimator).to(rollout.behaviour_logp.device)
     t2 = time.perf_counter()
+    dumping = dumper is not None and dumper.due(step)
+    before = dump_logprobs(model, rollout, cfg) if dumping else None
     row = update(model, optimizer, scheduler, rollout, adv, cfg, state.generator)
     t3 = time.perf_counter()
+    if dumping:
+        dumper.write(
+            step=step, response_mask=rollout.response_mask, logp_rollout=rollout.behaviour_logp, logp_before=before,
+            logp_after=dump_logprobs(model, rollout, cfg) if cfg.dump.after else None, advantage=adv,
+            token_ids=rollout.response_ids, group_id=rollout.group_index,
+        )
     lengths = rollout.response_mask.sum(dim=1).float()
     groups = rewards.view(-1, r.n_samples)
     row = {
@@ -454,9 +499,10 @@ def run_locked(cfg: Config, task: Task, device, out_dir: Path, *, resume: bool, 
     if state.step == 0 and not found:
         logger.log({"step": 0, **evaluate(eval_engine, model, tokenizer, task, cfg, 0)})
     last = {k: v for r in read_metrics(logger.path) for k, v in r.items()}
+    dumper = make_dumper(cfg, out_dir)
     bar = tqdm(range(state.step + 1, cfg.train.steps + 1), desc="drpo train", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        row = rl_step(step, model, engine, optimizer, scheduler, tokenizer, task, cfg, state)
+        row = rl_step(step, model, engine, optimizer, scheduler, tokenizer, task, cfg, state, dumper)
         state.step = step
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
             t_eval = time.perf_counter()
@@ -475,6 +521,8 @@ def run_locked(cfg: Config, task: Task, device, out_dir: Path, *, resume: bool, 
                 keep=cfg.train.keep_checkpoints,
             )
     logger.close()
+    if dumper is not None:
+        dumper.close()
 
     rows = read_metrics(out_dir / "metrics.jsonl")
     plot_curves(rows, out_dir / "curves.png", title=f"{cfg.objective.method} / {cfg.model.name} / seed {cfg.seed}")

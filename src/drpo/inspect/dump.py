@@ -1,0 +1,343 @@
+"""The rollout dump: one Parquet file per process, one row per response, per-token lists.
+
+Columns (`COLUMNS`; lists are per response token position, all of one row's lists have the
+length of its `response_mask`):
+
+    step            int64        training step the batch belongs to
+    sample_id       int64        row of the response within the step's batch (per process)
+    group_id        int64        responses to the same prompt share it (GRPO group)
+    response_mask   list<bool>   which positions are response tokens the loss uses
+    logp_rollout    list<float>  log-prob the rollout engine gave the sampled token (mu); null
+                                 when the host has none; NaN = the engine could not score it
+    logp_before     list<float>  train-side log-prob before this batch's update
+    logp_after      list<float>  train-side log-prob after (or during) the update; null if absent
+    advantage       list<float>  the token's advantage (a sequence advantage broadcast)
+    token_ids       list<int64>  sampled token ids; null when the host does not pass them
+    entropy         list<float>  train-side entropy of the token's distribution; null if absent
+
+Required: step, sample_id, group_id, response_mask, logp_before, advantage. At response
+positions every float must be finite, except NaN in logp_rollout (unscored by the engine)
+and entropy; values at non-response positions are ignored.
+
+Metadata (the Parquet schema's key `drpo.dump`, JSON): format version, source (drpo train,
+verl loss, verl driver, TRL), model, method and its parameters, sampling settings
+(temperature, top_p, top_k), the rank/process, and `columns`: what each log-prob column is
+for that source. Writers never communicate: each process writes its own shard
+(`dump-<source>-rank<r>-pid<p>.parquet`, one row group per write).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+META_KEY = b"drpo.dump"
+REQUIRED = ("step", "sample_id", "group_id", "response_mask", "logp_before", "advantage")
+OPTIONAL = ("logp_rollout", "logp_after", "token_ids", "entropy")
+COLUMNS = REQUIRED + OPTIONAL
+LIST_COLUMNS = ("response_mask", "logp_rollout", "logp_before", "logp_after", "advantage", "token_ids", "entropy")
+FLOAT_COLUMNS = ("logp_rollout", "logp_before", "logp_after", "advantage", "entropy")
+NAN_ALLOWED = ("logp_rollout", "entropy")  # engine could not score the token / host has no entropy
+
+
+class DumpError(ValueError):
+    """A dump that cannot be read; the message names the file, row and column."""
+
+
+def _pa():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow ships with verl, TRL (datasets) and drpo[inspect]
+        raise ImportError("rollout dumps need pyarrow: pip install 'drpo[inspect]'") from None
+    return pa, pq
+
+
+def schema():
+    pa, _ = _pa()
+    f32 = pa.list_(pa.float32())
+    return pa.schema([
+        ("step", pa.int64()),
+        ("sample_id", pa.int64()),
+        ("group_id", pa.int64()),
+        ("response_mask", pa.list_(pa.bool_())),
+        ("logp_rollout", f32),
+        ("logp_before", f32),
+        ("logp_after", f32),
+        ("advantage", f32),
+        ("token_ids", pa.list_(pa.int64())),
+        ("entropy", f32),
+    ])
+
+
+def process_rank() -> int:
+    """This process's rank (torch.distributed, else RANK, else 0), read locally: no collective."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except Exception:  # pragma: no cover
+        pass
+    return int(os.environ.get("RANK", 0))
+
+
+def _rows_of(x: Any, n: int, name: str, dtype) -> list | None:
+    """A [n, T] tensor/array (or None) as a list of n numpy rows."""
+    if x is None:
+        return None
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy() if dtype is np.float32 else x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2 or a.shape[0] != n:
+        raise ValueError(f"dump column {name!r}: expected [{n}, seq] values, got shape {tuple(a.shape)}")
+    return list(a.astype(dtype, copy=False))
+
+
+class DumpWriter:
+    """Appends batches to this process's shard in `directory` every `every` steps.
+
+    `metadata` holds what the report shows as is: source, model, method, params, sampling,
+    columns (meaning of each log-prob column). Writes are local (no collectives); the file is
+    valid after each `close()`; `write` opens it lazily."""
+
+    def __init__(self, directory: str | os.PathLike, *, every: int = 1, metadata: Mapping[str, Any] | None = None):
+        if int(every) < 1:
+            raise ValueError(f"dump every must be >= 1, got {every!r}")
+        self.directory = Path(directory)
+        self.every = int(every)
+        self.rank = process_rank()
+        self.metadata = {"format_version": FORMAT_VERSION, "rank": self.rank, **(metadata or {})}
+        source = str(self.metadata.get("source", "drpo")).replace(" ", "_")
+        self.path = self.directory / f"dump-{source}-rank{self.rank}-pid{os.getpid()}.parquet"
+        self._writer = None
+        self.rows = 0
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def write(
+        self,
+        *,
+        step: int,
+        response_mask,
+        logp_before,
+        advantage,
+        logp_rollout=None,
+        logp_after=None,
+        token_ids=None,
+        entropy=None,
+        sample_id=None,
+        group_id=None,
+    ) -> None:
+        """One row per response; tensors are [batch, seq] (advantage may be [batch])."""
+        pa, pq = _pa()
+        mask = _rows_of(response_mask, len(response_mask), "response_mask", np.bool_)
+        n = len(mask)
+        seq = mask[0].shape[0] if n else 0
+        cols: dict[str, Any] = {"response_mask": mask}
+        for name, value, dtype in (
+            ("logp_rollout", logp_rollout, np.float32), ("logp_before", logp_before, np.float32),
+            ("logp_after", logp_after, np.float32), ("token_ids", token_ids, np.int64), ("entropy", entropy, np.float32),
+        ):
+            cols[name] = _rows_of(value, n, name, dtype)
+        adv = _rows_of(advantage, n, "advantage", np.float32)
+        cols["advantage"] = [np.broadcast_to(a, (seq,)) for a in adv] if adv and adv[0].shape[0] == 1 else adv
+        ids = np.arange(n) if sample_id is None else np.asarray(sample_id).reshape(-1)
+        groups = ids if group_id is None else np.asarray(group_id).reshape(-1)
+        table = pa.table(
+            {
+                "step": pa.array(np.full(n, int(step), dtype=np.int64)),
+                "sample_id": pa.array(ids.astype(np.int64)),
+                "group_id": pa.array(groups.astype(np.int64)),
+                **{name: (pa.nulls(n, schema().field(name).type) if cols[name] is None
+                          else pa.array([r.tolist() for r in cols[name]], type=schema().field(name).type))
+                   for name in LIST_COLUMNS},
+            },
+            schema=schema(),
+        )
+        if self._writer is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            meta = {META_KEY: json.dumps(self.metadata, default=_json_default).encode()}
+            self._writer = pq.ParquetWriter(self.path, schema().with_metadata(meta))
+        self._writer.write_table(table)  # one row group per write: the reader streams by row group
+        self.rows += n
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __del__(self):  # a writer dropped without close() still leaves a readable file
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _json_default(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
+
+
+# ------------------------------------------------------------------ reading
+
+
+@dataclass
+class TokenBatch:
+    """One row group of one file, flattened to response tokens (numpy, float64)."""
+
+    path: str
+    step: np.ndarray  # int64 per token
+    row: np.ndarray  # row index within the file, per token
+    pos: np.ndarray  # position within the response
+    sample_id: np.ndarray
+    group_id: np.ndarray
+    logp_rollout: np.ndarray | None  # NaN where the engine did not score the token
+    logp_before: np.ndarray
+    logp_after: np.ndarray | None
+    advantage: np.ndarray
+    token_ids: np.ndarray | None
+    seq_tokens: list | None  # per row: the full token id list (for context), when present
+    row_offset: int
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    _, pq = _pa()
+    path = str(path)
+    try:
+        sch = pq.read_schema(path)
+    except Exception as err:
+        raise DumpError(f"{path}: not a readable Parquet dump ({err})") from None
+    raw = (sch.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise DumpError(f"{path}: no drpo dump metadata (schema key {META_KEY.decode()!r}); not written by drpo")
+    meta = json.loads(raw)
+    missing = [c for c in REQUIRED if c not in sch.names]
+    if missing:
+        raise DumpError(f"{path}: missing required column(s) {', '.join(missing)} (row -, column {missing[0]!r})")
+    return meta
+
+
+def _check_method(path: str, meta: dict) -> None:
+    from drpo.objectives import METHODS
+
+    method = meta.get("method")
+    if method is not None and method not in METHODS:
+        raise DumpError(
+            f"{path}: metadata 'method' = {method!r} is not a registered method (row -, column metadata.method); "
+            f"registered: {', '.join(sorted(METHODS))}. Import the module that registers it, or inspect the "
+            "dump with the registered methods only"
+        )
+
+
+def iter_tokens(path: str | os.PathLike, *, batch_rows: int = 4096, context: bool = False) -> Iterator[TokenBatch]:
+    """Stream `path` by row group, validated, as flattened response tokens."""
+    pa, pq = _pa()
+    path = str(path)
+    meta = read_metadata(path)
+    _check_method(path, meta)
+    pf = pq.ParquetFile(path)
+    present = [c for c in COLUMNS if c in pf.schema_arrow.names]
+    offset = 0
+    for rb in pf.iter_batches(batch_size=batch_rows, columns=present):
+        yield _flatten(path, rb, offset, present, context)
+        offset += rb.num_rows
+
+
+def _list_arrays(path: str, rb, name: str, lengths: np.ndarray, offset: int, dtype):
+    """(flat values, valid-rows mask) of a list column, checked against the mask lengths."""
+    import pyarrow.compute as pc
+
+    col = rb.column(name)
+    valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    lens = np.asarray(pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+    bad = np.nonzero(valid & (lens != lengths))[0]
+    if bad.size:
+        r = int(bad[0])
+        raise DumpError(f"{path}: row {offset + r}, column {name!r}: {lens[r]} values but response_mask has {lengths[r]} "
+                        "(ragged lengths)")
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    if flat.dtype == object:  # nulls inside a list
+        raise DumpError(f"{path}: column {name!r} holds null elements inside a list (row {offset}+)")
+    return flat.astype(dtype, copy=False), valid
+
+
+def _flatten(path: str, rb, offset: int, present: Sequence[str], context: bool) -> TokenBatch:
+    import pyarrow.compute as pc
+
+    n = rb.num_rows
+    for name in ("step", "sample_id", "group_id", "response_mask", "logp_before", "advantage"):
+        nulls = np.nonzero(rb.column(name).is_null().to_numpy(zero_copy_only=False))[0]
+        if nulls.size:
+            raise DumpError(f"{path}: row {offset + int(nulls[0])}, column {name!r}: null in a required column")
+    mask_col = rb.column("response_mask")
+    lengths = np.asarray(pc.list_value_length(mask_col).to_numpy(zero_copy_only=False), dtype=np.int64)
+    mask = mask_col.flatten().to_numpy(zero_copy_only=False).astype(bool)
+    row_of = np.repeat(np.arange(n), lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    pos = np.arange(mask.size) - np.repeat(starts, lengths)
+
+    values: dict[str, np.ndarray | None] = {}
+    for name in ("logp_rollout", "logp_before", "logp_after", "advantage", "entropy", "token_ids"):
+        if name not in present:
+            values[name] = None
+            continue
+        flat, valid = _list_arrays(path, rb, name, lengths, offset, np.int64 if name == "token_ids" else np.float64)
+        if not valid.any():
+            values[name] = None
+            continue
+        if not valid.all():  # partly null optional column: treat per row like "absent"
+            if name in ("logp_rollout", "entropy"):
+                full = np.full(mask.size, np.nan)
+                full[valid[row_of]] = flat
+                flat = full
+            else:
+                r = int(np.nonzero(~valid)[0][0])
+                raise DumpError(f"{path}: row {offset + r}, column {name!r}: null in some rows but not others")
+        if name in FLOAT_COLUMNS:
+            v = flat[mask]
+            bad = ~np.isfinite(v) if name not in NAN_ALLOWED else np.isinf(v)
+            if name == "logp_rollout" or name.startswith("logp_"):
+                bad |= v > 1e-4  # a log-probability above 0
+            if bad.any():
+                i = int(np.nonzero(mask)[0][np.nonzero(bad)[0][0]])
+                what = "NaN/inf where not allowed" if not np.isfinite(flat[i]) else "a log-prob > 0"
+                raise DumpError(f"{path}: row {offset + int(row_of[i])}, column {name!r}, position {int(pos[i])}: "
+                                f"{flat[i]!r} ({what})")
+        values[name] = flat
+    step = np.asarray(rb.column("step").to_numpy(zero_copy_only=False), dtype=np.int64)
+    sample = np.asarray(rb.column("sample_id").to_numpy(zero_copy_only=False), dtype=np.int64)
+    group = np.asarray(rb.column("group_id").to_numpy(zero_copy_only=False), dtype=np.int64)
+    keep = mask
+    seq_tokens = None
+    if context and values["token_ids"] is not None:
+        seq_tokens = np.split(values["token_ids"], np.cumsum(lengths)[:-1])
+    pick = lambda a: None if a is None else a[keep]  # noqa: E731
+    return TokenBatch(
+        path=path,
+        step=step[row_of][keep],
+        row=(row_of + offset)[keep],
+        pos=pos[keep],
+        sample_id=sample[row_of][keep],
+        group_id=group[row_of][keep],
+        logp_rollout=pick(values["logp_rollout"]),
+        logp_before=values["logp_before"][keep],
+        logp_after=pick(values["logp_after"]),
+        advantage=values["advantage"][keep],
+        token_ids=pick(values["token_ids"]),
+        seq_tokens=seq_tokens,
+        row_offset=offset,
+    )
