@@ -13,13 +13,14 @@ SUBCOMMANDS = {
     "train": "drpo.train.cli",
     "compare": "drpo.study.cli_compare",
     "report": "drpo.study.cli_report",
+    "inspect": "drpo.inspect.cli",
 }
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drpo",
-        description="DRPO and the trust-region objectives it is compared with: train, compare, report, plot weights.",
+        description="DRPO and the trust-region objectives it is compared with: train, compare, report, inspect rollouts, plot weights.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

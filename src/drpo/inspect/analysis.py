@@ -1,0 +1,344 @@
+"""What each registered trust region would do to the dumped tokens, accumulated step by step
+while the dump streams past (bounded memory: sums per step and bucket, a fixed-size token
+sample per step for the figure, the top disagreements).
+
+Per token: mu = exp(anchor log-prob) (the rollout log-prob where the dump has one, else the
+train-side one before the update), pi = exp(policy log-prob) (`policy`: after / before the
+update), A = advantage. Every method's weight and boundary come from the registry
+(`drpo.objectives.METHODS`), the same functions the losses and their diagnostics use.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from drpo.inspect.dump import DumpError, iter_tokens, read_metadata
+from drpo.objectives import METHODS, get_method, ratio
+
+# Behaviour-probability buckets: mu <= 0.01 (the long tail), 0.01-0.1, 0.1-0.5, > 0.5.
+BUCKET_EDGES = (0.01, 0.1, 0.5)
+BUCKETS = ("<=0.01", "0.01-0.1", "0.1-0.5", ">0.5")
+ALL = "all"
+# A log-ratio offset this large (nats) and this many standard errors from 0, in a bucket of
+# at least OFFSET_MIN_TOKENS tokens, is flagged: a sampling-setting mismatch, not noise.
+OFFSET_NATS = 0.02
+OFFSET_SIGMAS = 5.0
+OFFSET_MIN_TOKENS = 50
+FIGURE_TOKENS = 4000  # tokens per step kept for the scatter figure
+TOP_DISAGREEMENTS = 20
+CONTEXT = 8  # tokens of context each side of a disagreement
+
+# Per (variant, bucket) sums; the report divides them.
+METHOD_SUMS = ("tokens", "pos", "neg", "out_pos", "out_neg", "carries", "zero", "attenuated", "corrective",
+               "amplified", "kept_num", "kept_den")
+# Per bucket sums of the train/inference log-ratio (before - rollout) and the long tail.
+BATCH_SUMS = ("tokens", "mm_tokens", "lr_sum", "lr_sq", "abs_lr", "k3", "unscored")
+REGRESSION_SUMS = ("n", "x", "y", "xx", "xy", "yy")  # log r against the rollout log-prob
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    method: str
+    params: Mapping[str, Any]
+
+
+def parse_param(spec: str) -> tuple[str, str, list[float | bool]]:
+    """'drpo.delta=0.05,0.15' -> ('drpo', 'delta', [0.05, 0.15])."""
+    key, sep, raw = spec.partition("=")
+    method, dot, name = key.partition(".")
+    if not sep or not dot or not method or not name or not raw:
+        raise ValueError(f"--param expects METHOD.NAME=V1,V2,..., got {spec!r}")
+    get_method(method)
+    values: list[float | bool] = []
+    for item in raw.split(","):
+        item = item.strip()
+        if item.lower() in ("true", "false"):
+            values.append(item.lower() == "true")
+        else:
+            try:
+                values.append(float(item))
+            except ValueError:
+                raise ValueError(f"--param {key}: {item!r} is not a number or true/false") from None
+    return method, name, values
+
+
+def make_variants(methods: Sequence[str] | None = None, params: Sequence[str] = ()) -> list[Variant]:
+    """Every method (default: all registered) at its defaults, or at each combination of the
+    swept values of its parameters. Bad names and values raise ValueError naming them."""
+    names = list(methods) if methods else list(METHODS)
+    for n in names:
+        get_method(n)
+    sweeps: dict[str, dict[str, list]] = {}
+    for spec in params:
+        method, name, values = parse_param(spec)
+        if method not in names:
+            names.append(method)
+        sweeps.setdefault(method, {})[name] = values
+    out = []
+    for n in names:
+        m = get_method(n)
+        grid = sweeps.get(n, {})
+        keys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
+            given = dict(zip(keys, combo))
+            resolved = m.resolve_params(given)
+            label = n if not given else n + "(" + ", ".join(f"{k}={_fmt(v)}" for k, v in given.items()) + ")"
+            out.append(Variant(label, n, resolved))
+    return out
+
+
+def _fmt(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else f"{v:g}"
+
+
+def bucket_of(mu: np.ndarray) -> np.ndarray:
+    return np.digitize(mu, BUCKET_EDGES, right=True)  # mu <= 0.01 -> 0, ..., > 0.5 -> 3
+
+
+@dataclass
+class StepAcc:
+    methods: np.ndarray  # [variants, buckets, METHOD_SUMS]
+    batch: np.ndarray  # [buckets, BATCH_SUMS]
+    regression: np.ndarray  # [REGRESSION_SUMS]
+    responses: set = field(default_factory=set)
+    sample_keys: np.ndarray | None = None  # random keys of the figure's kept tokens
+    sample: np.ndarray | None = None  # [k, 3]: mu, D, sign(A)
+
+
+def _new_step(n_variants: int) -> StepAcc:
+    return StepAcc(np.zeros((n_variants, len(BUCKETS), len(METHOD_SUMS))), np.zeros((len(BUCKETS), len(BATCH_SUMS))),
+                   np.zeros(len(REGRESSION_SUMS)))
+
+
+def _bincount(idx: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    return np.bincount(idx, weights=weights, minlength=len(BUCKETS))[: len(BUCKETS)]
+
+
+class Analysis:
+    """Feed it dump files (`add_file`), then read `result()`."""
+
+    def __init__(self, variants: Sequence[Variant], *, policy: str = "auto", seed: int = 0):
+        if policy not in ("auto", "before", "after"):
+            raise ValueError(f"policy must be auto, before or after, got {policy!r}")
+        self.variants = list(variants)
+        self.policy = policy
+        self.steps: dict[int, StepAcc] = {}
+        self.files: list[dict] = []
+        self.rng = np.random.default_rng(seed)
+        self.top: list = []  # min-heap of (disagreement, counter, record)
+        self._counter = itertools.count()
+        self.used_policy: set[str] = set()
+        self.used_anchor: set[str] = set()
+
+    def add_file(self, path: str, *, batch_rows: int = 4096) -> None:
+        meta = read_metadata(path)
+        self.files.append({"path": str(path), "metadata": meta})
+        for batch in iter_tokens(path, batch_rows=batch_rows, context=True):
+            self._add(batch)
+
+    def _add(self, b) -> None:
+        if b.logp_after is not None and self.policy in ("auto", "after"):
+            logp, pol = b.logp_after, "after"
+        elif self.policy == "after":
+            raise DumpError(f"{b.path}: --policy after but the dump has no logp_after column (column 'logp_after')")
+        else:
+            logp, pol = b.logp_before, "before"
+        self.used_policy.add(pol)
+        if b.logp_rollout is not None:
+            unscored = np.isnan(b.logp_rollout)
+            anchor = np.where(unscored, b.logp_before, b.logp_rollout)
+            self.used_anchor.add("rollout")
+        else:
+            unscored, anchor = np.zeros(b.logp_before.shape, bool), b.logp_before
+            self.used_anchor.add("before")
+        for step in np.unique(b.step):
+            sel = b.step == step
+            acc = self.steps.get(int(step))
+            if acc is None:
+                acc = self.steps[int(step)] = _new_step(len(self.variants))
+            acc.responses.update(zip(itertools.repeat(b.path), np.unique(b.row[sel]).tolist()))
+            self._add_step(acc, b, sel, logp[sel], anchor[sel], unscored[sel], int(step))
+
+    def _add_step(self, acc: StepAcc, b, sel, logp_np, anchor_np, unscored, step: int) -> None:
+        mu_np = np.exp(anchor_np)
+        bucket = bucket_of(mu_np)
+        adv_np = b.advantage[sel]
+        logp, anchor, adv = (torch.from_numpy(np.ascontiguousarray(x)) for x in (logp_np, anchor_np, adv_np))
+        r = ratio(logp, anchor)
+        pos, neg, carries = adv > 0, adv < 0, adv != 0
+        ar = (adv * r).abs()
+        weights = []
+        for v, variant in enumerate(self.variants):
+            m = METHODS[variant.method]
+            w = m.weight(logp, anchor, adv, **variant.params)
+            out = m.boundary(logp, anchor, adv, **variant.params) if m.boundary is not None else torch.zeros_like(pos)
+            cols = (torch.ones_like(adv), pos, neg, out & pos, out & neg, carries, carries & (w == 0),
+                    carries & (w > 0) & (w < 1), carries & (w < 0), carries & (w > 1), (ar * w).abs(), ar)
+            for k, c in enumerate(cols):
+                acc.methods[v, :, k] += _bincount(bucket, c.to(torch.float64).numpy())
+            weights.append(w)
+        # Train/inference mismatch: the train-side log-prob before the update against the rollout's.
+        lr_np = np.where(unscored, 0.0, b.logp_before[sel] - anchor_np) if b.logp_rollout is not None else None
+        ones = np.ones(bucket.size)
+        acc.batch[:, 0] += _bincount(bucket, ones)
+        acc.batch[:, 6] += _bincount(bucket, unscored.astype(float))
+        if lr_np is not None:
+            scored = (~unscored).astype(float)
+            lr = np.clip(lr_np, -20, 20)
+            acc.batch[:, 1] += _bincount(bucket, scored)
+            acc.batch[:, 2] += _bincount(bucket, lr * scored)
+            acc.batch[:, 3] += _bincount(bucket, lr * lr * scored)
+            acc.batch[:, 4] += _bincount(bucket, np.abs(lr) * scored)
+            acc.batch[:, 5] += _bincount(bucket, (np.exp(lr) - 1 - lr) * scored)
+            x, y = anchor_np[~unscored], lr[~unscored]
+            acc.regression += [x.size, x.sum(), y.sum(), (x * x).sum(), (x * y).sum(), (y * y).sum()]
+        self._keep_sample(acc, mu_np, np.exp(logp_np) - mu_np, np.sign(adv_np))
+        if len(weights) > 1:
+            self._keep_disagreements(b, sel, torch.stack(weights), mu_np, logp_np, adv_np, step)
+
+    def _keep_sample(self, acc: StepAcc, mu, d, sign) -> None:
+        keys = self.rng.random(mu.size)
+        pts = np.stack([mu, d, sign], axis=1)
+        if acc.sample is not None:
+            keys, pts = np.concatenate([acc.sample_keys, keys]), np.concatenate([acc.sample, pts])
+        if keys.size > FIGURE_TOKENS:
+            keep = np.argpartition(keys, FIGURE_TOKENS)[:FIGURE_TOKENS]
+            keys, pts = keys[keep], pts[keep]
+        acc.sample_keys, acc.sample = keys, pts
+
+    def _keep_disagreements(self, b, sel, w: torch.Tensor, mu, logp, adv, step: int) -> None:
+        spread = (w.max(0).values - w.min(0).values).numpy()
+        k = min(TOP_DISAGREEMENTS, spread.size)
+        idx = np.argpartition(-spread, k - 1)[:k]
+        rows, pos = b.row[sel], b.pos[sel]
+        for i in idx:
+            item = (float(spread[i]), next(self._counter))
+            if len(self.top) >= TOP_DISAGREEMENTS and item <= self.top[0][:2]:
+                continue
+            local = int(rows[i]) - b.row_offset
+            ids = b.seq_tokens[local] if b.seq_tokens is not None else None
+            p = int(pos[i])
+            record = {
+                "file": b.path, "row": int(rows[i]), "step": step, "position": p,
+                "mu": float(mu[i]), "pi": float(math.exp(logp[i])), "advantage": float(adv[i]),
+                "weights": {v.label: float(w[j, i]) for j, v in enumerate(self.variants)},
+                "spread": float(spread[i]),
+                "token_id": int(ids[p]) if ids is not None else None,
+                "context_ids": ids[max(0, p - CONTEXT): p + CONTEXT + 1].tolist() if ids is not None else None,
+                "context_start": max(0, p - CONTEXT),
+            }
+            entry = (*item, record)
+            if len(self.top) < TOP_DISAGREEMENTS:
+                heapq.heappush(self.top, entry)
+            else:
+                heapq.heapreplace(self.top, entry)
+
+    # ------------------------------------------------------------------ results
+    def result(self) -> dict:
+        if not self.steps:
+            raise DumpError("no response tokens in the dump(s): " + ", ".join(f["path"] for f in self.files))
+        steps = {s: self._summarize(a.methods, a.batch, a.regression, len(a.responses)) for s, a in sorted(self.steps.items())}
+        tot = [sum(getattr(a, k) for a in self.steps.values()) for k in ("methods", "batch", "regression")]
+        total = self._summarize(*tot, sum(len(a.responses) for a in self.steps.values()))
+        return {
+            "files": self.files,
+            "policy": sorted(self.used_policy),
+            "anchor": sorted(self.used_anchor),
+            "variants": [{"label": v.label, "method": v.method, "params": dict(v.params)} for v in self.variants],
+            "buckets": list(BUCKETS),
+            "total": total,
+            "steps": {str(s): v for s, v in steps.items()},
+            "sanity": sanity(total, steps),
+            "disagreements": [r for _, _, r in sorted(self.top, key=lambda e: (-e[0], e[1]))],
+        }
+
+    def samples(self) -> dict[int, np.ndarray]:
+        return {s: a.sample for s, a in sorted(self.steps.items()) if a.sample is not None}
+
+    def _summarize(self, methods: np.ndarray, batch: np.ndarray, regression: np.ndarray, responses: int) -> dict:
+        def ratio_or(num, den, empty):
+            return float(num / den) if den > 0 else empty
+
+        def method_stats(s: np.ndarray) -> dict:
+            d = dict(zip(METHOD_SUMS, s))
+            return {
+                "tokens": int(d["tokens"]),
+                "tokens_pos": int(d["pos"]),
+                "tokens_neg": int(d["neg"]),
+                "beyond_boundary_pos_frac": ratio_or(d["out_pos"], d["pos"], 0.0),
+                "beyond_boundary_neg_frac": ratio_or(d["out_neg"], d["neg"], 0.0),
+                "zeroed_frac": ratio_or(d["zero"], d["carries"], 0.0),
+                "attenuated_frac": ratio_or(d["attenuated"], d["carries"], 0.0),
+                "corrective_frac": ratio_or(d["corrective"], d["carries"], 0.0),
+                "amplified_frac": ratio_or(d["amplified"], d["carries"], 0.0),
+                "kept_grad_mass": ratio_or(d["kept_num"], d["kept_den"], 1.0),
+            }
+
+        def batch_stats(s: np.ndarray) -> dict:
+            d = dict(zip(BATCH_SUMS, s))
+            n = d["mm_tokens"]
+            mean = ratio_or(d["lr_sum"], n, None)
+            out = {"tokens": int(d["tokens"]), "unscored_tokens": int(d["unscored"])}
+            if n > 0:
+                var = max(d["lr_sq"] / n - mean * mean, 0.0)
+                out |= {"mean_log_ratio": mean, "std_err": math.sqrt(var / n) if n > 1 else math.inf,
+                        "mean_abs_log_ratio": d["abs_lr"] / n, "k3_kl": d["k3"] / n}
+            return out
+
+        per_method = {}
+        for v, variant in enumerate(self.variants):
+            per_method[variant.label] = {ALL: method_stats(methods[v].sum(0)),
+                                         **{name: method_stats(methods[v, b]) for b, name in enumerate(BUCKETS)}}
+        n_tok = batch[:, 0].sum()
+        return {
+            "tokens": int(n_tok),
+            "responses": responses,
+            "long_tail_share": ratio_or(batch[0, 0], n_tok, 0.0),
+            "bucket_share": {name: ratio_or(batch[b, 0], n_tok, 0.0) for b, name in enumerate(BUCKETS)},
+            "mismatch": {ALL: batch_stats(batch.sum(0)), **{name: batch_stats(batch[b]) for b, name in enumerate(BUCKETS)}},
+            "log_ratio_slope": _slope(regression),
+            "methods": per_method,
+        }
+
+
+def _slope(reg: np.ndarray) -> float | None:
+    n, x, y, xx, xy, _ = reg
+    den = n * xx - x * x
+    return float((n * xy - x * y) / den) if n > 2 and den > 0 else None
+
+
+def sanity(total: dict, steps: Mapping[int, dict]) -> dict:
+    """Flags a systematic train/inference log-ratio offset (per bucket, over all steps)."""
+    mm = total["mismatch"]
+    if "mean_log_ratio" not in mm[ALL]:
+        return {"has_rollout_logprobs": False, "offset_flagged": False, "flags": [
+            "the dump has no rollout log-probs: the anchor is the train-side log-prob before the update, so the "
+            "train/inference mismatch cannot be measured"]}
+    flags = []
+    for name in (ALL, *BUCKETS):
+        s = mm[name]
+        if s.get("mean_log_ratio") is None or s["tokens"] - s["unscored_tokens"] < OFFSET_MIN_TOKENS:
+            continue
+        mean, se = s["mean_log_ratio"], s["std_err"]
+        if abs(mean) > OFFSET_NATS and abs(mean) > OFFSET_SIGMAS * se:
+            flags.append(f"bucket {name}: mean log(pi_train/mu_rollout) = {mean:+.4f} nats ({abs(mean) / se:.0f} "
+                         "standard errors from 0): a systematic offset; check that engine and trainer use the same "
+                         "temperature, top-p and top-k (and that the rollout log-probs are of the sampled distribution)")
+    return {"has_rollout_logprobs": True, "offset_flagged": bool(flags), "flags": flags,
+            "log_ratio_slope": total["log_ratio_slope"], "threshold_nats": OFFSET_NATS, "threshold_sigmas": OFFSET_SIGMAS}
+
+
+def analyze(paths: Iterable[str], variants: Sequence[Variant], *, policy: str = "auto",
+            batch_rows: int = 4096) -> tuple[dict, Analysis]:
+    a = Analysis(variants, policy=policy)
+    for p in paths:
+        a.add_file(str(p), batch_rows=batch_rows)
+    return a.result(), a
