@@ -7,6 +7,10 @@
     .venv/bin/python examples/trl/train_drpo_trl.py --method dppo_tv --params '{"delta_high": 0.2}'
     .venv/bin/python examples/trl/train_drpo_trl.py --model smollm2 --max-new-tokens 16
 
+    # rollout dumps every step, then what each trust region would do to them:
+    .venv/bin/python examples/trl/train_drpo_trl.py --steps 4 --dump-every 1 --out runs/trl-drpo
+    .venv/bin/drpo inspect runs/trl-drpo/dumps --out runs/trl-drpo/inspect
+
     # on GPUs, with vLLM generating (then the rollout log-probs are the anchor):
     accelerate launch examples/trl/train_drpo_trl.py --model /path/to/Qwen3-4B-Base --use-vllm ...
 
@@ -48,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--digits", type=int, default=2, help="arithmetic operand digits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--use-vllm", action="store_true", help="generate with vLLM (GPU)")
+    p.add_argument("--dump-every", type=int, default=0,
+                   help="write rollout dumps for `drpo inspect` to OUT/dumps every N steps (0: off)")
     p.add_argument("--out", default="runs/trl-drpo")
     return p.parse_args(argv)
 
@@ -101,6 +107,8 @@ def main(argv=None) -> int:
         use_cpu=not args.use_vllm,
         bf16=False,
         shuffle_dataset=False,
+        drpo_dump_dir=str(Path(args.out) / "dumps") if args.dump_every else None,
+        drpo_dump_every=max(args.dump_every, 1),
     )
     trainer = DRPOGRPOTrainer(
         model=model,

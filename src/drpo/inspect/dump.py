@@ -23,7 +23,8 @@ Metadata (the Parquet schema's key `drpo.dump`, JSON): format version, source (d
 verl loss, verl driver, TRL), model, method and its parameters, sampling settings
 (temperature, top_p, top_k), the rank/process, and `columns`: what each log-prob column is
 for that source. Writers never communicate: each process writes its own shard
-(`dump-<source>-rank<r>-pid<p>.parquet`, one row group per write).
+(`dump-<source>-rank<r>-pid<p>[-k].parquet`, one row group per write; a writer closed
+and written to again starts a new shard).
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ class DumpWriter:
         self.every = int(every)
         self.rank = process_rank()
         self.metadata = {"format_version": FORMAT_VERSION, "rank": self.rank, **(metadata or {})}
-        source = str(self.metadata.get("source", "drpo")).replace(" ", "_")
-        self.path = self.directory / f"dump-{source}-rank{self.rank}-pid{os.getpid()}.parquet"
+        self._stem = f"dump-{str(self.metadata.get('source', 'drpo')).replace(' ', '_')}-rank{self.rank}-pid{os.getpid()}"
+        self.path: Path | None = None  # chosen when the shard is opened
         self._writer = None
         self.rows = 0
 
@@ -165,8 +166,13 @@ class DumpWriter:
             },
             schema=schema(),
         )
-        if self._writer is None:
+        if self._writer is None:  # a new shard; one closed before is never overwritten
             self.directory.mkdir(parents=True, exist_ok=True)
+            self.path = self.directory / f"{self._stem}.parquet"
+            k = 1
+            while self.path.exists():
+                k += 1
+                self.path = self.directory / f"{self._stem}-{k}.parquet"
             meta = {META_KEY: json.dumps(self.metadata, default=_json_default).encode()}
             self._writer = pq.ParquetWriter(self.path, schema().with_metadata(meta))
         self._writer.write_table(table)  # one row group per write: the reader streams by row group

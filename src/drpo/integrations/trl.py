@@ -47,6 +47,12 @@ Logged through TRL's metrics (`trainer.state.log_history`, TensorBoard/W&B via r
 every drpo diagnostic as `drpo/<name>` (see `drpo.objectives.METRIC_NAMES`), `drpo/loss`
 (before the accumulation scaling, like TRL's `policy_loss`), `drpo/anchor_is_rollout`,
 `drpo/anchor_fallback_frac`, and TRL's `entropy` and `aux_loss` (MoE).
+
+Rollout dumps for `drpo inspect` (opt-in): `drpo_dump_dir="dumps"` (and `drpo_dump_every=N`
+optimizer steps) writes each training micro-batch `_compute_loss` sees, one Parquet shard per
+process: the batch `_generate_and_score_completions` returned (completion ids and mask, TRL's
+advantages, `sampling_per_token_logps` as the rollout log-probs, `old_per_token_logps`) plus
+our current log-probs and TRL's entropies. See docs/inspect.md.
 """
 
 from __future__ import annotations
@@ -129,6 +135,8 @@ class DRPOConfig(GRPOConfig):
         default_factory=dict, metadata={"help": 'Method parameters, e.g. {"delta": 12.5} (dict or JSON).'}
     )
     drpo_anchor: str = field(default="auto", metadata={"help": "Anchor log-probs: auto, rollout or old."})
+    drpo_dump_dir: str | None = field(default=None, metadata={"help": "Write rollout dumps for `drpo inspect` here."})
+    drpo_dump_every: int = field(default=1, metadata={"help": "Dump every N optimizer steps (with drpo_dump_dir)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -144,6 +152,8 @@ class DRPOConfig(GRPOConfig):
         if not isinstance(self.drpo_params.get("strict", False), bool):
             raise ValueError(f"`drpo_params['strict']` must be true or false, got {self.drpo_params['strict']!r}")
         get_method(self.drpo_method).resolve_params(_method_params(self.drpo_params))  # bad names/values raise
+        if not isinstance(self.drpo_dump_every, int) or self.drpo_dump_every < 1:
+            raise ValueError(f"`drpo_dump_every` must be an integer >= 1, got {self.drpo_dump_every!r}")
         if self.drpo_anchor not in ANCHORS:
             raise ValueError(f"`drpo_anchor` must be one of {', '.join(ANCHORS)}, got {self.drpo_anchor!r}")
         if self.loss_type not in LOSS_TYPES:
@@ -172,6 +182,64 @@ class DRPOGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.nonfinite = "raise" if config.drpo_params.get("strict", False) else "drop"
         self.drpo_params = get_method(config.drpo_method).resolve_params(_method_params(config.drpo_params))
+        self._dumper = None
+        if config.drpo_dump_dir:
+            from drpo.inspect.dump import DumpWriter
+
+            self._dumper = DumpWriter(config.drpo_dump_dir, every=config.drpo_dump_every, metadata=self._dump_metadata())
+
+    # ---------------------------------------------------------------- rollout dumps (opt-in)
+    def _dump_metadata(self) -> dict[str, Any]:
+        a = self.args
+        return {
+            "source": "trl",
+            "model": getattr(getattr(self.model, "config", None), "_name_or_path", None),
+            "tokenizer": getattr(self.processing_class, "name_or_path", None),
+            "method": a.drpo_method,
+            "params": self.drpo_params,
+            "anchor": a.drpo_anchor,
+            "sampling": {"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k, "use_vllm": a.use_vllm,
+                         "num_generations": a.num_generations, "loss_type": a.loss_type},
+            "columns": {
+                "logp_rollout": "vLLM's log-prob of the sampled token (TRL's sampling_per_token_logps; NaN: not "
+                                "scored); null without vLLM",
+                "logp_before": "TRL's old_per_token_logps (train-side, before this generation batch's updates) when "
+                               "TRL computed them, else the current log-prob (on-policy: the same)",
+                "logp_after": "the current log-prob at this loss call (after the optimizer steps already taken on "
+                              "this generation batch); null when TRL computed no old log-probs",
+                "entropy": "TRL's per-token entropy of the current policy",
+            },
+        }
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if self._dumper is not None and self.model.training:
+            # Row of each completion in the process-wide generation batch (TRL's groups are
+            # num_generations consecutive rows); it travels through TRL's shuffle and split.
+            n = out["completion_ids"].size(0)
+            start = self.accelerator.process_index * n
+            out["drpo_dump_index"] = torch.arange(start, start + n, device=out["completion_ids"].device)
+        return out
+
+    def _dump(self, inputs: dict, logps: Tensor, entropies: Tensor, mask: Tensor) -> None:
+        step = self.state.global_step
+        if self._dumper is None or "drpo_dump_index" not in inputs or not self._dumper.due(step):
+            return
+        old = inputs.get("old_per_token_logps")
+        index = inputs["drpo_dump_index"].cpu()
+        self._dumper.write(
+            step=step, response_mask=mask != 0, token_ids=inputs["completion_ids"], entropy=entropies,
+            logp_rollout=inputs.get("sampling_per_token_logps"), logp_before=logps if old is None else old,
+            logp_after=None if old is None else logps, advantage=inputs["advantages"],
+            sample_id=index, group_id=index // self.num_generations,
+        )
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self._dumper is not None:
+                self._dumper.close()  # the shard's footer; a later train() writes a new shard
 
     # ---------------------------------------------------------------- stages of one loss call
     def _policy_logps(self, model, inputs: dict) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
@@ -278,4 +346,6 @@ class DRPOGRPOTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             metrics["aux_loss"] = aux_loss.detach()
         self._log_metrics(mode, metrics | anchor_metrics, entropies, mask)
+        if mode == "train":
+            self._dump(inputs, logps, entropies, mask)
         return loss
