@@ -113,12 +113,17 @@ def test_drpo_train_dump_is_read_and_matches_the_reference(tmp_path):
     assert report["total"]["mismatch"]["all"]["mean_abs_log_ratio"] > 0  # bf16 engine vs fp32 trainer
 
 
-def _categorical_dump(path, engine_temperature: float):
-    """Tokens sampled from random categorical distributions; the engine's log-probs at
-    `engine_temperature`, the trainer's at 1 (a temperature mismatch when they differ)."""
+def _categorical_dump(path, engine_temperature: float = 1.0, engine_top_p: float = 1.0):
+    """Tokens sampled from random categorical distributions by an engine at `engine_temperature`
+    and `engine_top_p` (renormalised over the nucleus, as engines sample), with its log-probs; the
+    trainer's log-probs at temperature 1 without truncation."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 10, 50, generator=g, dtype=torch.float64) * 3
     engine = torch.log_softmax(logits / engine_temperature, -1)
+    if engine_top_p < 1:
+        probs, order = engine.exp().sort(-1, descending=True)
+        drop = probs.cumsum(-1) - probs >= engine_top_p  # outside the nucleus
+        engine = torch.log_softmax(engine.masked_fill(drop.scatter(-1, order, drop), -math.inf), -1)
     tok = torch.multinomial(engine.exp().view(-1, 50), 1, generator=g).view(64, 10, 1)
     w = DumpWriter(path, metadata={"source": "test"})
     w.write(step=1, response_mask=torch.ones(64, 10, dtype=torch.bool), logp_rollout=engine.gather(-1, tok)[..., 0],
@@ -127,13 +132,17 @@ def _categorical_dump(path, engine_temperature: float):
     return w.path
 
 
-def test_sanity_header_flags_a_temperature_mismatch(tmp_path):
-    same = run_inspect([_categorical_dump(tmp_path / "a", 1.0)], tmp_path / "ra", "--method", "drpo")
+def test_sanity_header_flags_temperature_and_top_p_mismatches(tmp_path):
+    same = run_inspect([_categorical_dump(tmp_path / "a")], tmp_path / "ra", "--method", "drpo")
     assert not same["sanity"]["offset_flagged"] and same["total"]["mismatch"]["all"]["mean_abs_log_ratio"] < 1e-6
-    off = run_inspect([_categorical_dump(tmp_path / "b", 0.7)], tmp_path / "rb", "--method", "drpo")
-    assert off["sanity"]["offset_flagged"]
-    assert any("temperature" in f for f in off["sanity"]["flags"])
+    hot = run_inspect([_categorical_dump(tmp_path / "b", engine_temperature=0.7)], tmp_path / "rb", "--method", "drpo")
+    (flag,) = hot["sanity"]["flags"]
+    # per context log r = (T_engine - 1) * log mu + c(context): pooled, the slope is near -0.3
+    assert "temperature" in flag and -0.35 < hot["sanity"]["log_ratio_slope"]["slope"] < -0.15
     assert "Warnings" in (tmp_path / "rb" / "report.md").read_text()
+    top_p = run_inspect([_categorical_dump(tmp_path / "c", engine_top_p=0.8)], tmp_path / "rc", "--method", "drpo")
+    assert any("top-p or top-k" in f for f in top_p["sanity"]["flags"])
+    assert 0.8 <= top_p["sanity"]["mean_ratio"] < 0.95  # the trainer's mass on the nucleus
 
 
 def _write_raw(path, table, meta=None):

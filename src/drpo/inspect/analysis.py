@@ -26,11 +26,15 @@ from drpo.objectives import METHODS, get_method, ratio
 BUCKET_EDGES = (0.01, 0.1, 0.5)
 BUCKETS = ("<=0.01", "0.01-0.1", "0.1-0.5", ">0.5")
 ALL = "all"
-# A log-ratio offset this large (nats) and this many standard errors from 0, in a bucket of
-# at least OFFSET_MIN_TOKENS tokens, is flagged: a sampling-setting mismatch, not noise.
-OFFSET_NATS = 0.02
-OFFSET_SIGMAS = 5.0
-OFFSET_MIN_TOKENS = 50
+# Sanity checks of the rollout log-probs against the trainer's (before the update), where the
+# sampled tokens come from mu (so E_mu[pi/mu] = pi's mass on mu's support, 1 when they match):
+#  - top-p / top-k applied by one side only: mean(r) - 1 < 0 (pi puts mass outside mu's support);
+#  - a temperature mismatch: within a context log r = (T_engine/T_trainer - 1) * log mu + c, so
+#    the pooled slope of log r on log mu is far from 0 (near that value).
+# Flagged beyond these sizes and SIGMAS standard errors (noise alone gives neither).
+RATIO_MASS_TOL = 0.01
+SLOPE_TOL = 0.03
+SIGMAS = 5.0
 FIGURE_TOKENS = 4000  # tokens per step kept for the scatter figure
 TOP_DISAGREEMENTS = 20
 CONTEXT = 8  # tokens of context each side of a disagreement
@@ -39,7 +43,7 @@ CONTEXT = 8  # tokens of context each side of a disagreement
 METHOD_SUMS = ("tokens", "pos", "neg", "out_pos", "out_neg", "carries", "zero", "attenuated", "corrective",
                "amplified", "kept_num", "kept_den")
 # Per bucket sums of the train/inference log-ratio (before - rollout) and the long tail.
-BATCH_SUMS = ("tokens", "mm_tokens", "lr_sum", "lr_sq", "abs_lr", "k3", "unscored")
+BATCH_SUMS = ("tokens", "mm_tokens", "lr_sum", "lr_sq", "abs_lr", "k3", "unscored", "rdev", "rdev_sq")
 REGRESSION_SUMS = ("n", "x", "y", "xx", "xy", "yy")  # log r against the rollout log-prob
 
 
@@ -198,6 +202,8 @@ class Analysis:
             acc.batch[:, 3] += _bincount(bucket, lr * lr * scored)
             acc.batch[:, 4] += _bincount(bucket, np.abs(lr) * scored)
             acc.batch[:, 5] += _bincount(bucket, (np.exp(lr) - 1 - lr) * scored)
+            acc.batch[:, 7] += _bincount(bucket, np.expm1(lr) * scored)
+            acc.batch[:, 8] += _bincount(bucket, np.expm1(lr) ** 2 * scored)
             x, y = anchor_np[~unscored], lr[~unscored]
             acc.regression += [x.size, x.sum(), y.sum(), (x * x).sum(), (x * y).sum(), (y * y).sum()]
         self._keep_sample(acc, mu_np, np.exp(logp_np) - mu_np, np.sign(adv_np))
@@ -289,8 +295,11 @@ class Analysis:
             out = {"tokens": int(d["tokens"]), "unscored_tokens": int(d["unscored"])}
             if n > 0:
                 var = max(d["lr_sq"] / n - mean * mean, 0.0)
+                rmean = d["rdev"] / n
+                rvar = max(d["rdev_sq"] / n - rmean * rmean, 0.0)
                 out |= {"mean_log_ratio": mean, "std_err": math.sqrt(var / n) if n > 1 else math.inf,
-                        "mean_abs_log_ratio": d["abs_lr"] / n, "k3_kl": d["k3"] / n}
+                        "mean_abs_log_ratio": float(d["abs_lr"] / n), "k3_kl": float(d["k3"] / n),
+                        "mean_ratio": float(1 + rmean), "mean_ratio_std_err": math.sqrt(rvar / n) if n > 1 else math.inf}
             return out
 
         per_method = {}
@@ -309,31 +318,38 @@ class Analysis:
         }
 
 
-def _slope(reg: np.ndarray) -> float | None:
-    n, x, y, xx, xy, _ = reg
-    den = n * xx - x * x
-    return float((n * xy - x * y) / den) if n > 2 and den > 0 else None
+def _slope(reg: np.ndarray) -> dict | None:
+    """Least-squares slope of log r on the rollout log-prob, with its standard error."""
+    n, x, y, xx, xy, yy = reg
+    sxx, sxy, syy = xx - x * x / max(n, 1), xy - x * y / max(n, 1), yy - y * y / max(n, 1)
+    if n <= 2 or sxx <= 0:
+        return None
+    b = sxy / sxx
+    return {"slope": float(b), "std_err": float(math.sqrt(max(syy - b * sxy, 0.0) / (n - 2) / sxx))}
 
 
 def sanity(total: dict, steps: Mapping[int, dict]) -> dict:
-    """Flags a systematic train/inference log-ratio offset (per bucket, over all steps)."""
-    mm = total["mismatch"]
-    if "mean_log_ratio" not in mm[ALL]:
+    """Flags a systematic train/inference log-ratio offset over all steps (see SLOPE_TOL)."""
+    mm = total["mismatch"][ALL]
+    if "mean_log_ratio" not in mm:
         return {"has_rollout_logprobs": False, "offset_flagged": False, "flags": [
             "the dump has no rollout log-probs: the anchor is the train-side log-prob before the update, so the "
             "train/inference mismatch cannot be measured"]}
     flags = []
-    for name in (ALL, *BUCKETS):
-        s = mm[name]
-        if s.get("mean_log_ratio") is None or s["tokens"] - s["unscored_tokens"] < OFFSET_MIN_TOKENS:
-            continue
-        mean, se = s["mean_log_ratio"], s["std_err"]
-        if abs(mean) > OFFSET_NATS and abs(mean) > OFFSET_SIGMAS * se:
-            flags.append(f"bucket {name}: mean log(pi_train/mu_rollout) = {mean:+.4f} nats ({abs(mean) / se:.0f} "
-                         "standard errors from 0): a systematic offset; check that engine and trainer use the same "
-                         "temperature, top-p and top-k (and that the rollout log-probs are of the sampled distribution)")
+    mass, se = mm["mean_ratio"] - 1, mm["mean_ratio_std_err"]
+    if mass < -RATIO_MASS_TOL and -mass > SIGMAS * se:
+        flags.append(f"mean pi_train/mu_rollout over the sampled tokens = {mm['mean_ratio']:.4f} (1 expected; "
+                     f"{-mass / se:.0f} standard errors below): the trainer puts {-mass:.1%} of its probability "
+                     "outside what the engine samples from: top-p or top-k applied by the engine only? Compute the "
+                     "train-side log-probs with the same truncation, or use its log-probs as the anchor")
+    fit = total["log_ratio_slope"]
+    if fit is not None and abs(fit["slope"]) > SLOPE_TOL and abs(fit["slope"]) > SIGMAS * fit["std_err"]:
+        flags.append(f"log(pi_train/mu_rollout) is linear in the rollout log-prob with slope {fit['slope']:+.3f} "
+                     f"(+-{fit['std_err']:.3f}): a temperature mismatch (engine temperature / trainer temperature "
+                     f"roughly {1 + fit['slope']:.2f}); divide the trainer's logits by the sampling temperature")
     return {"has_rollout_logprobs": True, "offset_flagged": bool(flags), "flags": flags,
-            "log_ratio_slope": total["log_ratio_slope"], "threshold_nats": OFFSET_NATS, "threshold_sigmas": OFFSET_SIGMAS}
+            "mean_ratio": mm["mean_ratio"], "mean_ratio_std_err": se, "log_ratio_slope": fit,
+            "ratio_mass_tol": RATIO_MASS_TOL, "slope_tol": SLOPE_TOL, "sigmas": SIGMAS}
 
 
 def analyze(paths: Iterable[str], variants: Sequence[Variant], *, policy: str = "auto",

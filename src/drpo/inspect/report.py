@@ -245,12 +245,16 @@ def write_report(result: dict, analysis: Analysis, out: Path, *, tokenizer=None,
         f"{len(result['steps'])} step(s)",
     ]
     san = result["sanity"]
+    if san["has_rollout_logprobs"]:
+        fit = san["log_ratio_slope"] or {"slope": None, "std_err": None}
+        md.append(f"- sampling-settings check (log r = train-side log-prob before the update - rollout log-prob): "
+                  f"mean r = {_num(san['mean_ratio'], 6)} +- {_num(san['mean_ratio_std_err'], 2)} (1 when trainer and "
+                  f"engine sample from the same support; flagged below 1 - {san['ratio_mass_tol']:g}), slope of log r "
+                  f"on the rollout log-prob = {_num(fit['slope'])} +- {_num(fit['std_err'], 2)} (0 when the "
+                  f"temperatures match; flagged beyond {san['slope_tol']:g}); flags need {san['sigmas']:g} standard "
+                  f"errors: {'see the warnings' if san['flags'] else 'none raised'}")
     if san["flags"]:
         md += ["", "**Warnings:**", ""] + [f"- {x}" for x in san["flags"]]
-    else:
-        md.append(f"- no systematic train/inference log-ratio offset (threshold {san['threshold_nats']} nats and "
-                  f"{san['threshold_sigmas']:g} standard errors per bucket); slope of log r against the rollout log-prob: "
-                  f"{_num(san['log_ratio_slope'])}")
     md += ["", "## The batch: long tail and train/inference mismatch (all steps)", "",
            f"Long-tail share (mu <= 0.01): **{_pct(total['long_tail_share'])}** of response tokens. "
            "Mismatch: log r = train-side log-prob before the update minus the rollout log-prob.", "",
