@@ -50,8 +50,8 @@ def weight_and_boundary(method: str, p: dict, logp, old, adv):
         if method == "dppo_tv":
             out = (pos & (d > p["delta_high"])) | (neg & (d < -p["delta_low"]))
         else:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                kl = mu * np.log(mu / pi) + (1 - mu) * np.log((1 - mu) / (1 - pi))
+            with np.errstate(divide="ignore", invalid="ignore"):  # 0 * log(0 / x) = 0 (mu = 1)
+                kl = mu * np.log(mu / pi) + np.where(mu < 1, (1 - mu) * np.log((1 - mu) / (1 - pi)), 0.0)
             out = (pos & (d > 0) & (kl > p["delta_high"])) | (neg & (d < 0) & (kl > p["delta_low"]))
         return (1.0 - out) * np.minimum(r, p["ratio_cap"]) / r, out
     if method in ("drpo", "mask_drpo"):

@@ -23,8 +23,8 @@ Metadata (the Parquet schema's key `drpo.dump`, JSON): format version, source (d
 verl loss, verl driver, TRL), model, method and its parameters, sampling settings
 (temperature, top_p, top_k), the rank/process, and `columns`: what each log-prob column is
 for that source. Writers never communicate: each process writes its own shard
-(`dump-<source>-rank<r>-pid<p>[-k].parquet`, one row group per write; a writer closed
-and written to again starts a new shard).
+(`dump-<source>-rank<r>-pid<p>-<k>.parquet`, one row group per write; a writer closed
+and written to again starts shard k + 1).
 """
 
 from __future__ import annotations
@@ -168,11 +168,10 @@ class DumpWriter:
         )
         if self._writer is None:  # a new shard; one closed before is never overwritten
             self.directory.mkdir(parents=True, exist_ok=True)
-            self.path = self.directory / f"{self._stem}.parquet"
             k = 1
-            while self.path.exists():
+            while (self.directory / f"{self._stem}-{k:04d}.parquet").exists():
                 k += 1
-                self.path = self.directory / f"{self._stem}-{k}.parquet"
+            self.path = self.directory / f"{self._stem}-{k:04d}.parquet"
             meta = {META_KEY: json.dumps(self.metadata, default=_json_default).encode()}
             self._writer = pq.ParquetWriter(self.path, schema().with_metadata(meta))
         self._writer.write_table(table)  # one row group per write: the reader streams by row group

@@ -76,11 +76,25 @@ current log-probs against the rollout ones), and its `rollout_corr/*` metrics ar
 `algorithm.rollout_correction` into the actor config: pass
 `+actor_rollout_ref.actor.policy_loss.rollout_correction=${algorithm.rollout_correction}`
 (the example script does).
+
+Rollout dumps for `drpo inspect` (opt-in; docs/inspect.md), two hooks that change nothing in
+training and use no collective (each process writes its own Parquet shards):
+  - driver: with `DRPO_VERL_DUMP_DIR=DIR` (and `DRPO_VERL_DUMP_EVERY=N`) in the driver's
+    environment, the batch verl holds once advantages are computed (`compute_advantage` of
+    `verl.trainer.ppo.ray_trainer` and of the v1 trainer's utils, wrapped on import) is
+    dumped: responses, response mask, old and rollout log-probs, advantages, groups from uids.
+  - workers: `policy_loss.drpo_dump: {dir: DIR, every: N}` (on DRPOPolicyLossConfig) dumps
+    every N-th loss call of each worker: the current policy's log-probs with the anchor and
+    advantages verl passes (the loss is not told the training step, so `step` counts the
+    worker's loss calls). Reading the tensors to the host is the only added sync, on dump calls.
+Each dump is closed at once (a complete shard per dumped batch): Ray ends workers without exit
+hooks.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -118,6 +132,7 @@ class DRPOPolicyLossConfig(PolicyLossConfig):
     (and `strict`, see the module docstring)."""
 
     drpo_params: dict[str, Any] = field(default_factory=dict)
+    drpo_dump: dict[str, Any] = field(default_factory=dict)  # {dir, every}: see the module docstring
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
@@ -276,7 +291,117 @@ def compute_policy_loss(
             f"drpo loss {method!r} (verl's log_prob, old_log_prob, rollout_is_weights are drpo's logp, old_logp, "
             f"token_weights): {err}"
         ) from None
+    dump_in_loss(method, params, config, old_log_prob, log_prob, advantages, mask)
     return loss, {METRIC_PREFIX + k: v for k, v in metrics.items() if k != "loss"} | rc_metrics
+
+
+# ---------------------------------------------------------------- rollout dumps (opt-in)
+# One writer and loss-call count per process and directory: the loss function is stateless
+# and verl re-creates nothing we could hang them on.
+_LOSS_DUMPS: dict[str, list] = {}
+
+
+def _dump_settings(config: Any) -> tuple[str, int] | None:
+    raw = _get(_get(config, "policy_loss"), "drpo_dump")
+    if not raw:
+        return None
+    if not isinstance(raw, Mapping):
+        from omegaconf import OmegaConf
+
+        raw = OmegaConf.to_container(raw, resolve=True)
+    unknown = sorted(set(raw) - {"dir", "every"})
+    every = raw.get("every", 1)
+    if unknown or not raw.get("dir") or isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"actor.policy_loss.drpo_dump must be {{dir: <path>, every: <int >= 1>}}, got {dict(raw)!r}")
+    return str(raw["dir"]), every
+
+
+def dump_in_loss(method: str, params: dict, config: Any, old_log_prob: Tensor, log_prob: Tensor,
+                 advantages: Tensor, mask: Tensor) -> None:
+    """The worker-side dump (see the module docstring); a no-op unless `drpo_dump` is set."""
+    settings = _dump_settings(config)
+    if settings is None:
+        return
+    from drpo.inspect.dump import DumpWriter
+
+    directory, every = settings
+    bypass = bool(_get(_get(_get(config, "policy_loss"), "rollout_correction"), "bypass_mode", False))
+    if directory not in _LOSS_DUMPS:
+        meta = {
+            "source": "verl_loss", "method": method, "params": params, "verl_loss_mode": VERL_LOSS_NAMES.get(method),
+            "columns": {
+                "logp_before": "verl's old_log_prob, the loss's anchor: the train-side recomputation before the "
+                               "update, or the rollout log-prob in bypass mode",
+                "logp_after": "log_prob: the current policy's at this loss call",
+                "logp_rollout": "the rollout log-prob (= old_log_prob) in bypass mode, else absent",
+                "step": "this worker's loss-call count (verl does not pass the training step to the loss)",
+            },
+        }
+        _LOSS_DUMPS[directory] = [DumpWriter(directory, every=every, metadata=meta), 0]
+    entry = _LOSS_DUMPS[directory]
+    entry[1] += 1
+    writer = entry[0]
+    if not writer.due(entry[1]):
+        return
+    writer.write(step=entry[1], response_mask=mask, logp_before=old_log_prob, logp_after=log_prob,
+                 logp_rollout=old_log_prob if bypass else None, advantage=advantages)
+    writer.close()
+
+
+def dump_verl_batch(writer, batch: Any, step: int) -> None:
+    """One verl DataProto (after advantages) as dump rows; groups are the distinct uids."""
+    import numpy as np
+
+    b = batch.batch
+    keys = set(b.keys())
+    uid = batch.non_tensor_batch.get("uid")
+    writer.write(
+        step=step, response_mask=b["response_mask"].bool(), token_ids=b["responses"], advantage=b["advantages"],
+        logp_before=b["old_log_probs"], logp_rollout=b["rollout_log_probs"] if "rollout_log_probs" in keys else None,
+        group_id=None if uid is None else np.unique(np.asarray(uid).astype(str), return_inverse=True)[1],
+    )
+    writer.close()
+
+
+def install_driver_dump(directory: str, every: int = 1) -> None:
+    """Wrap verl's `compute_advantage` (legacy and v1 trainers) so the driver dumps each
+    `every`-th batch after it; training is unchanged. Called on import when
+    DRPO_VERL_DUMP_DIR is set."""
+    from verl.trainer.ppo import ray_trainer
+
+    from drpo.inspect.dump import DumpWriter
+
+    if getattr(ray_trainer.compute_advantage, "drpo_dump", False):
+        return
+    meta = {
+        "source": "verl_driver",
+        "columns": {
+            "logp_rollout": "rollout_log_probs: the rollout engine's log-prob of the sampled token (when verl keeps them)",
+            "logp_before": "old_log_probs: train-side recomputation before the update (the rollout log-prob in "
+                           "bypass mode)",
+            "step": "verl's global_steps where the batch carries it, else the count of advantage computations",
+        },
+    }
+    writer = DumpWriter(directory, every=every, metadata=meta)
+    calls = [0]
+    original = ray_trainer.compute_advantage
+
+    def compute_advantage(data, *args, **kwargs):
+        out = original(data, *args, **kwargs)
+        calls[0] += 1
+        step = int(out.meta_info.get("global_steps", calls[0]))
+        if writer.due(step):
+            dump_verl_batch(writer, out, step)
+        return out
+
+    compute_advantage.drpo_dump = True
+    ray_trainer.compute_advantage = compute_advantage
+    try:
+        from verl.trainer.ppo.v1 import utils as v1_utils
+
+        v1_utils.compute_advantage = compute_advantage
+    except ImportError:  # pragma: no cover - older verl without the v1 trainer
+        pass
 
 
 def make_verl_policy_loss(method: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
@@ -323,3 +448,8 @@ def register_all() -> dict[str, str]:
 
 
 register_all()
+if os.environ.get("DRPO_VERL_DUMP_DIR"):
+    try:  # the losses are registered already: a failed dump hook must not unregister them
+        install_driver_dump(os.environ["DRPO_VERL_DUMP_DIR"], int(os.environ.get("DRPO_VERL_DUMP_EVERY", "1")))
+    except Exception as err:  # verl logs plugin errors only at DEBUG: say it loudly
+        logger.warning("drpo: DRPO_VERL_DUMP_DIR is set but the driver dump hook was not installed: %r", err)
