@@ -87,7 +87,9 @@ def token_figure(sample: np.ndarray, variants: Sequence[Variant], step: int, pol
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False, sharex=True, sharey=True)
     mu_grid = np.geomspace(max(1e-6, sample[:, 0].min() if sample.size else 1e-6), 1.0, 120)
-    lin = max(1e-4, float(np.quantile(np.abs(sample[:, 1]), 0.5)) if sample.size else 1e-4)
+    # linear below a round power of ten near the median shift, logarithmic beyond
+    med = float(np.quantile(np.abs(sample[:, 1]), 0.5)) if sample.size else 1e-4
+    lin = 10.0 ** math.floor(math.log10(max(med, 1e-6)))
     for ax, method in zip(axes.flat, methods):
         for sign, color, lab in ((1, "tab:green", "A > 0"), (-1, "tab:red", "A < 0"), (0, "0.6", "A = 0")):
             s = sample[sample[:, 2] == sign]
@@ -95,7 +97,8 @@ def token_figure(sample: np.ndarray, variants: Sequence[Variant], step: int, pol
         for k, v in enumerate(x for x in variants if x.method == method):
             up, down = _boundary_curves(v, mu_grid)
             style = dict(color=f"C{k % 10}", lw=1.4, ls=("-", "--", ":", "-.")[k % 4])
-            ax.plot(mu_grid, up, label=f"{v.label}", **style)
+            unreachable = np.isnan(up).all() and np.isnan(down).all()
+            ax.plot(mu_grid, up, label=v.label + (" (no boundary: |D| <= 1)" if unreachable else ""), **style)
             ax.plot(mu_grid, down, **style)
         ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=lin)
@@ -122,7 +125,7 @@ def bucket_figure(stats: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [1, 1.25]})
     x = np.arange(len(BUCKETS))
     share = [stats["bucket_share"][b] for b in BUCKETS]
     a1.bar(x, [100 * s for s in share], color="tab:blue")
@@ -137,14 +140,18 @@ def bucket_figure(stats: dict, path: Path) -> None:
     ax2.legend(fontsize=8, loc="upper right")
     labels = list(stats["methods"])
     width = 0.8 / max(len(labels), 1)
+    colors = plt.get_cmap("tab20").colors
+    low = 1.0
     for k, label in enumerate(labels):
         vals = [stats["methods"][label][b]["kept_grad_mass"] for b in BUCKETS]
-        a2.bar(x + (k - len(labels) / 2 + 0.5) * width, vals, width, label=label)
+        low = min(low, *vals)
+        a2.bar(x + (k - len(labels) / 2 + 0.5) * width, vals, width, label=label, color=colors[k % 20])
+    a2.set_ylim(max(0.0, low - 0.05 * (1.0 - low) - 0.01), 1.0 + 0.01 * (1.0 - low) + 0.002)
     a2.set_xticks(x, BUCKETS)
     a2.set_xlabel("behaviour probability bucket (mu)")
     a2.set_ylabel("kept gradient mass sum|A r w| / sum|A r|")
     a2.set_title("kept gradient mass by bucket")
-    a2.legend(fontsize=6, ncol=2)
+    a2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -158,27 +165,34 @@ def trend_figure(result: dict, path: Path) -> None:
 
     steps = sorted(int(s) for s in result["steps"])
     per = [result["steps"][str(s)] for s in steps]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for label in result["total"]["methods"]:
-        axes[0].plot(steps, [p["methods"][label][ALL]["kept_grad_mass"] for p in per], "o-", ms=3, label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    colors = plt.get_cmap("tab20").colors
+    for k, label in enumerate(result["total"]["methods"]):
+        style = dict(color=colors[k % 20], ls=("-", "--")[k // 20 % 2])
+        axes[0].plot(steps, [p["methods"][label][ALL]["kept_grad_mass"] for p in per], "o-", ms=3, label=label, **style)
         axes[1].plot(steps, [100 * (p["methods"][label][ALL]["beyond_boundary_pos_frac"] * p["methods"][label][ALL]["tokens_pos"]
                                     + p["methods"][label][ALL]["beyond_boundary_neg_frac"] * p["methods"][label][ALL]["tokens_neg"])
                              / max(1, p["methods"][label][ALL]["tokens_pos"] + p["methods"][label][ALL]["tokens_neg"]) for p in per],
-                     "o-", ms=3, label=label)
+                     "o-", ms=3, label=label, **style)
     axes[0].set_ylabel("kept gradient mass")
     axes[1].set_ylabel("tokens with A != 0 beyond the boundary (%)")
-    axes[2].plot(steps, [100 * p["long_tail_share"] for p in per], "o-", color="tab:blue", label="long-tail share (mu <= 0.01), %")
+    axes[2].plot(steps, [100 * p["long_tail_share"] for p in per], "o-", color="tab:blue", label="long-tail share, %")
     mm = [p["mismatch"][ALL].get("mean_abs_log_ratio", np.nan) for p in per]
     ax = axes[2].twinx()
     ax.plot(steps, mm, "s--", color="tab:orange", label="mean |log r| (nats)")
     ax.set_ylabel("mismatch, mean |log r| (nats)")
     axes[2].set_ylabel("long-tail share (%)")
-    axes[2].legend(fontsize=7, loc="upper left")
-    ax.legend(fontsize=7, loc="upper right")
-    for a, t in zip(axes, ("kept gradient mass per step", "beyond the boundary per step", "long tail and mismatch per step")):
+    lines = axes[2].get_legend_handles_labels()
+    more = ax.get_legend_handles_labels()
+    axes[2].legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="best")
+    for a, t in zip(axes, ("kept gradient mass per step", "beyond the boundary per step",
+                           "long tail (mu <= 0.01) and mismatch per step")):
         a.set_xlabel("training step")
         a.set_title(t, fontsize=10)
         a.grid(alpha=0.3)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
