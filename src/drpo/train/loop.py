@@ -373,6 +373,7 @@ def rl_step(step, model, engine, optimizer, scheduler, tokenizer, task, cfg: Con
             logp_after=dump_logprobs(model, rollout, cfg) if cfg.dump.after else None, advantage=adv,
             token_ids=rollout.response_ids, group_id=rollout.group_index,
         )
+        dumper.close()  # a complete shard per dumped step: a killed run keeps every step dumped before
     lengths = rollout.response_mask.sum(dim=1).float()
     groups = rewards.view(-1, r.n_samples)
     row = {
