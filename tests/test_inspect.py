@@ -225,3 +225,27 @@ def test_writer_checks_shapes_and_never_overwrites_a_shard(tmp_path):
     w.close()
     assert w.path != first and pq.read_table(first).num_rows == 2 and pq.read_table(w.path).num_rows == 2
     assert math.isclose(pq.read_table(first).column("advantage").to_pylist()[0][2], 0.0)
+
+
+def test_a_users_own_method_is_loaded_with_import(tmp_path, monkeypatch, capsys):
+    from drpo.objectives import registry
+
+    (tmp_path / "my_loss_mod.py").write_text(
+        "import torch\n"
+        "from drpo.objectives import register_method\n"
+        "@register_method('my_loss', params={'c': 0.5})\n"
+        "class MyLoss:\n"
+        "    objective = staticmethod(lambda logp, old, adv, *, c: (adv * 0, adv * 0))\n"
+        "    weight = staticmethod(lambda logp, old, adv, *, c: torch.full_like(logp, c))\n"
+        "    boundary = None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write_synthetic(tmp_path / "d", steps=(1,), method="my_loss")
+    assert main(["inspect", str(path), "--out", str(tmp_path / "r")]) == 2
+    assert "--import MODULE" in capsys.readouterr().err
+    try:
+        report = run_inspect([path], tmp_path / "r", "--import", "my_loss_mod", "--method", "my_loss")
+    finally:
+        registry._REGISTRY.pop("my_loss", None)  # other tests iterate the registry
+    s = report["total"]["methods"]["my_loss"]["all"]
+    assert s["attenuated_frac"] == 1.0 and s["kept_grad_mass"] == pytest.approx(0.5, rel=1e-12)

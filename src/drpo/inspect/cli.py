@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="NAME_OR_DIR",
                    help="decode tokens in context ('smollm2' or a local Hugging Face directory; default: the "
                    "dump's own when it names one)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module that registers your own methods (drpo.objectives.register_method) first")
     p.add_argument("--batch-rows", type=int, default=4096, help="rows read at a time (memory bound)")
     p.set_defaults(run=run)
     return p
@@ -69,10 +72,12 @@ def run(args: argparse.Namespace) -> int:
     from drpo.inspect.report import write_report
 
     try:
+        for module in args.imports:
+            importlib.import_module(module)
         variants = make_variants(args.methods, args.params)
         files = dump_files(args.dumps)
         result, analysis = analyze(files, variants, policy=args.policy, batch_rows=args.batch_rows)
-    except (DumpError, ValueError, FileNotFoundError) as err:
+    except (DumpError, ValueError, FileNotFoundError, ImportError) as err:
         print(f"drpo inspect: {err}", file=sys.stderr)
         return 2
     name = args.tokenizer or read_metadata(files[0]).get("tokenizer")

@@ -232,7 +232,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     meta = json.loads(raw)
     missing = [c for c in REQUIRED if c not in sch.names]
     if missing:
-        raise DumpError(f"{path}: missing required column(s) {', '.join(missing)} (row -, column {missing[0]!r})")
+        raise DumpError(f"{path}: missing required column(s) {', '.join(missing)} (all rows, column {missing[0]!r})")
     return meta
 
 
@@ -242,9 +242,9 @@ def _check_method(path: str, meta: dict) -> None:
     method = meta.get("method")
     if method is not None and method not in METHODS:
         raise DumpError(
-            f"{path}: metadata 'method' = {method!r} is not a registered method (row -, column metadata.method); "
-            f"registered: {', '.join(sorted(METHODS))}. Import the module that registers it, or inspect the "
-            "dump with the registered methods only"
+            f"{path}: metadata 'method' = {method!r} is not a registered method (all rows, column metadata.method); "
+            f"registered: {', '.join(sorted(METHODS))}. Pass the module that registers it: drpo inspect --import "
+            "MODULE"
         )
 
 
@@ -321,7 +321,7 @@ def _flatten(path: str, rb, offset: int, present: Sequence[str], context: bool) 
                 i = int(np.nonzero(mask)[0][np.nonzero(bad)[0][0]])
                 what = "NaN/inf where not allowed" if not np.isfinite(flat[i]) else "a log-prob > 0"
                 raise DumpError(f"{path}: row {offset + int(row_of[i])}, column {name!r}, position {int(pos[i])}: "
-                                f"{flat[i]!r} ({what})")
+                                f"{float(flat[i])!r} ({what})")
         values[name] = flat
     step = np.asarray(rb.column("step").to_numpy(zero_copy_only=False), dtype=np.int64)
     sample = np.asarray(rb.column("sample_id").to_numpy(zero_copy_only=False), dtype=np.int64)
