@@ -77,6 +77,10 @@ def test_report_equals_float64_reference_on_a_synthetic_dump(tmp_path):
         assert (out / name).stat().st_size > 0, name
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and 'src="buckets.png"' not in html
+    for d in report["disagreements"]:  # context: response tokens only, the token itself included
+        assert min(d["context_ids"]) >= 0 and d["context_ids"][d["context_index"]] == d["token_id"]
+    spreads = [d["spread"] for d in report["disagreements"]]
+    assert len(spreads) == 20 and spreads == sorted(spreads, reverse=True)
     md = (out / "report.md").read_text()
     assert "Where the methods disagree most" in md and "drpo(delta=0.05)" in md
 

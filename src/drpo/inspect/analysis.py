@@ -238,9 +238,13 @@ class Analysis:
                 "weights": {v.label: float(w[j, i]) for j, v in enumerate(self.variants)},
                 "spread": float(spread[i]),
                 "token_id": int(ids[p]) if ids is not None else None,
-                "context_ids": ids[max(0, p - CONTEXT): p + CONTEXT + 1].tolist() if ids is not None else None,
-                "context_start": max(0, p - CONTEXT),
+                "context_ids": None,
+                "context_index": None,
             }
+            if ids is not None:  # up to CONTEXT response tokens each side
+                near = [j for j in range(max(0, p - CONTEXT), min(len(ids), p + CONTEXT + 1)) if ids[j] >= 0]
+                record["context_ids"] = [int(ids[j]) for j in near]
+                record["context_index"] = near.index(p)
             entry = (*item, record)
             if len(self.top) < TOP_DISAGREEMENTS:
                 heapq.heappush(self.top, entry)

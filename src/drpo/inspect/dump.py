@@ -215,7 +215,7 @@ class TokenBatch:
     logp_after: np.ndarray | None
     advantage: np.ndarray
     token_ids: np.ndarray | None
-    seq_tokens: list | None  # per row: the full token id list (for context), when present
+    seq_tokens: list | None  # per row: token ids, -1 outside the response (for context), when present
     row_offset: int
 
 
@@ -329,7 +329,8 @@ def _flatten(path: str, rb, offset: int, present: Sequence[str], context: bool) 
     keep = mask
     seq_tokens = None
     if context and values["token_ids"] is not None:
-        seq_tokens = np.split(values["token_ids"], np.cumsum(lengths)[:-1])
+        # per row, the token ids with non-response positions as -1 (context stays in the response)
+        seq_tokens = np.split(np.where(mask, values["token_ids"], -1), np.cumsum(lengths)[:-1])
     pick = lambda a: None if a is None else a[keep]  # noqa: E731
     return TokenBatch(
         path=path,

@@ -171,11 +171,11 @@ def trend_figure(result: dict, path: Path) -> None:
     colors = plt.get_cmap("tab20").colors
     for k, label in enumerate(result["total"]["methods"]):
         style = dict(color=colors[k % 20], ls=("-", "--")[k // 20 % 2])
-        axes[0].plot(steps, [p["methods"][label][ALL]["kept_grad_mass"] for p in per], "o-", ms=3, label=label, **style)
+        axes[0].plot(steps, [p["methods"][label][ALL]["kept_grad_mass"] for p in per], marker="o", ms=3, label=label, **style)
         axes[1].plot(steps, [100 * (p["methods"][label][ALL]["beyond_boundary_pos_frac"] * p["methods"][label][ALL]["tokens_pos"]
                                     + p["methods"][label][ALL]["beyond_boundary_neg_frac"] * p["methods"][label][ALL]["tokens_neg"])
                              / max(1, p["methods"][label][ALL]["tokens_pos"] + p["methods"][label][ALL]["tokens_neg"]) for p in per],
-                     "o-", ms=3, label=label, **style)
+                     marker="o", ms=3, label=label, **style)
     axes[0].set_ylabel("kept gradient mass")
     axes[1].set_ylabel("tokens with A != 0 beyond the boundary (%)")
     axes[2].plot(steps, [100 * p["long_tail_share"] for p in per], "o-", color="tab:blue", label="long-tail share, %")
@@ -214,7 +214,7 @@ def disagreement_rows(result: dict, tokenizer) -> list[list[str]]:
         ctx = "-"
         if d["context_ids"] is not None:
             toks = _decode(tokenizer, d["context_ids"]) or [str(i) for i in d["context_ids"]]
-            k = d["position"] - d["context_start"]
+            k = d["context_index"]
             toks = [repr(t)[1:-1].replace("|", "\\|") for t in toks]
             toks[k] = f"**[{toks[k]}]**"
             ctx = " ".join(toks) if tokenizer is None else "".join(toks)
