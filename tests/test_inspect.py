@@ -165,10 +165,6 @@ def _good_table(n=3, seq=4):
     })
 
 
-def _bad(name, table_fn, meta=None):
-    return pytest.param(table_fn, meta, id=name)
-
-
 @pytest.mark.parametrize(
     "make, meta, expected",
     [

@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -112,7 +112,7 @@ class StepAcc:
     methods: np.ndarray  # [variants, buckets, METHOD_SUMS]
     batch: np.ndarray  # [buckets, BATCH_SUMS]
     regression: np.ndarray  # [REGRESSION_SUMS]
-    responses: set = field(default_factory=set)
+    responses: int = 0  # a response never spans two record batches, so per-batch counts add up
     sample_keys: np.ndarray | None = None  # random keys of the figure's kept tokens
     sample: np.ndarray | None = None  # [k, 3]: mu, D, sign(A)
 
@@ -168,7 +168,7 @@ class Analysis:
             acc = self.steps.get(int(step))
             if acc is None:
                 acc = self.steps[int(step)] = _new_step(len(self.variants))
-            acc.responses.update(zip(itertools.repeat(b.path), np.unique(b.row[sel]).tolist()))
+            acc.responses += int(np.unique(b.row[sel]).size)
             self._add_step(acc, b, sel, logp[sel], anchor[sel], unscored[sel], int(step))
 
     def _add_step(self, acc: StepAcc, b, sel, logp_np, anchor_np, unscored, step: int) -> None:
@@ -255,9 +255,9 @@ class Analysis:
     def result(self) -> dict:
         if not self.steps:
             raise DumpError("no response tokens in the dump(s): " + ", ".join(f["path"] for f in self.files))
-        steps = {s: self._summarize(a.methods, a.batch, a.regression, len(a.responses)) for s, a in sorted(self.steps.items())}
+        steps = {s: self._summarize(a.methods, a.batch, a.regression, a.responses) for s, a in sorted(self.steps.items())}
         tot = [sum(getattr(a, k) for a in self.steps.values()) for k in ("methods", "batch", "regression")]
-        total = self._summarize(*tot, sum(len(a.responses) for a in self.steps.values()))
+        total = self._summarize(*tot, sum(a.responses for a in self.steps.values()))
         return {
             "files": self.files,
             "policy": sorted(self.used_policy),
@@ -266,7 +266,7 @@ class Analysis:
             "buckets": list(BUCKETS),
             "total": total,
             "steps": {str(s): v for s, v in steps.items()},
-            "sanity": sanity(total, steps),
+            "sanity": sanity(total),
             "disagreements": [r for _, _, r in sorted(self.top, key=lambda e: (-e[0], e[1]))],
         }
 
@@ -332,7 +332,7 @@ def _slope(reg: np.ndarray) -> dict | None:
     return {"slope": float(b), "std_err": float(math.sqrt(max(syy - b * sxy, 0.0) / (n - 2) / sxx))}
 
 
-def sanity(total: dict, steps: Mapping[int, dict]) -> dict:
+def sanity(total: dict) -> dict:
     """Flags a systematic train/inference log-ratio offset over all steps (see SLOPE_TOL)."""
     mm = total["mismatch"][ALL]
     if "mean_log_ratio" not in mm:

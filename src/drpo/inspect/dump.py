@@ -161,7 +161,7 @@ class DumpWriter:
                 "sample_id": pa.array(ids.astype(np.int64)),
                 "group_id": pa.array(groups.astype(np.int64)),
                 **{name: (pa.nulls(n, schema().field(name).type) if cols[name] is None
-                          else pa.array([r.tolist() for r in cols[name]], type=schema().field(name).type))
+                          else _list_array(pa, cols[name], schema().field(name).type))
                    for name in LIST_COLUMNS},
             },
             schema=schema(),
@@ -187,6 +187,13 @@ class DumpWriter:
             self.close()
         except Exception:
             pass
+
+
+def _list_array(pa, rows: list, type_):
+    """Equal-length numpy rows as one Arrow list column, without Python lists."""
+    flat = np.concatenate(rows) if rows else np.zeros(0)
+    offsets = np.arange(len(rows) + 1, dtype=np.int32) * (rows[0].shape[0] if rows else 0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=type_.value_type)).cast(type_)
 
 
 def _json_default(x):
