@@ -9,7 +9,8 @@ from drpo.cli import main as drpo_main
 from drpo.models import build_tiny_model, make_char_tokenizer
 from drpo.tasks import make_task
 from drpo.train import warmstart as ws_mod
-from drpo.train.warmstart import WarmstartError, cache_key, greedy_accuracy, lr_factor, warm_start
+from drpo.train.schedule import lr_factor
+from drpo.train.warmstart import WarmstartError, cache_key, greedy_accuracy, warm_start
 from train_helpers import fast_args, fast_config
 
 QUIET = dict(log=lambda *_: None)
@@ -43,12 +44,10 @@ def test_cache_key_tracks_what_determines_the_weights(tmp_path, monkeypatch):
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero(tmp_path):
-    ws = fast_config(tmp_path, "warmstart.steps=100", "warmstart.warmup_steps=10").warmstart
-    assert lr_factor(0, ws) == pytest.approx(0.1 * 0.5 * (1 + 1.0))  # 1/10 of the way up, cos(0) = 1
-    assert lr_factor(50, ws) == pytest.approx(0.5)  # cos(pi/2) = 0: half way down
-    assert lr_factor(100, ws) == pytest.approx(0.0, abs=1e-12)
-    const = fast_config(tmp_path, "warmstart.steps=100", "warmstart.warmup_steps=10", "warmstart.schedule=constant")
-    assert [lr_factor(s, const.warmstart) for s in (0, 9, 99)] == pytest.approx([0.1, 1.0, 1.0])
+    assert lr_factor(0, 10, 100, "cosine") == pytest.approx(0.1 * 0.5 * (1 + 1.0))  # 1/10 of the way up, cos(0) = 1
+    assert lr_factor(50, 10, 100, "cosine") == pytest.approx(0.5)  # cos(pi/2) = 0: half way down
+    assert lr_factor(100, 10, 100, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert [lr_factor(s, 10, 100, "constant") for s in (0, 9, 99)] == pytest.approx([0.1, 1.0, 1.0])
 
 
 def test_cached_then_reused_then_rebuilt_when_damaged(tmp_path):
@@ -131,3 +130,16 @@ def test_sft_stops_at_target_accuracy(tmp_path):
     # an independent measurement on other problems agrees that the policy is competent
     acc = greedy_accuracy(model, tok, task, range(5000, 5064), "{prompt}", 5)
     assert acc >= 0.3
+
+
+def test_cache_key_tracks_the_data_behind_an_unchanged_config(tmp_path):
+    """A dataset file edited in place (same path, same config) must not load the old weights."""
+    data = tmp_path / "problems.jsonl"
+    cfg = fast_config(tmp_path, "task.name=jsonl", f"task.dataset={data}", "task.eval_size=1")
+    tok = make_char_tokenizer()
+    digests = []
+    for answers in (("4", "6"), ("5", "6")):
+        data.write_text("".join(f'{{"prompt": "2+{a[0]}", "answer": "{a}"}}\n' for a in answers) * 4)
+        digests.append(ws_mod.examples_digest(make_task(cfg.task, cfg.seed), tok, cfg.task.prompt_template))
+    assert digests[0] != digests[1]
+    assert cache_key(cfg, "cpu", digests[0]) != cache_key(cfg, "cpu", digests[1])

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from drpo.objectives import AGG_MODES, get_method
+from drpo.train.schedule import Schedule
 
 PRECISIONS = ("fp32", "bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e2e")
 Precision = Literal["fp32", "bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e2e"]
@@ -69,7 +70,7 @@ class WarmstartConfig(_Section):
     # AdamW, linear warmup then cosine decay to 0 at `steps` (or constant). A decaying 1e-3
     # reached the target on every seed tried where a constant 3e-3 stalled at ~0.06 on some.
     lr: float = Field(1e-3, gt=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Schedule = "cosine"
     batch_size: int = Field(64, gt=0)
     warmup_steps: int = Field(50, ge=0)
     # Budget spent below target: "error" stops the run naming both numbers; "continue" runs RL
@@ -160,6 +161,8 @@ class OptimConfig(_Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     warmup_steps: int = Field(0, ge=0)  # linear warmup, in optimizer steps
+    # then constant, or cosine decay to 0 at the run's last optimizer step
+    schedule: Schedule = "constant"
     grad_clip: float = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
     updates_per_rollout: int = Field(4, ge=1)  # optimizer steps (mini-batches) per rollout batch

@@ -32,6 +32,7 @@ from drpo.train.checkpoint import list_checkpoints, load_latest_checkpoint, save
 from drpo.train.config import Config, ConfigError, resume_config, to_yaml
 from drpo.train.files import DiskFullError, LockHeldError, atomic_write, dir_lock, sweep_temp_files
 from drpo.train.metrics import MetricsLogger, plot_curves, read_metrics, truncate_metrics
+from drpo.train.schedule import lr_factor
 from drpo.train.warmstart import warm_start
 
 EVAL_BATCH = 128  # prompts per greedy eval batch
@@ -116,8 +117,10 @@ def make_optimizer(model, cfg: Config):
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
     )
-    # Linear warmup, then constant: RL runs are short and the objective is itself the brake.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (o.warmup_steps + 1)))
+    total = cfg.train.steps * o.updates_per_rollout  # optimizer steps in the run
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, o.warmup_steps, total, o.schedule)
+    )
     return optimizer, scheduler
 
 

@@ -10,7 +10,6 @@ import fcntl
 import hashlib
 import io
 import json
-import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from drpo.logprobs import sequence_logprobs
 from drpo.tasks import Task
 from drpo.train.batching import decode_completions, encode_prompts, supervised_batch
 from drpo.train.files import atomic_write
+from drpo.train.schedule import lr_factor
 
 CACHE_VERSION = 3  # bump when the warm-start procedure changes
 
@@ -36,10 +36,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DRPO_CACHE") or Path.home() / ".cache" / "drpo")
 
 
-def cache_key(cfg, device_type: str = "cpu") -> str:
-    """Hash of everything that determines the warm-started weights: the settings, the library
-    versions and the device type whose kernels run the SFT (on_miss only decides what a miss
-    does, cache_dir only where it is stored)."""
+def examples_digest(task: Task, tokenizer, template: str, n: int = 32) -> str:
+    """Hash of the first SFT examples as token ids: a task's wording, a dataset file's
+    content or a tokenizer can change without any config key changing."""
+    examples = [task.train_example(i) for i in range(SFT_OFFSET, SFT_OFFSET + n)]
+    prompts = encode_prompts(tokenizer, examples, template)
+    ids = [p + tokenizer(ex.answer, add_special_tokens=False)["input_ids"] for p, ex in zip(prompts, examples)]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:20]
+
+
+def cache_key(cfg, device_type: str = "cpu", data: str = "") -> str:
+    """Hash of everything that determines the warm-started weights: the settings, the data
+    (`examples_digest`), the library versions and the device type whose kernels run the SFT
+    (on_miss only decides what a miss does, cache_dir only where it is stored)."""
     ws = cfg.warmstart.model_dump(exclude={"cache_dir", "enabled", "on_miss"})
     spec = {
         "version": CACHE_VERSION,
@@ -51,6 +60,7 @@ def cache_key(cfg, device_type: str = "cpu") -> str:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": device_type,
+        "data": data,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -97,21 +107,14 @@ def greedy_accuracy(model, tokenizer, task: Task, indices: range, template: str,
     return sum(task.reward(t, ex.answer) for t, ex in zip(texts, examples)) / len(examples)
 
 
-def lr_factor(step: int, ws) -> float:
-    """Multiplier of warmstart.lr at optimizer step `step` (0-based): linear warmup, then
-    cosine decay to 0 at warmstart.steps, or constant."""
-    warm = min(1.0, (step + 1) / max(1, ws.warmup_steps))
-    if ws.schedule == "constant":
-        return warm
-    return warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, ws.steps))))
-
-
 def train_warmstart(model, tokenizer, task: Task, cfg) -> dict:
     """AdamW until the greedy accuracy check reaches warmstart.target_accuracy or
     warmstart.steps run out."""
     ws, template = cfg.warmstart, cfg.task.prompt_template
     optimizer = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, ws))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, ws.warmup_steps, ws.steps, ws.schedule)
+    )
     check = range(CHECK_OFFSET, CHECK_OFFSET + ws.check_size)
     losses, accuracy, step = [], 0.0, 0
     bar = tqdm(total=ws.steps, desc="warm start (SFT)", leave=False, dynamic_ncols=True, disable=None)  # None: a terminal only
@@ -167,7 +170,8 @@ def warm_start(model, tokenizer, task: Task, cfg, log=print) -> dict:
     warmstart.on_miss=continue."""
     cache_dir = Path(cfg.warmstart.cache_dir) if cfg.warmstart.cache_dir else default_cache_dir()
     device = next(model.parameters()).device
-    path = cache_dir / "warmstart" / f"{cache_key(cfg, device.type)}.pt"
+    data = examples_digest(task, tokenizer, cfg.task.prompt_template)
+    path = cache_dir / "warmstart" / f"{cache_key(cfg, device.type, data)}.pt"
     with _file_lock(path.with_suffix(".lock")):
         blob = None
         if path.is_file():
