@@ -142,7 +142,7 @@ class Analysis:
         self.used_policy: set[str] = set()
         self.used_anchor: set[str] = set()
 
-    def add_file(self, path: str, *, batch_rows: int = 4096) -> None:
+    def add_file(self, path: str, *, batch_rows: int = 512) -> None:
         meta = read_metadata(path)
         self.files.append({"path": str(path), "metadata": meta})
         for batch in iter_tokens(path, batch_rows=batch_rows, context=True):
@@ -186,26 +186,21 @@ class Analysis:
             out = m.boundary(logp, anchor, adv, **variant.params) if m.boundary is not None else torch.zeros_like(pos)
             cols = (torch.ones_like(adv), pos, neg, out & pos, out & neg, carries, carries & (w == 0),
                     carries & (w > 0) & (w < 1), carries & (w < 0), carries & (w > 1), (ar * w).abs(), ar)
-            for k, c in enumerate(cols):
+            for k, c in enumerate(cols):  # in METHOD_SUMS order
                 acc.methods[v, :, k] += _bincount(bucket, c.to(torch.float64).numpy())
             weights.append(w)
         # Train/inference mismatch: the train-side log-prob before the update against the rollout's.
-        lr_np = np.where(unscored, 0.0, b.logp_before[sel] - anchor_np) if b.logp_rollout is not None else None
-        ones = np.ones(bucket.size)
-        acc.batch[:, 0] += _bincount(bucket, ones)
-        acc.batch[:, 6] += _bincount(bucket, unscored.astype(float))
-        if lr_np is not None:
+        sums = {"tokens": np.ones(bucket.size), "unscored": unscored.astype(float)}
+        if b.logp_rollout is not None:
             scored = (~unscored).astype(float)
-            lr = np.clip(lr_np, -20, 20)
-            acc.batch[:, 1] += _bincount(bucket, scored)
-            acc.batch[:, 2] += _bincount(bucket, lr * scored)
-            acc.batch[:, 3] += _bincount(bucket, lr * lr * scored)
-            acc.batch[:, 4] += _bincount(bucket, np.abs(lr) * scored)
-            acc.batch[:, 5] += _bincount(bucket, (np.exp(lr) - 1 - lr) * scored)
-            acc.batch[:, 7] += _bincount(bucket, np.expm1(lr) * scored)
-            acc.batch[:, 8] += _bincount(bucket, np.expm1(lr) ** 2 * scored)
+            lr = np.clip(np.where(unscored, 0.0, b.logp_before[sel] - anchor_np), -20, 20)
+            sums |= {"mm_tokens": scored, "lr_sum": lr * scored, "lr_sq": lr * lr * scored, "abs_lr": np.abs(lr) * scored,
+                     "k3": (np.exp(lr) - 1 - lr) * scored, "rdev": np.expm1(lr) * scored,
+                     "rdev_sq": np.expm1(lr) ** 2 * scored}
             x, y = anchor_np[~unscored], lr[~unscored]
             acc.regression += [x.size, x.sum(), y.sum(), (x * x).sum(), (x * y).sum(), (y * y).sum()]
+        for key, values in sums.items():
+            acc.batch[:, BATCH_SUMS.index(key)] += _bincount(bucket, values)
         self._keep_sample(acc, mu_np, np.exp(logp_np) - mu_np, np.sign(adv_np))
         if len(weights) > 1:
             self._keep_disagreements(b, sel, torch.stack(weights), mu_np, logp_np, adv_np, step)
@@ -357,7 +352,7 @@ def sanity(total: dict) -> dict:
 
 
 def analyze(paths: Iterable[str], variants: Sequence[Variant], *, policy: str = "auto",
-            batch_rows: int = 4096) -> tuple[dict, Analysis]:
+            batch_rows: int = 512) -> tuple[dict, Analysis]:
     a = Analysis(variants, policy=policy)
     for p in paths:
         a.add_file(str(p), batch_rows=batch_rows)

@@ -31,7 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "dump's own when it names one)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import a module that registers your own methods (drpo.objectives.register_method) first")
-    p.add_argument("--batch-rows", type=int, default=4096, help="rows read at a time (memory bound)")
+    p.add_argument("--batch-rows", type=int, default=512,
+                   help="responses read at a time (memory ~ this x response length)")
     p.set_defaults(run=run)
     return p
 

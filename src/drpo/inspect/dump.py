@@ -255,18 +255,22 @@ def _check_method(path: str, meta: dict) -> None:
         )
 
 
-def iter_tokens(path: str | os.PathLike, *, batch_rows: int = 4096, context: bool = False) -> Iterator[TokenBatch]:
-    """Stream `path` by row group, validated, as flattened response tokens."""
+def iter_tokens(path: str | os.PathLike, *, batch_rows: int = 512, context: bool = False) -> Iterator[TokenBatch]:
+    """Stream `path` one row group at a time (at most `batch_rows` rows of it at once, so
+    memory is bounded by batch_rows x response length), validated, as flattened tokens."""
     pa, pq = _pa()
     path = str(path)
     meta = read_metadata(path)
     _check_method(path, meta)
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows!r}")
     pf = pq.ParquetFile(path)
     present = [c for c in COLUMNS if c in pf.schema_arrow.names]
     offset = 0
-    for rb in pf.iter_batches(batch_size=batch_rows, columns=present):
-        yield _flatten(path, rb, offset, present, context)
-        offset += rb.num_rows
+    for group in range(pf.num_row_groups):
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=present, row_groups=[group]):
+            yield _flatten(path, rb, offset, present, context)
+            offset += rb.num_rows
 
 
 def _list_arrays(path: str, rb, name: str, lengths: np.ndarray, offset: int, dtype):
