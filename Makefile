@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,smollm2,math,trl
+EXTRAS ?= dev,smollm2,math,trl,inspect
 RUN_OUT ?= runs/default
 
 .PHONY: install run test test-main test-verl bench study-quick study clean

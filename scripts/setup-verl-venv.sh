@@ -62,8 +62,10 @@ for url in $EXTRA_INDEX; do
 done
 UV_ARGS+=(--index-strategy unsafe-best-match)
 
+# cachetools, uvicorn, fastapi: imported by verl's ray_trainer (the driver-side dump hook's
+# test imports it) but not declared by verl 0.9.1.
 "$VENV/bin/python" -m uv pip install "${UV_ARGS[@]}" \
-  "torch==$TORCH_VERSION" "verl==$VERL_VERSION" -e "$ROOT[verl]" pytest
+  "torch==$TORCH_VERSION" "verl==$VERL_VERSION" -e "$ROOT[verl,inspect]" pytest cachetools uvicorn fastapi
 
 already_done || {
   echo "setup-verl-venv: install finished but the venv check failed; run" >&2
