@@ -8,6 +8,7 @@ import sys
 from drpo.tasks.jsonl import DatasetError
 from drpo.train.checkpoint import CheckpointError
 from drpo.train.config import ConfigError, load_config
+from drpo.train.files import LockHeldError, dir_lock
 
 DIVERGED_EXIT = 3  # exit code of a run whose loss, gradients or weights went non-finite
 
@@ -35,6 +36,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, overrides)
     except (ConfigError, ValueError) as err:
+        print(f"drpo train: {err}", file=sys.stderr)
+        return 2
+    try:  # refuse a second writer before the heavy imports (train() then holds the lock for the run)
+        with dir_lock(args.out):
+            pass
+    except LockHeldError as err:
         print(f"drpo train: {err}", file=sys.stderr)
         return 2
     from drpo.train.loop import RunError, train  # heavy imports only once the config is valid
