@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from drpo.tasks.jsonl import DatasetError
 from drpo.train.checkpoint import CheckpointError
 from drpo.train.config import ConfigError, load_config
-from drpo.train.files import LockHeldError, dir_lock
+from drpo.train.files import LOCK_FILE, LockHeldError, dir_lock
 
 DIVERGED_EXIT = 3  # exit code of a run whose loss, gradients or weights went non-finite
 
@@ -39,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"drpo train: {err}", file=sys.stderr)
         return 2
     try:  # refuse a second writer before the heavy imports (train() then holds the lock for the run)
-        with dir_lock(args.out):
-            pass
+        if (Path(args.out) / LOCK_FILE).is_file():  # never creates anything in --out
+            with dir_lock(args.out):
+                pass
     except LockHeldError as err:
         print(f"drpo train: {err}", file=sys.stderr)
         return 2
