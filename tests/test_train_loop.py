@@ -203,3 +203,15 @@ def test_local_hf_model_directory(tmp_path):
     assert summary["warmstart"] == {}
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert rows[1]["tokens/generated"] > 0 and rows[1]["mismatch/max_ratio_dev"] <= 1e-4
+
+
+def test_objective_metrics_of_micro_batches_sum_counts_and_keep_extremes():
+    from drpo.train.loop import reduce_objective_metrics
+
+    rows = [
+        {"tokens": 10.0, "nonfinite_tokens": 1.0, "ratio_min": 0.9, "ratio_max": 1.2, "ratio_mean": 1.0},
+        {"tokens": 6.0, "nonfinite_tokens": 2.0, "ratio_min": 0.8, "ratio_max": 1.1, "ratio_mean": 1.1},
+    ]
+    out = reduce_objective_metrics(rows)
+    assert out == pytest.approx({"tokens": 16.0, "nonfinite_tokens": 3.0, "ratio_min": 0.8, "ratio_max": 1.2,
+                                 "ratio_mean": 1.05})

@@ -230,7 +230,7 @@ def reduce_objective_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
             out[key] = min(vals)
         elif key.endswith("_max"):
             out[key] = max(vals)
-        elif key == "tokens":
+        elif key in ("tokens", "nonfinite_tokens"):  # counts
             out[key] = float(sum(vals))
         else:
             out[key] = float(sum(vals) / len(vals))
