@@ -66,9 +66,11 @@ import torch
 from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer
 
+from drpo.integrations import split_drpo_params
 from drpo.objectives import METRIC_NAMES, get_method, policy_loss
 
 ANCHORS = ("auto", "rollout", "old")
+STRICT_NAME = "`drpo_params['strict']`"
 # TRL loss types that are normalisations of a per-token loss; TRL's others are objectives.
 LOSS_TYPES = ("dapo", "bnpo", "dr_grpo", "grpo")
 # Model inputs TRL 1.16's `_compute_loss` hands to `_get_per_token_logps_and_entropies`.
@@ -111,10 +113,6 @@ def _refused_fields(config: "DRPOConfig") -> dict[str, str]:
     }
 
 
-def _method_params(drpo_params: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in drpo_params.items() if k != "strict"}  # `strict` is ours, not the method's
-
-
 def _rollout_is_conflict(mode: str) -> str | None:
     if mode in ("token_truncate", "sequence_truncate"):
         return (
@@ -149,9 +147,8 @@ class DRPOConfig(GRPOConfig):
                 raise ValueError(f"`drpo_params` is not valid JSON: {self.drpo_params!r} ({err})") from None
         if not isinstance(self.drpo_params, dict):
             raise ValueError(f"`drpo_params` must be a dict of parameter -> value, got {self.drpo_params!r}")
-        if not isinstance(self.drpo_params.get("strict", False), bool):
-            raise ValueError(f"`drpo_params['strict']` must be true or false, got {self.drpo_params['strict']!r}")
-        get_method(self.drpo_method).resolve_params(_method_params(self.drpo_params))  # bad names/values raise
+        params, _ = split_drpo_params(self.drpo_params, STRICT_NAME)
+        get_method(self.drpo_method).resolve_params(params)  # bad names/values raise
         if not isinstance(self.drpo_dump_every, int) or self.drpo_dump_every < 1:
             raise ValueError(f"`drpo_dump_every` must be an integer >= 1, got {self.drpo_dump_every!r}")
         if self.drpo_anchor not in ANCHORS:
@@ -180,8 +177,8 @@ class DRPOGRPOTrainer(GRPOTrainer):
         if not isinstance(config, DRPOConfig):
             raise TypeError(f"DRPOGRPOTrainer needs `args` to be a DRPOConfig, got {type(config).__name__}")
         super().__init__(*args, **kwargs)
-        self.nonfinite = "raise" if config.drpo_params.get("strict", False) else "drop"
-        self.drpo_params = get_method(config.drpo_method).resolve_params(_method_params(config.drpo_params))
+        params, self.nonfinite = split_drpo_params(config.drpo_params, STRICT_NAME)
+        self.drpo_params = get_method(config.drpo_method).resolve_params(params)
         self._dumper = None
         if config.drpo_dump_dir:
             from drpo.inspect.dump import DumpWriter

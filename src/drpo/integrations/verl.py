@@ -103,6 +103,7 @@ from torch import Tensor
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
 from verl.workers.config import PolicyLossConfig
 
+from drpo.integrations import split_drpo_params
 from drpo.objectives import METHODS, get_method, policy_loss
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ _CLIP_RATIO_C_FALLBACK = {"grpo": 3.0, "dppo_tv": 20.0, "dppo_kl": 20.0}
 
 # drpo method name -> the verl loss_mode it is registered under (filled by register_all).
 VERL_LOSS_NAMES: dict[str, str] = {}
+STRICT_NAME = "actor.policy_loss.drpo_params.strict"
 
 
 @dataclass
@@ -171,10 +173,7 @@ def _drpo_params(config: Any) -> dict[str, Any]:
 
 def strict_mode(config: Any) -> bool:
     """`policy_loss.drpo_params.strict`: raise on non-finite inputs instead of dropping them."""
-    strict = _drpo_params(config).get("strict", False)
-    if not isinstance(strict, bool):
-        raise ValueError(f"actor.policy_loss.drpo_params.strict must be true or false, got {strict!r}")
-    return strict
+    return split_drpo_params(_drpo_params(config), STRICT_NAME)[1] == "raise"
 
 
 def method_params(method: str, config: Any) -> dict[str, Any]:
@@ -186,8 +185,7 @@ def method_params(method: str, config: Any) -> dict[str, Any]:
         value = _verl_value(config, method, key)
         if value is not None:
             params[param] = value
-    params.update(_drpo_params(config))
-    params.pop("strict", None)
+    params.update(split_drpo_params(_drpo_params(config), STRICT_NAME)[0])
     try:
         return m.resolve_params(params)
     except ValueError as err:

@@ -247,8 +247,8 @@ def microbatch_loss(model, rollout, idx, anchor, advantages, cfg: Config):
         obj.method, logp, anchor[idx], advantages[idx], rollout.response_mask[idx],
         agg=obj.agg, horizon=obj.horizon, **obj.resolved_params,
     )
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss.item()} (method {obj.method!r})")
+    if not math.isfinite(metrics["loss"]):  # already on the host: policy_loss's one transfer
+        raise FloatingPointError(f"non-finite loss {metrics['loss']} (method {obj.method!r})")
     return loss, metrics, logp
 
 
