@@ -1,4 +1,4 @@
-"""Error rates of the claim rules on simulated studies: the paper-mini design (7 methods x 4
+"""Error rates of the claim rules on simulated studies: the paper-mini design (7 methods x 2
 precision settings x 5 seeds, DRPO's delta sweep and the no-|A| ablation under bf16) with
 per-seed results drawn from a model with known effects. Each rule must call a claim on
 no-effect data at most 10% of the time (nominal 5%), and detect the effect docs/study.md
@@ -71,9 +71,9 @@ def test_ratio_collapse_rule(p):
 
 
 def test_ratio_collapse_power_and_contradiction_error():
-    # GRPO alone collapses in half its low-precision runs, DRPO never: the stated detectable effect
-    grpo_half = dict(collapse=lambda s, v: 0.5 if (v == "grpo" and s in LOW) else 0.0)
-    assert rate(claims.claim_ratio_collapse, {"supports"}, **grpo_half) >= 0.75
+    # GRPO alone collapses in 70% of its low-precision runs, DRPO never: the stated detectable effect
+    grpo_most = dict(collapse=lambda s, v: 0.7 if (v == "grpo" and s in LOW) else 0.0)
+    assert rate(claims.claim_ratio_collapse, {"supports"}, **grpo_most) >= 0.75
     # both ratio methods at exactly half: the claim holds at its boundary, "contradicts" is the error
     both_half = dict(collapse=lambda s, v: 0.5 if (v in ("grpo", "spo") and s in LOW) else 0.0)
     assert rate(claims.claim_ratio_collapse, {"contradicts"}, **both_half) <= 0.10
@@ -82,7 +82,7 @@ def test_ratio_collapse_power_and_contradiction_error():
 def test_dppo_slower_rule():
     assert rate(claims.claim_dppo_slower, {"supports", "contradicts"}) <= 0.10
     effect = mde(N, POOLED_SD, k=6)  # the family holds 2 DPPO variants x 2 metrics + 2 collapse tests
-    assert effect == pytest.approx(0.059, abs=0.001)  # the number docs/study.md states
+    assert effect == pytest.approx(0.083, abs=0.001)  # the number docs/study.md states
     ahead = dict(shift=lambda s, v: effect if v == "drpo" else 0.0)
     assert rate(claims.claim_dppo_slower, {"supports"}, **ahead) >= 0.75
 
@@ -94,8 +94,8 @@ PG_IS_FLAT = dict(shift=lambda s, v: -0.1 if v == "pg_is" else 0.1 if v == "drpo
 
 def test_pg_is_drops_rule():
     assert rate(claims.claim_pg_is_drops, {"supports"}, **PG_IS_FLAT) <= 0.10
-    effect = mde(N, PAIR_SD, k=4)  # per setting, Holm across the four
-    assert effect == pytest.approx(0.105, abs=0.001)
+    effect = mde(N, PAIR_SD, k=len(GRID["settings"]))  # per setting, Holm across the settings
+    assert effect == pytest.approx(0.087, abs=0.001)
     drop = dict(shift=lambda s, v: -0.1 - effect if v == "pg_is" else 0.0)  # gain - 0.1 - effect < 0
     assert rate(claims.claim_pg_is_drops, {"supports"}, **drop) >= 0.75
     # pg_is loses exactly the margin everywhere: "it does not drop" would be the error
@@ -108,9 +108,11 @@ def test_mask_matches_rule():
     # a true difference of exactly the margin: "matches" is the error
     at_margin = dict(shift=lambda s, v: MARGIN if v == "mask_drpo" else 0.0)
     assert rate(claims.claim_mask_matches, {"supports"}, **at_margin) <= 0.10
-    # identical methods: no "contradicts", and equivalence shown at this spread
+    # identical methods: no "contradicts"
     assert rate(claims.claim_mask_matches, {"contradicts"}) <= 0.10
-    assert rate(claims.claim_mask_matches, {"supports"}) >= 0.75
+    # identical methods: equivalence within the margin is shown about 70% of the time over two
+    # settings (docs/study.md states it), so the rule is not a lack-of-power "matches"
+    assert rate(claims.claim_mask_matches, {"supports"}) >= 0.65
     effect = mde(N, POOLED_SD, k=2)
     worse = dict(shift=lambda s, v: -2 * MARGIN if v == "mask_drpo" else 0.0)
     assert 2 * MARGIN > effect and rate(claims.claim_mask_matches, {"contradicts"}, **worse) >= 0.75
@@ -141,23 +143,21 @@ if __name__ == "__main__":  # the table in docs/study.md: python tests/test_stud
     import sys
 
     REPS = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    K = len(GRID["settings"])
     x = np.log([0.05, 0.15, 1.0, 12.5])
     trend_sd = SIGMA * (x.max() - x.min()) / math.sqrt(((x - x.mean()) ** 2).sum())
     rows = [
         ("ratio_collapse", "supports", "all collapse at rate 0.3", claims.claim_ratio_collapse,
          dict(collapse=lambda s, v: 0.3)),
-        ("ratio_collapse", "supports", "GRPO collapses in 50% of low-precision runs, DRPO never",
-         claims.claim_ratio_collapse, dict(collapse=lambda s, v: 0.5 if (v == "grpo" and s in LOW) else 0.0)),
+        ("ratio_collapse", "supports", "GRPO collapses in 70% of low-precision runs, DRPO never",
+         claims.claim_ratio_collapse, dict(collapse=lambda s, v: 0.7 if (v == "grpo" and s in LOW) else 0.0)),
         ("dppo_slower", "supports or contradicts", "no effect", claims.claim_dppo_slower, {}),
         ("dppo_slower", "supports", f"DRPO +{mde(N, POOLED_SD, 6):.3f} everywhere", claims.claim_dppo_slower,
          dict(shift=lambda s, v: mde(N, POOLED_SD, 6) if v == "drpo" else 0.0)),
         ("pg_is_drops", "supports", "pg_is gain 0 everywhere, DRPO 0.2 ahead", claims.claim_pg_is_drops,
          PG_IS_FLAT),
-        ("pg_is_drops", "supports", f"pg_is gain -{mde(N, PAIR_SD, 4):.3f} in every setting",
-         claims.claim_pg_is_drops, dict(shift=lambda s, v: -0.1 - mde(N, PAIR_SD, 4) if v == "pg_is" else 0.0)),
-        ("pg_is_drops", "supports", f"pg_is gain -{mde(N, PAIR_SD, 4):.3f} in fp8 and fp8_e2e only",
-         claims.claim_pg_is_drops,
-         dict(shift=lambda s, v: -0.1 - mde(N, PAIR_SD, 4) if (v == "pg_is" and s in LOW[1:]) else 0.0)),
+        ("pg_is_drops", "supports", f"pg_is gain -{mde(N, PAIR_SD, K):.3f} in every setting",
+         claims.claim_pg_is_drops, dict(shift=lambda s, v: -0.1 - mde(N, PAIR_SD, K) if v == "pg_is" else 0.0)),
         ("mask_matches", "supports", f"Mask-DRPO off by the margin {MARGIN}", claims.claim_mask_matches,
          dict(shift=lambda s, v: MARGIN if v == "mask_drpo" else 0.0)),
         ("mask_matches", "contradicts", "no effect", claims.claim_mask_matches, {}),
