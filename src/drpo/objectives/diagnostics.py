@@ -1,4 +1,4 @@
-"""Diagnostics of one policy-loss call (DESIGN.md section 2), over response tokens.
+"""Diagnostics of one policy-loss call (docs/design.md section 2), over response tokens.
 
 Stable metric names (the trainer logs them under `objective/`):
 

@@ -1,7 +1,7 @@
 """The trust-region methods: each a pure per-token objective paired with its closed-form
 gradient weight and its trust-region boundary.
 
-Notation (DESIGN.md section 1), per sampled response token:
+Notation (docs/design.md section 1), per sampled response token:
     mu = exp(old_logp)   behaviour (anchor) probability, detached
     pi = exp(logp)       current policy probability, differentiable
     r  = pi / mu         importance ratio, log-ratio clamped to +-LOG_RATIO_CLAMP
