@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from drpo.logprobs import sequence_logprobs
+from drpo.models.logprobs import sequence_logprobs
 from drpo.models import build_tiny_model, make_char_tokenizer
 from drpo.rollout import generate, left_pad, make_engine, sampling_logprobs, sync_weights
 
@@ -277,3 +277,16 @@ def test_precision_mismatch_cli(capsys):
     assert float(rows["fp32"][mean]) < 1e-5 < float(rows["fp8_e4m3"][mean])
     with pytest.raises(SystemExit):
         main(["--precisions", "fp16"])
+
+
+def test_rollout_depends_on_models_only():
+    # The engine is a model-side component: importing it (and the mismatch tool's module)
+    # must not pull in the objectives, the trainer or the fused-loss module.
+    import subprocess
+    import sys
+
+    code = ("import sys, drpo.rollout, drpo.rollout.mismatch; "
+            "print(sorted(m for m in sys.modules if m.startswith(('drpo.objectives', 'drpo.train', 'drpo.logprobs', "
+            "'drpo.study', 'drpo.tasks', 'drpo.rewards'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

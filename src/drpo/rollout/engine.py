@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from drpo.logprobs import position_ids_from_mask
+from drpo.models.logprobs import position_ids_from_mask
 from drpo.models.precision import check_precision, fake_quantize_weights_
 from drpo.rollout.sampling import check_sampling_params, sample_tokens, sampling_logprobs
 

@@ -20,7 +20,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from drpo.logprobs import sequence_logprobs
+from drpo.models.logprobs import sequence_logprobs
 from drpo.models import PRECISIONS, encode_prompt, load_policy, quantized_forward
 from drpo.rollout.engine import generate, make_engine
 

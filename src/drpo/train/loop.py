@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from drpo.advantages import group_advantages
-from drpo.logprobs import sequence_logprobs
+from drpo.models.logprobs import sequence_logprobs
 from drpo.models import build_tiny_model, encode_prompt, load_policy, make_char_tokenizer, quantized_forward
 from drpo.models.bpe import task_tokenizer
 from drpo.objectives import policy_loss

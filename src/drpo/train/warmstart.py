@@ -18,7 +18,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from drpo.logprobs import sequence_logprobs
+from drpo.models.logprobs import sequence_logprobs
 from drpo.tasks import Task
 from drpo.train.batching import decode_completions, encode_prompts, supervised_batch
 from drpo.train.files import atomic_write
