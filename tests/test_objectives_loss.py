@@ -148,7 +148,7 @@ def test_nan_in_padding_is_ignored():
 
 # -------------------------------------------------------------------- user registration
 def test_user_can_register_a_method():
-    @register_method("test_scaled_pg", params={"scale": 2.0}, formula="J = scale*r*A", overwrite=True)
+    @register_method("test_scaled_pg", params={"scale": 2.0}, overwrite=True)
     class ScaledPg:
         @staticmethod
         def objective(logp, old_logp, adv, *, scale):

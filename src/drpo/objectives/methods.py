@@ -104,13 +104,10 @@ def _unweighted_weight(adv: Tensor, correction: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- pg_is
-@register_method(
-    "pg_is",
-    params={},
-    formula="J = r*A",
-    weight_formula="w = 1",
-    description="Unregularized importance-sampled surrogate.",
-)
+# Unregularized importance-sampled surrogate.
+#   J = r*A
+#   w = 1
+@register_method("pg_is", params={})
 class PgIs:
     @staticmethod
     def objective(logp, old_logp, adv):
@@ -130,12 +127,12 @@ def _check_dual_clip(p):
         raise ValueError(f"method 'grpo': parameter 'dual_clip' must be > 1 (inf = off), got {p['dual_clip']!r}")
 
 
+# PPO/GRPO ratio clipping (clip-higher: eps_high=0.28; dual-clip PPO: dual_clip=3, verl's default).
+#   J = min(r*A, clip(r, 1-eps_low, 1+eps_high)*A); for A<0, J = max(J, dual_clip*A)
+#   w = 0 if (A>0 and r>1+eps_high) or (A<0 and (r<1-eps_low or r>dual_clip)) else 1
 @register_method(
     "grpo",
     params={"eps_low": 0.2, "eps_high": 0.2, "dual_clip": math.inf},
-    formula="J = min(r*A, clip(r, 1-eps_low, 1+eps_high)*A); for A<0, J = max(J, dual_clip*A)",
-    weight_formula="w = 0 if (A>0 and r>1+eps_high) or (A<0 and (r<1-eps_low or r>dual_clip)) else 1",
-    description="PPO/GRPO ratio clipping (clip-higher: eps_high=0.28; dual-clip PPO: dual_clip=3, verl's default).",
     check_params=_check_dual_clip,
 )
 class Grpo:
@@ -161,13 +158,10 @@ class Grpo:
 
 
 # --------------------------------------------------------------------------- cispo
-@register_method(
-    "cispo",
-    params={"eps_low": 1.0, "eps_high": 0.2},
-    formula="J = sg(clip(r, 1-eps_low, 1+eps_high)) * A * log(pi)",
-    weight_formula="w = clip(r, 1-eps_low, 1+eps_high) / r",
-    description="Clipped IS-weight policy optimization (MiniMax-M1); eps_low >= 1 (default) means no lower clip.",
-)
+# Clipped IS-weight policy optimization (MiniMax-M1); eps_low >= 1 (default) means no lower clip.
+#   J = sg(clip(r, 1-eps_low, 1+eps_high)) * A * log(pi)
+#   w = clip(r, 1-eps_low, 1+eps_high) / r
+@register_method("cispo", params={"eps_low": 1.0, "eps_high": 0.2})
 class Cispo:
     @staticmethod
     def objective(logp, old_logp, adv, *, eps_low, eps_high):
@@ -187,13 +181,10 @@ class Cispo:
 
 
 # --------------------------------------------------------------------------- spo
-@register_method(
-    "spo",
-    params={"eps": 12.5, "advantage_weighted": True},
-    formula="J = r*A - |A|/(2*eps) * (r-1)^2",
-    weight_formula="w = 1 - sign(A)*(r-1)/eps   (unbounded as mu -> 0)",
-    description="Simple policy optimization: ratio-quadratic penalty (Pearson chi-square).",
-)
+# Simple policy optimization: ratio-quadratic penalty (Pearson chi-square).
+#   J = r*A - |A|/(2*eps) * (r-1)^2
+#   w = 1 - sign(A)*(r-1)/eps   (unbounded as mu -> 0)
+@register_method("spo", params={"eps": 12.5, "advantage_weighted": True})
 class Spo:
     @staticmethod
     def objective(logp, old_logp, adv, *, eps, advantage_weighted):
@@ -258,20 +249,20 @@ def _hard_mask_method(outside_fn):
     return HardMask
 
 
+# DPPO with a Binary-TV hard trust-region mask (ratio_cap: truncated IS, inf = off).
+#   J = M*sg(min(r, ratio_cap)/r)*r*A, M = sg(mask)
+#   w = 0 if (A>0 and D>delta_high) or (A<0 and D<-delta_low) else min(r, ratio_cap)/r
 DppoTv = register_method(
     "dppo_tv",
     params={"delta_low": 0.15, "delta_high": 0.15, "ratio_cap": math.inf},
-    formula="J = M*sg(min(r, ratio_cap)/r)*r*A, M = sg(mask)",
-    weight_formula="w = 0 if (A>0 and D>delta_high) or (A<0 and D<-delta_low) else min(r, ratio_cap)/r",
-    description="DPPO with a Binary-TV hard trust-region mask (ratio_cap: truncated IS, inf = off).",
 )(_hard_mask_method(_tv_outside))
 
+# DPPO with a Binary-KL hard trust-region mask (ratio_cap: truncated IS, inf = off).
+#   J = M*sg(min(r, ratio_cap)/r)*r*A, M = sg(mask), KL = mu*log(mu/pi) + (1-mu)*log((1-mu)/(1-pi))
+#   w = 0 if (A>0 and pi>mu and KL>delta_high) or (A<0 and pi<mu and KL>delta_low) else min(r, ratio_cap)/r
 DppoKl = register_method(
     "dppo_kl",
     params={"delta_low": 0.05, "delta_high": 0.05, "ratio_cap": math.inf},
-    formula="J = M*sg(min(r, ratio_cap)/r)*r*A, M = sg(mask), KL = mu*log(mu/pi) + (1-mu)*log((1-mu)/(1-pi))",
-    weight_formula="w = 0 if (A>0 and pi>mu and KL>delta_high) or (A<0 and pi<mu and KL>delta_low) else min(r, ratio_cap)/r",
-    description="DPPO with a Binary-KL hard trust-region mask (ratio_cap: truncated IS, inf = off).",
 )(_hard_mask_method(_kl_outside))
 
 
@@ -294,13 +285,10 @@ def _drpo_weight(logp, old_logp, adv, delta, advantage_weighted):
     return _unweighted_weight(adv, d / delta)
 
 
-@register_method(
-    "drpo",
-    params={"delta": 12.5, "advantage_weighted": True},
-    formula="J = r*A - |A|*mu*(r-1)^2/(2*delta) = r*A - |A|*D^2/(2*delta*mu)",
-    weight_formula="w = 1 - sign(A)*D/delta, bounded in [1-1/delta, 1+1/delta]",
-    description="Divergence Regularized Policy Optimization: Binary-TV quadratic penalty.",
-)
+# Divergence Regularized Policy Optimization: Binary-TV quadratic penalty.
+#   J = r*A - |A|*mu*(r-1)^2/(2*delta) = r*A - |A|*D^2/(2*delta*mu)
+#   w = 1 - sign(A)*D/delta, bounded in [1-1/delta, 1+1/delta]
+@register_method("drpo", params={"delta": 12.5, "advantage_weighted": True})
 class Drpo:
     @staticmethod
     def objective(logp, old_logp, adv, *, delta, advantage_weighted):
@@ -322,13 +310,10 @@ class Drpo:
 
 
 # --------------------------------------------------------------------------- mask_drpo
-@register_method(
-    "mask_drpo",
-    params={"delta": 12.5, "advantage_weighted": True},
-    formula="J = r*A inside sign(A)*D <= delta, DRPO's J outside",
-    weight_formula="w = 1 if sign(A)*D <= delta else 1 - sign(A)*D/delta (negative)",
-    description="Ablation: DPPO's gradient inside the Binary-TV boundary, DRPO's outside.",
-)
+# Ablation: DPPO's gradient inside the Binary-TV boundary, DRPO's outside.
+#   J = r*A inside sign(A)*D <= delta, DRPO's J outside
+#   w = 1 if sign(A)*D <= delta else 1 - sign(A)*D/delta (negative)
+@register_method("mask_drpo", params={"delta": 12.5, "advantage_weighted": True})
 class MaskDrpo:
     @staticmethod
     def objective(logp, old_logp, adv, *, delta, advantage_weighted):

@@ -21,9 +21,6 @@ class Method:
     boundary: Callable | None
     gradient: Callable | None
     params: Mapping[str, ParamValue]
-    formula: str = ""
-    weight_formula: str = ""
-    description: str = ""
     check_params: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False)
 
     def resolve_params(self, given: Mapping[str, Any]) -> dict[str, ParamValue]:
@@ -62,9 +59,6 @@ def register_method(
     name: str,
     *,
     params: Mapping[str, ParamValue],
-    formula: str = "",
-    weight_formula: str = "",
-    description: str = "",
     check_params: Callable[[dict[str, Any]], None] | None = None,
     overwrite: bool = False,
 ):
@@ -72,7 +66,7 @@ def register_method(
     `objective`, `weight` and `boundary` attributes (boundary may be None), and may have a
     closed-form `gradient` (dJ/dlogp; default A * r * w):
 
-        @register_method("my_method", params={"tau": 0.1}, formula="J = ...")
+        @register_method("my_method", params={"tau": 0.1})
         class MyMethod:
             @staticmethod
             def objective(logp, old_logp, adv, *, tau): return J, penalty
@@ -101,9 +95,6 @@ def register_method(
             boundary=boundary,
             gradient=gradient,
             params=MappingProxyType({k: (v if isinstance(v, bool) else float(v)) for k, v in params.items()}),
-            formula=formula,
-            weight_formula=weight_formula,
-            description=description,
             check_params=check_params,
         )
         return spec

@@ -26,7 +26,7 @@ def make_task(cfg, seed: int) -> Task:
     reward = get_reward(cfg.reward_name)
     if cfg.name == "arithmetic":
         held = eval_problems(seed, cfg.eval_size, cfg.digits, cfg.ops)
-        return Task("arithmetic", train_stream(seed, cfg.digits, cfg.ops, held), held, reward, stop_at_newline=True)
+        return Task("arithmetic", train_stream(seed, cfg.digits, cfg.ops, held), held, reward)
     if cfg.name == "jsonl":
         examples = load_jsonl(cfg.dataset)
         if cfg.eval_dataset:

@@ -33,7 +33,6 @@ class Task:
     train_example: Callable[[int], Example]
     eval_examples: tuple[Example, ...]
     reward: Callable[[str, str], float]
-    stop_at_newline: bool = False
     train_set: tuple[Example, ...] | None = None
 
 

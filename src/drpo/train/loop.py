@@ -182,8 +182,7 @@ def sample(engine, tokenizer, examples, cfg: Config, generator, *, greedy=False,
 
 def score(task: Task, tokenizer, rollout, examples, n_samples: int) -> tuple[torch.Tensor, list[str]]:
     """One reward per sample; rows i*G..(i+1)*G-1 belong to examples[i]."""
-    response_ids = rollout.input_ids[:, rollout.prompt_len :].cpu()
-    texts = decode_completions(tokenizer, response_ids, rollout.response_mask.cpu())
+    texts = decode_completions(tokenizer, rollout.response_ids.cpu(), rollout.response_mask.cpu())
     answers = [ex.answer for ex in examples for _ in range(n_samples)]
     rewards = torch.tensor([task.reward(t, a) for t, a in zip(texts, answers)], dtype=torch.float32)
     return rewards, texts
@@ -377,7 +376,7 @@ def rl_step(step, model, engine, optimizer, scheduler, tokenizer, task, cfg: Con
             token_ids=rollout.response_ids, group_id=rollout.group_index,
         )
         dumper.close()  # a complete shard per dumped step: a killed run keeps every step dumped before
-    lengths = rollout.response_mask.sum(dim=1).float()
+    lengths = rollout.response_lengths.float()
     groups = rewards.view(-1, r.n_samples)
     row = {
         "step": step,
@@ -392,7 +391,7 @@ def rl_step(step, model, engine, optimizer, scheduler, tokenizer, task, cfg: Con
             (rollout.behaviour_logp <= LOG_LONG_TAIL)[rollout.response_mask].float().mean()
         ),
         "tokens/generated": int(lengths.sum()),
-        "staleness": step - state.last_sync,
+        "staleness": step - rollout.weights_step,
         **row,
         "time/rollout": t1 - t0,
         "time/reward": t2 - t1,
