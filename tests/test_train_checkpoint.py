@@ -204,3 +204,17 @@ def test_resumed_steps_appear_once_in_tensorboard(tmp_path):
     assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2, 3]
     assert [e.step for e in acc.Scalars("eval/accuracy")] == [0, 1, 2, 3]
     assert [e.value for e in acc.Scalars("reward/mean")] == pytest.approx([r["reward/mean"] for r in rows[1:]])
+
+
+def test_append_to_a_full_disk_keeps_the_log_whole(tmp_path):
+    # A study's provenance/timing logs: the second append hits a full disk; the error names
+    # the file and the log keeps exactly its first line (the failed append is cut back off).
+    log = tmp_path / "timing.jsonl"
+    code = ("import sys; from drpo.train.files import append_to\n"
+            "append_to(sys.argv[1], '{\"a\": 1}', 'timing')\n"
+            "append_to(sys.argv[1], '{\"b\": \"' + 'x' * 4000 + '\"}', 'timing')\n")
+    env = {**os.environ, "DRPO_FAULT_AT": "timing.write:2:full"}
+    proc = subprocess.run([sys.executable, "-c", code, str(log)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "DiskFullError" in proc.stderr and str(log) in proc.stderr
+    assert log.read_text() == '{"a": 1}\n'

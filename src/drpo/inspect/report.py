@@ -13,6 +13,7 @@ import torch
 
 from drpo.inspect.analysis import ALL, BUCKETS, Analysis, Variant
 from drpo.objectives import METHODS
+from drpo.train.files import atomic_write, save_figure
 
 CATEGORIES = ("zeroed_frac", "attenuated_frac", "corrective_frac", "amplified_frac")
 
@@ -115,7 +116,7 @@ def token_figure(sample: np.ndarray, variants: Sequence[Variant], step: int, pol
     fig.suptitle(f"step {step}: tokens (pi = {policy}, mu = {anchor}) and each method's boundary "
                  "(upper curve: A > 0, lower: A < 0; beyond = outside the curves)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, "figure", dpi=90)
     plt.close(fig)
 
 
@@ -153,7 +154,7 @@ def bucket_figure(stats: dict, path: Path) -> None:
     a2.set_title("kept gradient mass by bucket")
     a2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method", title_fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, "figure", dpi=90)
     plt.close(fig)
 
 
@@ -195,7 +196,7 @@ def trend_figure(result: dict, path: Path) -> None:
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, "figure", dpi=90)
     plt.close(fig)
 
 
@@ -227,7 +228,6 @@ def disagreement_rows(result: dict, tokenizer) -> list[list[str]]:
 def write_report(result: dict, analysis: Analysis, out: Path, *, tokenizer=None, title: str = "drpo inspect") -> dict:
     """Writes report.md, report.html, report.json and the figures into `out`; returns the paths."""
     from drpo.study.report import render_html
-    from drpo.train.files import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
     total = result["total"]

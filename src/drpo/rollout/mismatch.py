@@ -20,8 +20,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from drpo.models.logprobs import sequence_logprobs
 from drpo.models import PRECISIONS, encode_prompt, load_policy, quantized_forward
+from drpo.models.logprobs import sequence_logprobs
 from drpo.rollout.engine import generate, make_engine
 
 DEFAULT_QUESTIONS = ("What is 17+25?", "What is 3*4?", "Compute 120-45.", "What is 9+10?")
@@ -54,7 +54,7 @@ def precision_mismatch(policy, prompts: list[list[int]], precision: str, *, eos_
     sampling time. Prompts go through the engine `batch` at a time."""
     engine = make_engine(policy, precision, num_threads=num_threads)
     gen = torch.Generator().manual_seed(seed)
-    train, behaviour, masks, seconds = [], [], [], 0.0
+    train, behaviour, seconds = [], [], 0.0
     for s in range(0, len(prompts), batch):
         start = time.perf_counter()
         r = generate(engine, prompts[s : s + batch], n_samples=n_samples, max_new_tokens=max_new_tokens,
@@ -135,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
                    f"{m['rest_mean']:>9.3e} {ratio:>9.2f} {m['tokens']:>7d} {m['sample_seconds']:>8.2f}",
                    file=sys.stdout)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"source": source, "n_samples": n_samples, "max_new_tokens": max_new,
-                       "temperature": temperature, "seed": args.seed, "precisions": rows}, f, indent=2)
+        from drpo.train.files import atomic_write  # the CLI's output only: the engine never imports train/
+
+        atomic_write(args.json, json.dumps({"source": source, "n_samples": n_samples, "max_new_tokens": max_new,
+                                            "temperature": temperature, "seed": args.seed, "precisions": rows},
+                                           indent=2), "mismatch")
     return 0
 
 

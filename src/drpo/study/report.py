@@ -182,22 +182,19 @@ def read_provenance(root: Path) -> list[str]:
     """Distinct code versions the study ran with, one line each (OUT/provenance.jsonl)."""
     path = Path(root) / "provenance.jsonl"
     lines: list[str] = []
-    for raw in (path.read_text().splitlines() if path.is_file() else []):
-        if raw.strip():
-            p = json.loads(raw)
-            commit = p.get("git_commit")
-            where = (f"git {commit[:10]}{' + uncommitted changes' if p.get('git_dirty') else ''}" if commit
-                     else "not a git checkout")
-            line = f"drpo {p.get('drpo')} ({where}), torch {p.get('torch')}, Python {p.get('python')}"
-            if line not in lines:
-                lines.append(line)
+    for p in read_metrics(path):  # the one JSON-lines reader
+        commit = p.get("git_commit")
+        where = (f"git {commit[:10]}{' + uncommitted changes' if p.get('git_dirty') else ''}" if commit
+                 else "not a git checkout")
+        line = f"drpo {p.get('drpo')} ({where}), torch {p.get('torch')}, Python {p.get('python')}"
+        if line not in lines:
+            lines.append(line)
     return lines
 
 
 def read_timing(root: Path) -> list[dict]:
     """One entry per `drpo compare` invocation: start, elapsed_s, workers (OUT/timing.jsonl)."""
-    path = root / TIMING
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return read_metrics(Path(root) / TIMING)
 
 
 def study_time(root: Path, tables: Tables) -> str:

@@ -35,7 +35,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from drpo.study.grid import Grid, RunSpec, format_value
-from drpo.train.files import atomic_write
+from drpo.train.files import append_to, atomic_write
 
 SUMMARY = "summary.json"
 RECORD = "study_run.json"
@@ -153,8 +153,7 @@ def prepare(grid: Grid, runs: Sequence[RunSpec], out: Path, config: str | None =
     data = grid.model_dump(mode="json")
     data["config"] = str(config) if config else grid.config
     atomic_write(grid_file, yaml.safe_dump(data, sort_keys=False), "grid")
-    with (out / "provenance.jsonl").open("a") as f:
-        f.write(json.dumps(provenance()) + "\n")
+    append_to(out / "provenance.jsonl", json.dumps(provenance()), "provenance")
     for spec in runs:
         d = run_dir(out, spec)
         d.mkdir(parents=True, exist_ok=True)
@@ -301,10 +300,10 @@ def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: i
                 a.proc.wait()
             _settle(a, out, a.proc.returncode if a.proc.returncode is not None else -1, interrupted=True)
         bar.close()
-        with (out / TIMING).open("a") as f:  # the study's own wall-clock, one line per invocation
-            f.write(json.dumps({"started": started, "elapsed_s": time.monotonic() - t0, "workers": workers,
-                                "runs_ended": len(outcome.finished) + len(outcome.diverged) + len(outcome.failed)})
-                    + "\n")
+        append_to(out / TIMING, json.dumps({  # the study's own wall-clock, one line per invocation
+            "started": started, "elapsed_s": time.monotonic() - t0, "workers": workers,
+            "runs_ended": len(outcome.finished) + len(outcome.diverged) + len(outcome.failed),
+        }), "timing")
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return outcome

@@ -1,9 +1,10 @@
 """Every file a run or a study writes goes through here:
 
-- `atomic_writer` / `atomic_write`: temp file in the same directory, fsync, rename, so a
-  reader (or a resumed run) sees the old file or the complete new one, never a partial one;
-- `append_line`: one fsynced line appended to a log; a failed append is cut back off, so the
-  log never keeps a torn line;
+- `atomic_writer` / `atomic_write` / `save_figure`: temp file in the same directory, fsync,
+  rename, so a reader (or a resumed run) sees the old file or the complete new one, never a
+  partial one;
+- `append_line` / `append_to`: one fsynced line appended to a log; a failed append is cut
+  back off, so the log never keeps a torn line;
 - `dir_lock`: an flock on DIR/drpo.lock holding the owner's pid, so two writers never share
   a run (or study) directory;
 - a full disk (ENOSPC, EFBIG, EDQUOT) raised as `DiskFullError` naming the file.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import os
 import resource
 import signal
@@ -128,6 +130,14 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, kind: str) -> None:
         f.write(data.encode() if isinstance(data, str) else data)
 
 
+def save_figure(fig, path: str | os.PathLike, kind: str, **savefig_kwargs) -> None:
+    """A matplotlib figure, rendered in memory (format from the file's suffix), then written
+    with `atomic_write`."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **savefig_kwargs)
+    atomic_write(path, buf.getvalue(), kind)
+
+
 def append_line(fd: int, line: str, path: Path, kind: str) -> None:
     """Append `line` + newline to the O_APPEND file `fd` and fsync it; if the write fails, the
     file is cut back to its previous length so it never ends in a torn line."""
@@ -149,6 +159,16 @@ def append_line(fd: int, line: str, path: Path, kind: str) -> None:
         raise _disk_full(err, path) from None
     if fault(f"{kind}.done") == "kill":
         die()
+
+
+def append_to(path: str | os.PathLike, line: str, kind: str) -> None:
+    """`append_line` on a log written a line at a time, rarely (opened for this line only)."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        append_line(fd, line, path, kind)
+    finally:
+        os.close(fd)
 
 
 def sweep_temp_files(directory: Path) -> None:

@@ -21,9 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from drpo.advantages import group_advantages
-from drpo.models.logprobs import sequence_logprobs
 from drpo.models import build_tiny_model, encode_prompt, load_policy, make_char_tokenizer, quantized_forward
 from drpo.models.bpe import task_tokenizer
+from drpo.models.logprobs import sequence_logprobs
 from drpo.objectives import policy_loss
 from drpo.rollout import generate, make_engine, sync_weights
 from drpo.tasks import Task, check_examples, make_task

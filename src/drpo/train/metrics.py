@@ -3,14 +3,13 @@ TensorBoard, and a PNG of the curves at the end."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
-from drpo.train.files import append_line, atomic_write
+from drpo.train.files import append_line, atomic_write, save_figure
 
 # Wall-clock dependent keys: everything else in metrics.jsonl is a function of config + seed.
 TIMING_KEYS = ("time/rollout", "time/reward", "time/update", "time/eval")
@@ -124,9 +123,6 @@ def plot_curves(rows: list[dict[str, Any]], png_path: Path, title: str = "") -> 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    png_path = Path(png_path)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    save_figure(fig, png_path, "curves", dpi=90)
     plt.close(fig)
-    atomic_write(png_path, buf.getvalue(), "curves")
-    return png_path
+    return Path(png_path)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import os
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from drpo.models.logprobs import sequence_logprobs
 from drpo.tasks import Task
 from drpo.train.batching import decode_completions, encode_prompts, supervised_batch
-from drpo.train.files import atomic_write
+from drpo.train.files import atomic_writer
 from drpo.train.schedule import lr_factor
 
 CACHE_VERSION = 3  # bump when the warm-start procedure changes
@@ -190,9 +189,8 @@ def warm_start(model, tokenizer, task: Task, cfg, log=print) -> dict:
             return {"path": str(path), "cached": True, **info}
         result = train_warmstart(model, tokenizer, task, cfg)
         info = {k: result[k] for k in ("steps", "check_accuracy", "reached", "target_accuracy", "final_loss")}
-        buf = io.BytesIO()
-        torch.save({"model": model.state_dict(), "info": info, "losses": result["losses"]}, buf)
-        atomic_write(path, buf.getvalue(), "warmstart")
+        with atomic_writer(path, "warmstart") as f:  # streamed, as checkpoints are
+            torch.save({"model": model.state_dict(), "info": info, "losses": result["losses"]}, f)
         _settle(info, cfg, path, log)
         log(
             f"warm start: {info['steps']} SFT steps, check accuracy {info['check_accuracy']:.3f} "
