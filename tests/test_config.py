@@ -6,9 +6,7 @@ import sys
 import pytest
 
 from drpo.objectives import METHODS
-from drpo.train.config import PRECISIONS, Config, ConfigError, load_config, to_yaml
-
-import yaml
+from drpo.train.config import ConfigError, load_config, to_yaml
 
 
 def test_defaults_validate_and_roundtrip(tmp_path):
@@ -20,10 +18,14 @@ def test_defaults_validate_and_roundtrip(tmp_path):
     assert load_config(p) == cfg
 
 
-def test_precisions_match_the_engine():
-    from drpo.models import PRECISIONS as ENGINE_PRECISIONS
+def test_config_accepts_exactly_the_engine_precisions():
+    from drpo.models import PRECISIONS, check_precision
 
-    assert tuple(PRECISIONS) == tuple(ENGINE_PRECISIONS)
+    for precision in PRECISIONS:
+        assert load_config(None, [f"rollout.precision={precision}"]).rollout.precision == check_precision(precision)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["rollout.precision=fp9"])
+    assert all(repr(precision) in str(err.value) for precision in PRECISIONS), str(err.value)
 
 
 def test_yaml_then_overrides(tmp_path):

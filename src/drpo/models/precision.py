@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-PRECISIONS = ("fp32", "bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e2e")
+from drpo.precisions import PRECISIONS  # the names; what each one does is this module
 
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "fp8_e2e": torch.float8_e4m3fn}
 

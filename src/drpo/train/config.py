@@ -12,10 +12,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from drpo.objectives import AGG_MODES, get_method
+from drpo.precisions import Precision
 from drpo.train.schedule import Schedule
 
-PRECISIONS = ("fp32", "bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e2e")
-Precision = Literal["fp32", "bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e2e"]
 AggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 assert set(AggMode.__args__) == set(AGG_MODES), "AggMode out of sync with drpo.objectives.AGG_MODES"
 
@@ -56,6 +55,11 @@ class ModelConfig(_Section):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         return self
+
+    @property
+    def is_tiny(self) -> bool:
+        """The built-in tiny model: built from this section's sizes and tokenizer, warm-started."""
+        return self.name == "tiny"
 
 
 class WarmstartConfig(_Section):

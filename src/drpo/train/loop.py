@@ -12,7 +12,6 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def pick_device(name: str) -> torch.device:
 
 def load_model(cfg: Config, task: Task, device: torch.device, log=print):
     """The policy (fp32) and its tokenizer; the tiny default gets its cached warm start."""
-    if cfg.model.name == "tiny":
+    if cfg.model.is_tiny:
         m = cfg.model
         tokenizer = make_char_tokenizer() if m.tokenizer == "char" else task_tokenizer(task, m.vocab_size)
         model = build_tiny_model(
@@ -108,7 +107,7 @@ def check_task_fits(task: Task, tokenizer, model, cfg: Config) -> None:
         unk_id=tokenizer.unk_token_id,
         max_positions=getattr(model.config, "max_position_embeddings", None),
         max_new_tokens=cfg.rollout.max_new_tokens,
-        positions_key="model.max_position" if cfg.model.name == "tiny" else f"max_position_embeddings of {cfg.model.name}",
+        positions_key="model.max_position" if cfg.model.is_tiny else f"max_position_embeddings of {cfg.model.name}",
     )
 
 
@@ -189,10 +188,9 @@ def score(task: Task, tokenizer, rollout, examples, n_samples: int) -> tuple[tor
 
 
 def policy_logprobs(model, input_ids, attention_mask, prompt_len: int, cfg: Config):
-    """Train-side log-probs of the response tokens at the sampling temperature; under
-    fp8_e2e the training forward is quantized too."""
-    ctx = quantized_forward(model, "fp8_e2e") if cfg.rollout.precision == "fp8_e2e" else nullcontext()
-    with ctx:
+    """Train-side log-probs of the response tokens at the sampling temperature, through the
+    rollout precision's training forward (quantized under fp8_e2e, plain otherwise)."""
+    with quantized_forward(model, cfg.rollout.precision):
         return sequence_logprobs(
             model, input_ids, attention_mask, response_start=prompt_len, temperature=cfg.rollout.temperature
         )
@@ -331,7 +329,7 @@ def make_dumper(cfg: Config, out_dir: Path):
         "params": cfg.objective.resolved_params,
         "anchor": cfg.objective.anchor,
         "sampling": {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "precision": r.precision},
-        "tokenizer": cfg.model.name if cfg.model.name != "tiny" else None,
+        "tokenizer": None if cfg.model.is_tiny else cfg.model.name,
         "columns": {
             "logp_rollout": f"rollout engine ({r.precision}) log-prob of the sampled token under the sampling "
                             "distribution (temperature, top-p, top-k applied)",
