@@ -130,3 +130,29 @@ def test_cli_malformed_dataset_line(tmp_path):
     assert res.returncode == 2
     assert f"{data}:2: invalid JSON" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["default", "short", "smollm2"])
+def test_config_files_hold_only_what_differs_from_the_defaults(name):
+    # Each setting has one home: the typed config's defaults (objective parameters: the
+    # method's registered defaults); a config file states only the keys it changes.
+    from pathlib import Path
+
+    from drpo.train.config import Config, load_yaml
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    tree = load_yaml(path)
+    cfg = load_config(path)  # it also validates
+    defaults = Config().model_dump(mode="json")
+    restated = []
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            restated += [section] if defaults[section] == values else []
+            continue
+        for key, value in values.items():
+            if (section, key) == ("objective", "params"):
+                registered = METHODS[cfg.objective.method].params
+                restated += [f"objective.params.{p}" for p, v in value.items() if registered[p] == v]
+            elif defaults[section][key] == value:
+                restated.append(f"{section}.{key}")
+    assert not restated, f"{path.name} restates built-in defaults: {restated}"
