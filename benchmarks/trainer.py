@@ -79,19 +79,16 @@ def make_config(args):
 def make_drpo_stepper(cfg):
     """drpo's training loop, set up as `drpo train` sets it up; returns step(i) -> (wall
     seconds, CPU seconds, generated tokens) for RL step i (1-based)."""
-    from drpo.rollout import make_engine
     from drpo.tasks import make_task
-    from drpo.train.loop import RunState, load_model, make_optimizer, pick_device, rl_step, seed_everything
+    from drpo.train.loop import RunState, pick_device, rl_step, seed_everything, setup
 
     state = RunState(generator=seed_everything(cfg.seed, pick_device("cpu")))
     task = make_task(cfg.task, cfg.seed)
-    model, tokenizer, _ = load_model(cfg, task, pick_device("cpu"), log=lambda *a: None)
-    optimizer, scheduler = make_optimizer(model, cfg)
-    engine = make_engine(model, cfg.rollout.precision)
+    run = setup(cfg, task, pick_device("cpu"), log=lambda *a: None)
 
     def step(i: int) -> tuple[float, float, int, dict]:
         t0, c0 = time.perf_counter(), time.process_time()
-        row = rl_step(i, model, engine, optimizer, scheduler, tokenizer, task, cfg, state)
+        row = rl_step(run, state, i)
         stages = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("time/")}
         return time.perf_counter() - t0, time.process_time() - c0, int(row["tokens/generated"]), stages
 

@@ -10,7 +10,7 @@ import torch
 from drpo.objectives import METRIC_NAMES
 from drpo.rollout import make_engine, sync_weights
 from drpo.tasks import make_task
-from drpo.train.loop import load_model, policy_logprobs, sample, train
+from drpo.train.loop import load_model, make_policy, make_sampler, train
 from drpo.train.metrics import read_metrics
 from train_helpers import fast_config
 
@@ -30,9 +30,9 @@ def test_first_update_ratio_is_one_on_every_token(tmp_path):
     engine = make_engine(model, "fp32")
     sync_weights(engine, model, 0)
     examples = [task.train_example(i) for i in range(4)]
-    rollout = sample(engine, tok, examples, cfg, torch.Generator().manual_seed(1))
+    rollout = make_sampler(cfg, task, tok).sample(engine, examples, torch.Generator().manual_seed(1))
     with torch.no_grad():
-        logp = policy_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, cfg)
+        logp = make_policy(model, cfg).logprobs(rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
     mask = rollout.response_mask
     assert mask.sum() > 20
     ratio = torch.exp(logp - rollout.behaviour_logp)[mask]

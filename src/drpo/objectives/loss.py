@@ -216,12 +216,12 @@ def per_token_objective(
     method: str | Method, logp: Tensor, old_logp: Tensor, advantages: Tensor, **params: Any
 ) -> tuple[Tensor, Tensor]:
     """(J, penalty) per token, no validation or masking: the raw registered objective."""
-    m = method if isinstance(method, Method) else get_method(method)
+    m = get_method(method)
     return m.objective(logp, old_logp, advantages, **m.resolve_params(params))
 
 
 def policy_loss(
-    method: str,
+    method: str | Method,
     logp: Tensor,
     old_logp: Tensor,
     advantages: Tensor,

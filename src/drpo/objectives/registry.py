@@ -102,7 +102,10 @@ def register_method(
     return decorate
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str | Method) -> Method:
+    """The method registered as `name`; a Method is returned as is (bound once by a caller)."""
+    if isinstance(name, Method):
+        return name
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):

@@ -3,6 +3,7 @@ the trainer every k steps, sampling groups of completions with a KV cache.
 
     engine = make_engine(policy, "bf16")
     rollout = generate(engine, prompts, n_samples=8, max_new_tokens=32, eos_token_id=..., pad_token_id=...)
+    # or, with the parameters bound once: generate(engine, prompts, SamplingParams(...), generator=g)
     ...  # optimizer steps on `policy`
     sync_weights(engine, policy, step)
 """
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from drpo.models.logprobs import position_ids_from_mask
 from drpo.models.precision import check_precision, fake_quantize_weights_
-from drpo.rollout.sampling import check_sampling_params, sample_tokens, sampling_logprobs
+from drpo.rollout.sampling import SamplingParams, check_int, sample_tokens, sampling_logprobs
 
 
 @dataclass
@@ -73,7 +74,7 @@ def make_engine(
     mode and without gradients (the policy itself is not touched)."""
     check_precision(precision)
     if num_threads is not None:
-        _check_int("num_threads", num_threads, 1)
+        check_int("num_threads", num_threads, 1)
     model = copy.deepcopy(policy)
     fake_quantize_weights_(model, precision)
     model.eval().requires_grad_(False)
@@ -137,11 +138,6 @@ def _check_prompts(prompts, vocab_size: int) -> None:
                 raise ValueError(f"`prompts[{i}]` holds {tok!r}, not a token id in [0, {vocab_size})")
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
-
-
 def left_pad(prompts: list[list[int]], pad_token_id: int, device=None) -> tuple[Tensor, Tensor]:
     """[B, P] ids and attention mask, prompts right-aligned."""
     width = max(len(p) for p in prompts)
@@ -157,18 +153,14 @@ def left_pad(prompts: list[list[int]], pad_token_id: int, device=None) -> tuple[
 def generate(
     engine: RolloutEngine,
     prompts: list[list[int]],
+    sampling: SamplingParams | None = None,
     *,
-    n_samples: int,
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    greedy: bool = False,
     generator: torch.Generator | None = None,
+    **params,
 ) -> Rollout:
-    """Sample `n_samples` completions per prompt, all in one batch with a KV cache.
+    """Sample completions of every prompt, all in one batch with a KV cache, as `sampling`
+    says (or a `SamplingParams` built from the keyword `params`: n_samples, max_new_tokens,
+    eos_token_id, pad_token_id, temperature, top_p, top_k, greedy).
 
     Each prompt is prefilled once and its cache expanded across its samples; rows that
     emitted EOS are dropped from the batch (and the cache) so they cost nothing more; the
@@ -176,42 +168,36 @@ def generate(
     `generator` only, so a seeded generator reproduces the rollout. With `greedy` the
     argmax token is taken; its behaviour_logp is still its log-prob under the
     temperature/top-k/top-p distribution (greedy decoding is for evaluation)."""
-    model = engine.model
-    vocab = model.get_output_embeddings().weight.shape[0]
-    _check_prompts(prompts, vocab)
-    _check_int("n_samples", n_samples, 1)
-    _check_int("max_new_tokens", max_new_tokens, 1)
-    _check_int("eos_token_id", eos_token_id, 0)
-    _check_int("pad_token_id", pad_token_id, 0)
-    check_sampling_params(temperature, top_p, top_k)
-
+    _check_prompts(prompts, engine.model.get_output_embeddings().weight.shape[0])
+    if sampling is None:
+        sampling = SamplingParams(**params)
+    elif params:
+        raise TypeError(f"pass the sampling parameters as `sampling` or as keywords, not both (got {sorted(params)})")
     with _threads(engine.num_threads):
-        return _generate(engine, prompts, n_samples, max_new_tokens, eos_token_id, pad_token_id, temperature,
-                         top_p, top_k, greedy, generator)
+        return _generate(engine, prompts, sampling, generator)
 
 
-def _generate(engine, prompts, n_samples, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p, top_k,
-              greedy, generator) -> Rollout:
+def _generate(engine: RolloutEngine, prompts, s: SamplingParams, generator) -> Rollout:
     model = engine.model
     device = model.get_output_embeddings().weight.device
-    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
-    n_rows = len(prompts) * n_samples
-    logits, cache, mask, next_pos = _prefill(model, prompt_ids, prompt_mask, n_samples)
+    prompt_ids, prompt_mask = left_pad(prompts, s.pad_token_id, device)
+    n_rows = len(prompts) * s.n_samples
+    logits, cache, mask, next_pos = _prefill(model, prompt_ids, prompt_mask, s.n_samples)
 
-    tokens = torch.full((n_rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logps = torch.zeros((n_rows, max_new_tokens), dtype=torch.float32, device=device)
+    tokens = torch.full((n_rows, s.max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros((n_rows, s.max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
     active = torch.arange(n_rows, device=device)  # rows still generating, in cache order
     steps = 0
-    for t in range(max_new_tokens):
-        dist = sampling_logprobs(logits, temperature=temperature, top_p=top_p, top_k=top_k)
-        tok = sample_tokens(dist, greedy=greedy, generator=generator)
+    for t in range(s.max_new_tokens):
+        dist = sampling_logprobs(logits, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        tok = sample_tokens(dist, greedy=s.greedy, generator=generator)
         tokens[active, t] = tok
         logps[active, t] = dist.gather(-1, tok[:, None]).squeeze(-1)
         steps = t + 1
-        done = tok == eos_token_id
+        done = tok == s.eos_token_id
         finished[active[done]] = True
-        if bool(done.all()) or t == max_new_tokens - 1:
+        if bool(done.all()) or t == s.max_new_tokens - 1:
             break
         if bool(done.any()):
             keep = (~done).nonzero().squeeze(-1)
@@ -221,8 +207,7 @@ def _generate(engine, prompts, n_samples, max_new_tokens, eos_token_id, pad_toke
         logits = _decode_step(model, tok, mask, next_pos, cache)
         next_pos = next_pos + 1
 
-    return _assemble(prompt_ids, prompt_mask, tokens[:, :steps], logps[:, :steps], finished, n_samples,
-                     eos_token_id, pad_token_id, engine.weights_step)
+    return _assemble(prompt_ids, prompt_mask, tokens[:, :steps], logps[:, :steps], finished, s, engine.weights_step)
 
 
 def _prefill(model, prompt_ids: Tensor, prompt_mask: Tensor, n_samples: int):
@@ -245,15 +230,15 @@ def _decode_step(model, tok: Tensor, mask: Tensor, positions: Tensor, cache) -> 
     return out.logits[:, -1].float()
 
 
-def _assemble(prompt_ids, prompt_mask, tokens, logps, finished, n_samples, eos_token_id, pad_token_id, step):
+def _assemble(prompt_ids, prompt_mask, tokens, logps, finished, s: SamplingParams, step: int) -> Rollout:
     """Masks from the tokens: a response runs up to and including its first EOS."""
-    is_eos = tokens == eos_token_id
+    is_eos = tokens == s.eos_token_id
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
     response_mask = ~after_eos
-    tokens = tokens.masked_fill(after_eos, pad_token_id)
+    tokens = tokens.masked_fill(after_eos, s.pad_token_id)
     logps = logps.masked_fill(after_eos, 0.0)
-    ids = torch.cat([prompt_ids.repeat_interleave(n_samples, dim=0), tokens], dim=1)
-    attn = torch.cat([prompt_mask.repeat_interleave(n_samples, dim=0), response_mask.long()], dim=1)
-    group = torch.arange(prompt_ids.shape[0], device=ids.device).repeat_interleave(n_samples)
+    ids = torch.cat([prompt_ids.repeat_interleave(s.n_samples, dim=0), tokens], dim=1)
+    attn = torch.cat([prompt_mask.repeat_interleave(s.n_samples, dim=0), response_mask.long()], dim=1)
+    group = torch.arange(prompt_ids.shape[0], device=ids.device).repeat_interleave(s.n_samples)
     return Rollout(input_ids=ids, attention_mask=attn, response_mask=response_mask, behaviour_logp=logps,
                    prompt_len=prompt_ids.shape[1], group_index=group, finished=finished, weights_step=step)

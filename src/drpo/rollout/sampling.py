@@ -3,8 +3,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the engine samples: `n_samples` completions per prompt, each ending at its first
+    `eos_token_id` or after `max_new_tokens`, from the temperature/top-k/top-p distribution
+    (`sampling_logprobs`), or its argmax with `greedy` (evaluation). Checked when built, so
+    a run binds them once."""
+
+    n_samples: int
+    max_new_tokens: int
+    eos_token_id: int
+    pad_token_id: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        for name, low in (("n_samples", 1), ("max_new_tokens", 1), ("eos_token_id", 0), ("pad_token_id", 0)):
+            check_int(name, getattr(self, name), low)
+        check_sampling_params(self.temperature, self.top_p, self.top_k)
+
+
+def check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
 
 
 def check_sampling_params(temperature: float, top_p: float, top_k: int) -> None:

@@ -1,9 +1,12 @@
-"""The RLVR training loop, one short function per stage:
+"""The RLVR training loop. `train(cfg, out_dir, resume=False)` resolves the config once into
+the run's components (the policy with its optimizer, training forward and bound objective; the
+sampler with its prompt encoding and sampling parameters; the rollout engines), then runs each
+step top to bottom:
 
-    prompts -> rollout (engine's own weights/precision) -> rewards -> group advantages
-    -> updates_per_rollout optimizer steps on the policy objective -> weight sync -> log/eval/save
+    weight sync -> prompts -> rollout (engine's own weights/precision) -> rewards
+    -> group advantages -> updates_per_rollout optimizer steps on the objective -> log/eval/save
 
-`train(cfg, out_dir, resume=False)` runs it and returns the summary dict.
+and returns the summary dict.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,9 +28,9 @@ from drpo.advantages import group_advantages
 from drpo.models import build_tiny_model, encode_prompt, load_policy, make_char_tokenizer, quantized_forward
 from drpo.models.bpe import task_tokenizer
 from drpo.models.logprobs import sequence_logprobs
-from drpo.objectives import policy_loss
-from drpo.rollout import generate, make_engine, sync_weights
-from drpo.tasks import Task, check_examples, make_task
+from drpo.objectives import get_method, policy_loss
+from drpo.rollout import Rollout, RolloutEngine, SamplingParams, generate, make_engine, sync_weights
+from drpo.tasks import Example, Task, check_examples, make_task
 from drpo.train.batching import decode_completions, encode_prompts
 from drpo.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from drpo.train.config import Config, ConfigError, resume_config, to_yaml
@@ -111,8 +116,32 @@ def check_task_fits(task: Task, tokenizer, model, cfg: Config) -> None:
     )
 
 
-def make_optimizer(model, cfg: Config):
-    o = cfg.optim
+@dataclass(frozen=True)
+class Policy:
+    """The trainer side, bound once at setup: the policy, its optimizer and lr schedule, its
+    training forward at the rollout precision and the objective with its parameters."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    forward: Callable  # model -> context manager: the training forward (fp8-quantized under fp8_e2e)
+    temperature: float  # train-side log-probs are of the distribution sampled from
+    loss: Callable  # (logp, anchor, advantages, mask) -> (loss, metrics): the method, its params, agg
+    method: str  # named in errors
+    recompute_anchor: bool  # anchor = train-side log-probs before the first update (else the rollout's)
+    minibatches: int  # optimizer steps per rollout batch
+    microbatches: int  # micro-batches per optimizer step
+    grad_clip: float
+
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """Train-side log-probs of the response tokens at the sampling temperature."""
+        with self.forward(self.model):
+            return sequence_logprobs(self.model, input_ids, attention_mask, response_start=prompt_len,
+                                     temperature=self.temperature)
+
+
+def make_policy(model, cfg: Config) -> Policy:
+    o, obj = cfg.optim, cfg.objective
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
     )
@@ -120,7 +149,47 @@ def make_optimizer(model, cfg: Config):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, o.warmup_steps, total, o.schedule)
     )
-    return optimizer, scheduler
+    method = get_method(obj.method)
+    loss = partial(policy_loss, method, agg=obj.agg, horizon=obj.horizon, **method.resolve_params(obj.params))
+    return Policy(
+        model=model, optimizer=optimizer, scheduler=scheduler,
+        forward=partial(quantized_forward, precision=cfg.rollout.precision), temperature=cfg.rollout.temperature,
+        loss=loss, method=method.name, recompute_anchor=obj.anchor == "recompute",
+        minibatches=o.updates_per_rollout, microbatches=o.grad_accum, grad_clip=o.grad_clip,
+    )
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """The rollout side, bound once at setup: the task, its prompts' encoding (template, chat
+    template, system turn), the sampling parameters, and decoding and scoring."""
+
+    task: Task
+    tokenizer: Any
+    encode: Callable[[list[Example]], list[list[int]]]
+    sampling: SamplingParams  # the rollouts'
+    greedy: SamplingParams  # evaluation's: one greedy completion per prompt
+
+    def sample(self, engine, examples: list[Example], generator, params: SamplingParams | None = None) -> Rollout:
+        params = self.sampling if params is None else params
+        return generate(engine, self.encode(examples), params, generator=generator)
+
+    def score(self, rollout: Rollout, examples: list[Example]) -> torch.Tensor:
+        """One reward per sample; rows i*n..(i+1)*n-1 belong to examples[i]."""
+        texts = decode_completions(self.tokenizer, rollout.response_ids.cpu(), rollout.response_mask.cpu())
+        n = len(texts) // len(examples)
+        answers = [ex.answer for ex in examples for _ in range(n)]
+        return torch.tensor([self.task.reward(t, a) for t, a in zip(texts, answers)], dtype=torch.float32)
+
+
+def make_sampler(cfg: Config, task: Task, tokenizer) -> Sampler:
+    r = cfg.rollout
+    sampling = SamplingParams(
+        n_samples=r.n_samples, max_new_tokens=r.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+    )
+    encode = partial(encode_prompts, tokenizer, template=cfg.task.prompt_template, system=cfg.model.system_prompt)
+    return Sampler(task, tokenizer, encode, sampling, replace(sampling, n_samples=1, greedy=True))
 
 
 def prepare_out_dir(out_dir: Path, cfg: Config, resume: bool) -> None:
@@ -155,58 +224,46 @@ def disk_full_message(err: DiskFullError, out_dir: Path) -> str:
 # ---------------------------------------------------------------- one step
 
 
-def next_prompts(task: Task, state: RunState, n: int):
+def next_prompts(task: Task, state: RunState, n: int) -> list[Example]:
     examples = [task.train_example(state.data_pos + i) for i in range(n)]
     state.data_pos += n
     return examples
 
 
-def sample(engine, tokenizer, examples, cfg: Config, generator, *, greedy=False, n_samples=None):
-    prompts = encode_prompts(tokenizer, examples, cfg.task.prompt_template, system=cfg.model.system_prompt)
-    r = cfg.rollout
-    return generate(
-        engine,
-        prompts,
-        n_samples=r.n_samples if n_samples is None else n_samples,
-        max_new_tokens=r.max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        greedy=greedy,
-        generator=generator,
-    )
+def sync_if_due(engine, model, state: RunState, step: int, every: int) -> None:
+    """Refresh the engine's weights every `every` steps (stale in between)."""
+    if state.last_sync < 0 or step - state.last_sync >= every:
+        sync_weights(engine, model, step)
+        state.last_sync = step
+        if every > 1:
+            state.synced_from = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def score(task: Task, tokenizer, rollout, examples, n_samples: int) -> tuple[torch.Tensor, list[str]]:
-    """One reward per sample; rows i*G..(i+1)*G-1 belong to examples[i]."""
-    texts = decode_completions(tokenizer, rollout.response_ids.cpu(), rollout.response_mask.cpu())
-    answers = [ex.answer for ex in examples for _ in range(n_samples)]
-    rewards = torch.tensor([task.reward(t, a) for t, a in zip(texts, answers)], dtype=torch.float32)
-    return rewards, texts
+def rollout_metrics(rollout: Rollout, rewards: torch.Tensor, n_samples: int) -> dict[str, float]:
+    lengths = rollout.response_lengths.float()
+    groups = rewards.view(-1, n_samples)
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std(unbiased=False)),
+        "reward/accuracy": float((rewards >= 1.0).float().mean()),
+        "advantage/zero_groups_frac": float((groups.max(1).values == groups.min(1).values).float().mean()),
+        "response/length": float(lengths.mean()),
+        "response/finished_frac": float(rollout.finished.float().mean()),
+        # Share of sampled tokens with behaviour probability mu <= 0.01 (the long tail).
+        "response/long_tail_frac": float(
+            (rollout.behaviour_logp <= LOG_LONG_TAIL)[rollout.response_mask].float().mean()
+        ),
+        "tokens/generated": int(lengths.sum()),
+    }
 
 
-def policy_logprobs(model, input_ids, attention_mask, prompt_len: int, cfg: Config):
-    """Train-side log-probs of the response tokens at the sampling temperature, through the
-    rollout precision's training forward (quantized under fp8_e2e, plain otherwise)."""
-    with quantized_forward(model, cfg.rollout.precision):
-        return sequence_logprobs(
-            model, input_ids, attention_mask, response_start=prompt_len, temperature=cfg.rollout.temperature
-        )
-
-
-def anchor_logprobs(model, rollout, cfg: Config, micro: int) -> torch.Tensor:
-    """The 'old' log-probs: the rollout's behaviour log-probs (default) or a train-side
-    recomputation before the first update."""
-    if cfg.objective.anchor == "rollout":
-        return rollout.behaviour_logp
+def chunked_logprobs(policy: Policy, rollout: Rollout, micro: int) -> torch.Tensor:
+    """Train-side log-probs of the whole rollout batch, `micro` rows per forward, no gradient."""
     with torch.no_grad():
-        parts = [
-            policy_logprobs(model, rollout.input_ids[s : s + micro], rollout.attention_mask[s : s + micro], rollout.prompt_len, cfg)
+        return torch.cat([
+            policy.logprobs(rollout.input_ids[s : s + micro], rollout.attention_mask[s : s + micro], rollout.prompt_len)
             for s in range(0, rollout.input_ids.shape[0], micro)
-        ]
-    return torch.cat(parts)
+        ])
 
 
 def mismatch_stats(logp: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -234,18 +291,14 @@ def reduce_objective_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def microbatch_loss(model, rollout, idx, anchor, advantages, cfg: Config):
+def microbatch_loss(policy: Policy, rollout: Rollout, idx, anchor, advantages):
     """(loss, objective diagnostics, train-side log-probs) of the samples `idx`."""
-    obj = cfg.objective
-    logp = policy_logprobs(model, rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_len, cfg)
+    logp = policy.logprobs(rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_len)
     if not bool(torch.isfinite(logp.detach()[rollout.response_mask[idx].bool()]).all()):  # overflowing weights
-        raise FloatingPointError(f"non-finite log-probs of the policy (method {obj.method!r})")
-    loss, metrics = policy_loss(
-        obj.method, logp, anchor[idx], advantages[idx], rollout.response_mask[idx],
-        agg=obj.agg, horizon=obj.horizon, **obj.resolved_params,
-    )
+        raise FloatingPointError(f"non-finite log-probs of the policy (method {policy.method!r})")
+    loss, metrics = policy.loss(logp, anchor[idx], advantages[idx], rollout.response_mask[idx])
     if not math.isfinite(metrics["loss"]):  # already on the host: policy_loss's one transfer
-        raise FloatingPointError(f"non-finite loss {metrics['loss']} (method {obj.method!r})")
+        raise FloatingPointError(f"non-finite loss {metrics['loss']} (method {policy.method!r})")
     return loss, metrics, logp
 
 
@@ -259,55 +312,54 @@ def mismatch_row(stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     }
 
 
-def update(model, optimizer, scheduler, rollout, advantages, cfg: Config, generator) -> dict[str, float]:
-    """updates_per_rollout optimizer steps, each over one shuffled mini-batch split into
-    grad_accum micro-batches. The mismatch is measured on the first mini-batch, before any
-    optimizer step."""
-    o = cfg.optim
+def update(policy: Policy, rollout: Rollout, advantages: torch.Tensor, generator) -> dict[str, float]:
+    """`minibatches` optimizer steps, each over one shuffled mini-batch split into
+    `microbatches` micro-batches. The mismatch is measured on the first mini-batch, before
+    any optimizer step."""
+    model, optimizer = policy.model, policy.optimizer
     n = rollout.input_ids.shape[0]
-    mini = n // o.updates_per_rollout
-    micro = mini // o.grad_accum
+    mini = n // policy.minibatches
+    micro = mini // policy.microbatches
     model.train()
-    anchor = anchor_logprobs(model, rollout, cfg, micro)
+    anchor = chunked_logprobs(policy, rollout, micro) if policy.recompute_anchor else rollout.behaviour_logp
     order = torch.randperm(n, generator=generator, device=generator.device).to(rollout.input_ids.device)
     obj_rows, grad_norms, mismatch = [], [], []
-    for u in range(o.updates_per_rollout):
+    for u in range(policy.minibatches):
         optimizer.zero_grad(set_to_none=True)
-        for a in range(o.grad_accum):
+        for a in range(policy.microbatches):
             idx = order[u * mini + a * micro : u * mini + (a + 1) * micro]
-            loss, metrics, logp = microbatch_loss(model, rollout, idx, anchor, advantages, cfg)
-            (loss / o.grad_accum).backward()
+            loss, metrics, logp = microbatch_loss(policy, rollout, idx, anchor, advantages)
+            (loss / policy.microbatches).backward()
             obj_rows.append(metrics)
             if u == 0:
                 mismatch.append(mismatch_stats(logp, rollout.behaviour_logp[idx], rollout.response_mask[idx]))
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)))
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), policy.grad_clip)))
         optimizer.step()
         if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
             raise FloatingPointError(f"non-finite weights after an optimizer step (grad norm {grad_norms[-1]}, "
-                                     f"method {cfg.objective.method!r})")
-        scheduler.step()
+                                     f"method {policy.method!r})")
+        policy.scheduler.step()
     model.eval()
     return {
         **{f"objective/{k}": v for k, v in reduce_objective_metrics(obj_rows).items()},
         **mismatch_row(mismatch),
         "grad_norm": sum(grad_norms) / len(grad_norms),
         "grad_norm_max": max(grad_norms),
-        "lr": scheduler.get_last_lr()[0],
+        "lr": policy.scheduler.get_last_lr()[0],
     }
 
 
 @torch.no_grad()
-def evaluate(eval_engine, model, tokenizer, task: Task, cfg: Config, step: int) -> dict[str, float]:
+def evaluate(eval_engine, model, sampler: Sampler, step: int) -> dict[str, float]:
     """Greedy accuracy on the held-out split, sampled from a freshly synced copy of the policy
     at the rollout precision (what a deployment would serve)."""
     sync_weights(eval_engine, model, step)
-    examples = list(task.eval_examples)
+    examples = list(sampler.task.eval_examples)
     correct, lengths = 0.0, 0.0
     for s in range(0, len(examples), EVAL_BATCH):
         batch = examples[s : s + EVAL_BATCH]
-        rollout = sample(eval_engine, tokenizer, batch, cfg, None, greedy=True, n_samples=1)
-        rewards, _ = score(task, tokenizer, rollout, batch, 1)
-        correct += float(rewards.sum())
+        rollout = sampler.sample(eval_engine, batch, None, sampler.greedy)
+        correct += float(sampler.score(rollout, batch).sum())
         lengths += float(rollout.response_mask.sum())
     return {"eval/accuracy": correct / len(examples), "eval/response_length": lengths / len(examples)}
 
@@ -340,73 +392,91 @@ def make_dumper(cfg: Config, out_dir: Path):
     return DumpWriter(out_dir / cfg.dump.dir, every=cfg.dump.every, metadata=meta)
 
 
-@torch.no_grad()
-def dump_logprobs(model, rollout, cfg: Config) -> torch.Tensor:
-    micro = max(1, rollout.input_ids.shape[0] // (cfg.optim.updates_per_rollout * cfg.optim.grad_accum))
-    return torch.cat([
-        policy_logprobs(model, rollout.input_ids[s : s + micro], rollout.attention_mask[s : s + micro], rollout.prompt_len, cfg)
-        for s in range(0, rollout.input_ids.shape[0], micro)
-    ])
+def dump_logprobs(policy: Policy, rollout: Rollout) -> torch.Tensor:
+    micro = max(1, rollout.input_ids.shape[0] // (policy.minibatches * policy.microbatches))
+    return chunked_logprobs(policy, rollout, micro)
 
 
-def rl_step(step, model, engine, optimizer, scheduler, tokenizer, task, cfg: Config, state: RunState, dumper=None) -> dict:
-    r = cfg.rollout
-    if state.last_sync < 0 or step - state.last_sync >= r.sync_every:
-        sync_weights(engine, model, step)
-        state.last_sync = step
-        if r.sync_every > 1:
-            state.synced_from = {k: v.detach().clone() for k, v in model.state_dict().items()}
+# ---------------------------------------------------------------- setup and step
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run's components, resolved from the config once (`setup`); `rl_step` and
+    `evaluate` take them from here instead of reading the config again."""
+
+    policy: Policy
+    sampler: Sampler
+    engine: RolloutEngine  # samples the rollouts; synced every `sync_every` steps
+    eval_engine: RolloutEngine  # evaluation's copy; synced before each eval
+    prompts_per_step: int
+    sync_every: int
+    estimator: str  # group advantage estimator
+    dumper: Any = None  # the run's `drpo inspect` DumpWriter (imported only when dumping), or None
+    dump_after: bool = True  # also dump the train-side log-probs after the update
+    warm: dict = field(default_factory=dict)  # the warm start's record (tiny model)
+
+
+def setup(cfg: Config, task: Task, device, out_dir: Path | None = None, log=print) -> Run:
+    """Everything a run needs, built once from `cfg`: the policy (warm-started), its
+    optimizer, training forward and objective, the sampler, the two engines, the dumper."""
+    model, tokenizer, warm = load_model(cfg, task, device, log=log)
+    return Run(
+        policy=make_policy(model, cfg),
+        sampler=make_sampler(cfg, task, tokenizer),
+        engine=make_engine(model, cfg.rollout.precision),
+        eval_engine=make_engine(model, cfg.rollout.precision),
+        prompts_per_step=cfg.rollout.prompts_per_step,
+        sync_every=cfg.rollout.sync_every,
+        estimator=cfg.advantage.estimator,
+        dumper=make_dumper(cfg, out_dir) if out_dir is not None else None,
+        dump_after=cfg.dump.after,
+        warm=warm,
+    )
+
+
+def rl_step(run: Run, state: RunState, step: int) -> dict:
+    """One RL step, the pipeline top to bottom; returns its metrics row."""
+    policy, sampler, dumper = run.policy, run.sampler, run.dumper
+    sync_if_due(run.engine, policy.model, state, step, run.sync_every)
     t0 = time.perf_counter()
-    examples = next_prompts(task, state, r.prompts_per_step)
-    rollout = sample(engine, tokenizer, examples, cfg, state.generator)
+    examples = next_prompts(sampler.task, state, run.prompts_per_step)
+    rollout = sampler.sample(run.engine, examples, state.generator)
     t1 = time.perf_counter()
-    rewards, _ = score(task, tokenizer, rollout, examples, r.n_samples)
-    adv = group_advantages(rewards, r.n_samples, cfg.advantage.estimator).to(rollout.behaviour_logp.device)
+    rewards = sampler.score(rollout, examples)
+    advantages = group_advantages(rewards, sampler.sampling.n_samples, run.estimator).to(rollout.behaviour_logp.device)
     t2 = time.perf_counter()
     dumping = dumper is not None and dumper.due(step)
-    before = dump_logprobs(model, rollout, cfg) if dumping else None
-    row = update(model, optimizer, scheduler, rollout, adv, cfg, state.generator)
+    before = dump_logprobs(policy, rollout) if dumping else None
+    update_row = update(policy, rollout, advantages, state.generator)
     t3 = time.perf_counter()
     if dumping:
         dumper.write(
             step=step, response_mask=rollout.response_mask, logp_rollout=rollout.behaviour_logp, logp_before=before,
-            logp_after=dump_logprobs(model, rollout, cfg) if cfg.dump.after else None, advantage=adv,
+            logp_after=dump_logprobs(policy, rollout) if run.dump_after else None, advantage=advantages,
             token_ids=rollout.response_ids, group_id=rollout.group_index,
         )
         dumper.close()  # a complete shard per dumped step: a killed run keeps every step dumped before
-    lengths = rollout.response_lengths.float()
-    groups = rewards.view(-1, r.n_samples)
-    row = {
+    return {
         "step": step,
-        "reward/mean": float(rewards.mean()),
-        "reward/std": float(rewards.std(unbiased=False)),
-        "reward/accuracy": float((rewards >= 1.0).float().mean()),
-        "advantage/zero_groups_frac": float((groups.max(1).values == groups.min(1).values).float().mean()),
-        "response/length": float(lengths.mean()),
-        "response/finished_frac": float(rollout.finished.float().mean()),
-        # Share of sampled tokens with behaviour probability mu <= 0.01 (the long tail).
-        "response/long_tail_frac": float(
-            (rollout.behaviour_logp <= LOG_LONG_TAIL)[rollout.response_mask].float().mean()
-        ),
-        "tokens/generated": int(lengths.sum()),
+        **rollout_metrics(rollout, rewards, sampler.sampling.n_samples),
         "staleness": step - rollout.weights_step,
-        **row,
+        **update_row,
         "time/rollout": t1 - t0,
         "time/reward": t2 - t1,
         "time/update": t3 - t2,
     }
-    return row
 
 
 # ---------------------------------------------------------------- checkpoints
 
 
-def checkpoint_state(model, optimizer, scheduler, state: RunState) -> dict:
+def checkpoint_state(policy: Policy, state: RunState) -> dict:
     return {
-        "model": model.state_dict(),
+        "model": policy.model.state_dict(),
         "synced_from": state.synced_from,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "optimizer": policy.optimizer.state_dict(),
+        "scheduler": policy.scheduler.state_dict(),
         "step": state.step,
         "data_pos": state.data_pos,
         "last_sync": state.last_sync,
@@ -417,10 +487,11 @@ def checkpoint_state(model, optimizer, scheduler, state: RunState) -> dict:
     }
 
 
-def restore(ckpt: dict, model, engine, optimizer, scheduler, state: RunState) -> None:
+def restore(ckpt: dict, policy: Policy, engine, state: RunState) -> None:
+    model = policy.model
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
+    policy.optimizer.load_state_dict(ckpt["optimizer"])
+    policy.scheduler.load_state_dict(ckpt["scheduler"])
     state.step, state.data_pos, state.last_sync = ckpt["step"], ckpt["data_pos"], ckpt["last_sync"]
     state.generator.set_state(ckpt["generator"])
     torch.set_rng_state(ckpt["torch_rng"])
@@ -481,15 +552,12 @@ def run_locked(cfg: Config, task: Task, device, out_dir: Path, *, resume: bool, 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     state = RunState(generator=seed_everything(cfg.seed, device))
-    model, tokenizer, warm = load_model(cfg, task, device, log=log)
-    optimizer, scheduler = make_optimizer(model, cfg)
-    engine = make_engine(model, cfg.rollout.precision)
-    eval_engine = make_engine(model, cfg.rollout.precision)
+    run = setup(cfg, task, device, out_dir, log=log)
 
     found = load_latest_checkpoint(out_dir / "checkpoints", warn=log) if resume else None
     if found:
         path, ckpt = found
-        restore(ckpt, model, engine, optimizer, scheduler, state)
+        restore(ckpt, run.policy, run.engine, state)
         truncate_metrics(out_dir / "metrics.jsonl", state.step)
         log(f"resumed from {path} at step {state.step}")
     elif resume:
@@ -498,16 +566,16 @@ def run_locked(cfg: Config, task: Task, device, out_dir: Path, *, resume: bool, 
     logger = MetricsLogger(out_dir, purge_step=state.step + 1 if found else 0 if resume else None)
 
     if state.step == 0 and not found:
-        logger.log({"step": 0, **evaluate(eval_engine, model, tokenizer, task, cfg, 0)})
+        logger.log({"step": 0, **evaluate(run.eval_engine, run.policy.model, run.sampler, 0)})
     last = {k: v for r in read_metrics(logger.path) for k, v in r.items()}
-    dumper = make_dumper(cfg, out_dir)
-    bar = tqdm(range(state.step + 1, cfg.train.steps + 1), desc="drpo train", disable=not progress, dynamic_ncols=True)
+    t = cfg.train
+    bar = tqdm(range(state.step + 1, t.steps + 1), desc="drpo train", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        row = rl_step(step, model, engine, optimizer, scheduler, tokenizer, task, cfg, state, dumper)
+        row = rl_step(run, state, step)  # sync -> rollout -> reward -> advantage -> update
         state.step = step
-        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+        if step % t.eval_every == 0 or step == t.steps:
             t_eval = time.perf_counter()
-            row.update(evaluate(eval_engine, model, tokenizer, task, cfg, step))
+            row.update(evaluate(run.eval_engine, run.policy.model, run.sampler, step))
             row["time/eval"] = time.perf_counter() - t_eval
         logger.log(row)
         last.update(row)
@@ -516,18 +584,15 @@ def run_locked(cfg: Config, task: Task, device, out_dir: Path, *, resume: bool, 
             eval_acc=f"{last.get('eval/accuracy', float('nan')):.3f}",
             mismatch=f"{row['mismatch/abs_log_ratio']:.2e}",
         )
-        if step % cfg.train.save_every == 0 or (step == cfg.train.steps and cfg.train.save_final):
-            save_checkpoint(
-                out_dir / "checkpoints", step, checkpoint_state(model, optimizer, scheduler, state),
-                keep=cfg.train.keep_checkpoints,
-            )
+        if step % t.save_every == 0 or (step == t.steps and t.save_final):
+            save_checkpoint(out_dir / "checkpoints", step, checkpoint_state(run.policy, state), keep=t.keep_checkpoints)
     logger.close()
-    if dumper is not None:
-        dumper.close()
+    if run.dumper is not None:
+        run.dumper.close()
 
     rows = read_metrics(out_dir / "metrics.jsonl")
     plot_curves(rows, out_dir / "curves.png", title=f"{cfg.objective.method} / {cfg.model.name} / seed {cfg.seed}")
-    summary = summarize(rows, time.perf_counter() - t_start, warm, resumed=bool(found))
+    summary = summarize(rows, time.perf_counter() - t_start, run.warm, resumed=bool(found))
     # Written last: its presence marks a finished run.
     atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2), "summary")
     return summary
