@@ -11,7 +11,7 @@ from drpo.objectives import METRIC_NAMES
 from drpo.rollout import make_engine, sync_weights
 from drpo.tasks import make_task
 from drpo.train.loop import load_model, make_policy, make_sampler, train
-from drpo.train.metrics import read_metrics
+from drpo.train.metrics import METRICS, PLOT_KEYS, TIMING_KEYS, read_metrics
 from train_helpers import fast_config
 
 # A policy warm-started to ~50% on 1-digit sums (a few seconds): rewards vary within groups.
@@ -87,6 +87,11 @@ def test_run_outputs_and_logged_keys(tmp_path):
         assert not missing, missing
         assert 0.0 <= r["reward/mean"] <= 1.0
         assert all(math.isfinite(v) for v in r.values() if isinstance(v, float))
+    # The metrics contract: every key logged is declared with its reduction, and every declared
+    # key is logged (eval and timing keys included: evals at every step here).
+    logged = {k for r in rows for k in r} - {"step"}
+    assert logged == set(METRICS), (sorted(logged - set(METRICS)), sorted(set(METRICS) - logged))
+    assert set(PLOT_KEYS) <= set(METRICS) and set(TIMING_KEYS) == {k for k in METRICS if k.startswith("time/")}
     # The summary is consistent with the metrics it summarizes.
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["warmstart_accuracy"] == rows[0]["eval/accuracy"]
@@ -213,5 +218,5 @@ def test_objective_metrics_of_micro_batches_sum_counts_and_keep_extremes():
         {"tokens": 6.0, "nonfinite_tokens": 2.0, "ratio_min": 0.8, "ratio_max": 1.1, "ratio_mean": 1.1},
     ]
     out = reduce_objective_metrics(rows)
-    assert out == pytest.approx({"tokens": 16.0, "nonfinite_tokens": 3.0, "ratio_min": 0.8, "ratio_max": 1.2,
-                                 "ratio_mean": 1.05})
+    assert out == pytest.approx({"objective/tokens": 16.0, "objective/nonfinite_tokens": 3.0, "objective/ratio_min": 0.8,
+                                 "objective/ratio_max": 1.2, "objective/ratio_mean": 1.05})

@@ -22,8 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from drpo.study.stats import MISMATCH, series  # noqa: E402
 from drpo.train.files import atomic_write  # noqa: E402
+from drpo.train.metrics import declared  # noqa: E402
 
-BEYOND = ("objective/beyond_boundary_pos_frac", "objective/beyond_boundary_neg_frac")
+BEYOND = declared("objective/beyond_boundary_pos_frac", "objective/beyond_boundary_neg_frac")
 
 
 def variant_colors(variants: Sequence[str]) -> dict[str, tuple]:

@@ -12,10 +12,13 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-ACC = "eval/accuracy"
-MISMATCH = "mismatch/abs_log_ratio"
-LONG_TAIL = "response/long_tail_frac"  # share of sampled response tokens with mu <= 0.01
-RESPONSE_LENGTH = "response/length"
+from drpo.train.metrics import declared
+
+# The per-step metrics the study reads, checked against the trainer's metrics contract.
+# LONG_TAIL: share of sampled response tokens with mu <= 0.01.
+ACC, MISMATCH, LONG_TAIL, RESPONSE_LENGTH, TOKENS = declared(
+    "eval/accuracy", "mismatch/abs_log_ratio", "response/long_tail_frac", "response/length", "tokens/generated"
+)
 COLLAPSE_FRAC = 0.5
 COLLAPSE_WINDOW = 2
 ALPHA = 0.05
@@ -113,7 +116,7 @@ def run_stats(run_id: str, setting: str, variant: str, seed: int, rows: Sequence
         mean_mismatch=pick("mean_mismatch", _mean(series(rows, MISMATCH)[1])),
         long_tail=pick("mean_long_tail_share", _mean(series(rows, LONG_TAIL)[1])),
         response_length=_mean(series(rows, RESPONSE_LENGTH)[1]),
-        tokens=pick("tokens_generated", sum(series(rows, "tokens/generated")[1])),
+        tokens=pick("tokens_generated", sum(series(rows, TOKENS)[1])),
         wall_s=float(wall_s),
     )
 

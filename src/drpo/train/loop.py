@@ -35,7 +35,7 @@ from drpo.train.batching import decode_completions, encode_prompts
 from drpo.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from drpo.train.config import Config, ConfigError, resume_config, to_yaml
 from drpo.train.files import DiskFullError, LockHeldError, atomic_write, dir_lock, sweep_temp_files
-from drpo.train.metrics import MetricsLogger, plot_curves, read_metrics, truncate_metrics
+from drpo.train.metrics import MetricsLogger, combine, plot_curves, read_metrics, truncate_metrics
 from drpo.train.schedule import lr_factor
 from drpo.train.warmstart import warm_start
 
@@ -276,19 +276,9 @@ def mismatch_stats(logp: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tens
 
 
 def reduce_objective_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Diagnostics of all micro-batches: extremes for min/max, sum for counts, else mean."""
-    out = {}
-    for key in rows[0]:
-        vals = [r[key] for r in rows]
-        if key.endswith("_min"):
-            out[key] = min(vals)
-        elif key.endswith("_max"):
-            out[key] = max(vals)
-        elif key in ("tokens", "nonfinite_tokens"):  # counts
-            out[key] = float(sum(vals))
-        else:
-            out[key] = float(sum(vals) / len(vals))
-    return out
+    """The objective's diagnostics of all micro-batches, each reduced as the metrics contract
+    declares it (as objective/<name>)."""
+    return {f"objective/{key}": float(combine(f"objective/{key}", [r[key] for r in rows])) for key in rows[0]}
 
 
 def microbatch_loss(policy: Policy, rollout: Rollout, idx, anchor, advantages):
@@ -341,10 +331,10 @@ def update(policy: Policy, rollout: Rollout, advantages: torch.Tensor, generator
         policy.scheduler.step()
     model.eval()
     return {
-        **{f"objective/{k}": v for k, v in reduce_objective_metrics(obj_rows).items()},
+        **reduce_objective_metrics(obj_rows),
         **mismatch_row(mismatch),
-        "grad_norm": sum(grad_norms) / len(grad_norms),
-        "grad_norm_max": max(grad_norms),
+        "grad_norm": combine("grad_norm", grad_norms),
+        "grad_norm_max": combine("grad_norm_max", grad_norms),
         "lr": policy.scheduler.get_last_lr()[0],
     }
 
@@ -512,16 +502,17 @@ def restore(ckpt: dict, policy: Policy, engine, state: RunState) -> None:
 def summarize(rows: list[dict], wall: float, warm: dict, resumed: bool) -> dict:
     evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     steps = [r for r in rows if "reward/mean" in r]
-    tokens = sum(r.get("tokens/generated", 0) for r in steps)
-    rollout_time = sum(r.get("time/rollout", 0.0) for r in steps)
+    tokens = combine("tokens/generated", [r.get("tokens/generated", 0) for r in steps])
+    rollout_time = combine("time/rollout", [r.get("time/rollout", 0.0) for r in steps])
     return {
         "steps": max((r["step"] for r in rows), default=0),
         "warmstart_accuracy": evals[0][1] if evals and evals[0][0] == 0 else None,
         "final_accuracy": evals[-1][1] if evals else None,
         "best_accuracy": max((a for _, a in evals), default=None),
         "final_reward": steps[-1]["reward/mean"] if steps else None,
-        "mean_mismatch": sum(r["mismatch/abs_log_ratio"] for r in steps) / len(steps) if steps else None,
-        "mean_long_tail_share": (sum(r["response/long_tail_frac"] for r in steps) / len(steps)
+        "mean_mismatch": (combine("mismatch/abs_log_ratio", [r["mismatch/abs_log_ratio"] for r in steps])
+                          if steps else None),
+        "mean_long_tail_share": (combine("response/long_tail_frac", [r["response/long_tail_frac"] for r in steps])
                                  if steps and all("response/long_tail_frac" in r for r in steps) else None),
         "wall_clock_s": wall,
         "tokens_generated": tokens,

@@ -1,5 +1,6 @@
-"""Per-step metrics: one JSON object per line in metrics.jsonl, the same scalars in
-TensorBoard, and a PNG of the curves at the end."""
+"""Per-step metrics: the contract (every key a run logs, declared once with its reduction),
+one JSON object per line in metrics.jsonl, the same scalars in TensorBoard, and a PNG of the
+curves at the end."""
 
 from __future__ import annotations
 
@@ -7,12 +8,92 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from drpo.train.files import append_line, atomic_write, save_figure
 
+# ---------------------------------------------------------------- the contract
+
+Reduction = Literal["mean", "sum", "min", "max"]
+
+# Every key of a metrics.jsonl row but "step", with how its values combine: the micro-batches
+# (or optimizer steps) of one RL step into the step's value, and the steps of a run into its
+# summary. Means of per-token quantities are over tokens. Docs: docs/trainer.md.
+METRICS: dict[str, Reduction] = {
+    # greedy evaluation on the held-out split (step 0: the warm start; then every eval_every)
+    "eval/accuracy": "mean",
+    "eval/response_length": "mean",
+    # the step's rollout batch
+    "reward/mean": "mean",
+    "reward/std": "mean",
+    "reward/accuracy": "mean",
+    "advantage/zero_groups_frac": "mean",
+    "response/length": "mean",
+    "response/finished_frac": "mean",
+    "response/long_tail_frac": "mean",
+    "tokens/generated": "sum",
+    "staleness": "max",
+    # the objective's diagnostics (drpo.objectives.METRIC_NAMES) over the step's micro-batches
+    "objective/tokens": "sum",
+    "objective/ratio_mean": "mean",
+    "objective/ratio_min": "min",
+    "objective/ratio_max": "max",
+    "objective/abs_log_ratio": "mean",
+    "objective/k3_kl": "mean",
+    "objective/tv_mean": "mean",
+    "objective/tv_max": "max",
+    "objective/beyond_boundary_pos_frac": "mean",
+    "objective/beyond_boundary_neg_frac": "mean",
+    "objective/weight_mean": "mean",
+    "objective/weight_min": "min",
+    "objective/weight_max": "max",
+    "objective/weight_zero_frac": "mean",
+    "objective/weight_attenuated_frac": "mean",
+    "objective/weight_corrective_frac": "mean",
+    "objective/weight_amplified_frac": "mean",
+    "objective/surrogate": "mean",
+    "objective/regularizer": "mean",
+    "objective/long_tail_frac": "mean",
+    "objective/kept_grad_mass": "mean",
+    "objective/nonfinite_tokens": "sum",
+    "objective/loss": "mean",
+    # rollout-vs-train mismatch on the first mini-batch, before any optimizer step
+    "mismatch/abs_log_ratio": "mean",
+    "mismatch/k3_kl": "mean",
+    "mismatch/max_abs_log_ratio": "max",
+    "mismatch/max_ratio_dev": "max",
+    # the optimizer steps
+    "grad_norm": "mean",
+    "grad_norm_max": "max",
+    "lr": "mean",
+    # wall-clock seconds
+    "time/rollout": "sum",
+    "time/reward": "sum",
+    "time/update": "sum",
+    "time/eval": "sum",
+}
+
+_REDUCE = {"mean": lambda v: sum(v) / len(v), "sum": sum, "min": min, "max": max}
+
+
+def combine(key: str, values: list[float]) -> float:
+    """`values` of the declared metric `key` (micro-batches, or steps) reduced as declared."""
+    if key not in METRICS:
+        raise KeyError(f"metric {key!r} is not declared in drpo.train.metrics.METRICS")
+    return _REDUCE[METRICS[key]](values)
+
+
+def declared(*keys: str) -> tuple[str, ...]:
+    """`keys`, each checked to be a declared metric (a reader's keys fail loudly at import if
+    the trainer renames one, instead of silently finding no rows)."""
+    missing = [k for k in keys if k not in METRICS]
+    if missing:
+        raise KeyError(f"metric(s) {missing} are not declared in drpo.train.metrics.METRICS")
+    return keys
+
+
 # Wall-clock dependent keys: everything else in metrics.jsonl is a function of config + seed.
-TIMING_KEYS = ("time/rollout", "time/reward", "time/update", "time/eval")
+TIMING_KEYS = tuple(k for k in METRICS if k.startswith("time/"))
 
 # Curves in the end-of-run PNG, in panel order.
 PLOT_KEYS = (
