@@ -132,7 +132,7 @@ def test_cli_malformed_dataset_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("name", ["default", "short", "smollm2"])
+@pytest.mark.parametrize("name", ["default", "short", "smollm2", "testbed"])
 def test_config_files_hold_only_what_differs_from_the_defaults(name):
     # Each setting has one home: the typed config's defaults (objective parameters: the
     # method's registered defaults); a config file states only the keys it changes.

@@ -123,16 +123,15 @@ def test_select_narrows_and_validates():
         select(g, overrides=["seed=3"], seeds=None, methods=None, settings=None)
 
 
-def test_quick_preset_is_the_short_config():
-    # `quick` restates configs/short.yaml key by key with 10 RL steps: apart from those, every
-    # run's train config must equal the short config's (threads aside: `drpo compare` sets
-    # train.threads from --threads-per-run)
-    base = PRESETS["quick"]["base"]
-    cfg = load_config(None, [f"{k}={format_value(v)}" for k, v in base.items()])
-    ref = load_config(REPO / "configs" / "short.yaml", [f"train.steps={base['train.steps']}",
-                                                       f"train.eval_every={base['train.eval_every']}",
-                                                       "train.threads=null"])
-    assert cfg.model_dump(exclude={"objective"}) == ref.model_dump(exclude={"objective"})
+def test_presets_restate_no_default():
+    # a preset's base holds only what differs from drpo train's defaults (one home per setting)
+    from drpo.train.config import Config
+
+    defaults = Config().model_dump(mode="json")
+    for name, preset in PRESETS.items():
+        for key, value in preset.get("base", {}).items():
+            section, field = key.split(".")
+            assert defaults[section][field] != value, f"preset {name!r} restates the default {key}={value!r}"
 
 
 def test_missing_config_file_is_refused_before_anything_is_written(tmp_path, capsys):

@@ -14,11 +14,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from drpo.objectives import get_method
+from drpo.precisions import PRECISIONS
 from drpo.study.stats import ALPHA, CellStats, binom_upper, holm, log_slope, mde, paired_t, sign_test, tost
 
 MARGIN = 0.05  # equivalence margin, accuracy points (fraction correct)
 METRICS = ("final", "auc")
-LOW_PRECISION = ("bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e2e")
+LOW_PRECISION = tuple(p for p in PRECISIONS if p != "fp32")  # every precision that rounds
 
 
 @dataclass

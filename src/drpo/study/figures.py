@@ -10,7 +10,6 @@ per objective variant, kept the same in every figure.
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -21,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from drpo.study.stats import MISMATCH, series  # noqa: E402
-from drpo.train.files import atomic_write  # noqa: E402
+from drpo.train.files import save_figure  # noqa: E402
 from drpo.train.metrics import declared  # noqa: E402
 
 BEYOND = declared("objective/beyond_boundary_pos_frac", "objective/beyond_boundary_neg_frac")
@@ -109,10 +108,8 @@ def _curve_figure(groups: Mapping[str, Mapping[str, list]], key: str | tuple[str
     fig.suptitle(title, fontsize=12)
     _legend(fig, legend)
     fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(legend) > 6), 1, 0.97))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    save_figure(fig, path, "figure", dpi=110)
     plt.close(fig)
-    atomic_write(path, buf.getvalue(), "figure")
     return drawn
 
 

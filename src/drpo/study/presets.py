@@ -8,9 +8,9 @@
   in two hours on a 2-core CPU with 2 workers (docs/study.md#cost). Run from the repository
   root (the config file is read from there).
 - `quick`: a few minutes on 2 CPU cores; first contact, on the toy regime (the tiny model on
-  2-digit addition with configs/short.yaml's training settings, restated key by key so the
-  preset runs from any directory). Three objectives with fp32 rollouts synced every step and
-  with stale rollouts, one seed, 10 steps.
+  2-digit addition with drpo train's built-in defaults, so the preset runs from any
+  directory). Three objectives with fp32 rollouts synced every step and with stale
+  rollouts, one seed, 10 steps.
 
 Objective parameters used by both (stated in the report): DRPO and Mask-DRPO use
 delta = 0.15, the same Binary-TV threshold as dppo_tv, so the three share a boundary (the
@@ -82,20 +82,10 @@ PAPER_MINI = {
     ],
 }
 
-# configs/short.yaml's training settings with 10 RL steps (tests/test_study_grid.py checks they
-# resolve to that file's config): the tiny model warm-started to greedy accuracy 0.4 (cached per
-# seed), 32 prompts x 8 samples per step, the paper's 4 optimizer updates per rollout batch.
-QUICK_BASE = {
-    "warmstart.steps": 1500,
-    "warmstart.target_accuracy": 0.4,
-    "rollout.prompts_per_step": 32,
-    "rollout.n_samples": 8,
-    "optim.lr": 1e-4,
-    "optim.updates_per_rollout": 4,
-    "train.steps": 10,
-    "train.eval_every": 5,
-    "train.save_every": 25,
-}
+# drpo train's built-in defaults (the tiny model warm-started to greedy accuracy 0.4, cached per
+# seed; 32 prompts x 8 samples per step, the paper's 4 optimizer updates per rollout batch) with
+# 10 RL steps.
+QUICK_BASE = {"train.steps": 10, "train.eval_every": 5}
 
 QUICK = {
     "name": "quick",
