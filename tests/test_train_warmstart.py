@@ -72,6 +72,11 @@ def test_cached_then_reused_then_rebuilt_when_damaged(tmp_path):
     third = warm_start(third_model, tok, task, cfg, log=logs.append)
     assert third["cached"] is False
     assert any("unreadable" in m for m in logs)
+    # no terminal here (tqdm's bar is off), so every accuracy check is a log line
+    n = cfg.warmstart.steps
+    assert sum(m.startswith("warm start: step ") for m in logs) == len(range(cfg.warmstart.check_every, n + 1,
+                                                                             cfg.warmstart.check_every)) + (n % cfg.warmstart.check_every > 0)
+    assert any(m.startswith(f"warm start: step {n}/{n}, loss ") for m in logs)
     # same seed, same data: the rebuilt warm start is the same
     assert all(torch.equal(third_model.state_dict()[k], trained[k]) for k in trained)
 

@@ -15,11 +15,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import transformers.modeling_outputs
 from torch import Tensor, nn
 
 from drpo.models.logprobs import position_ids_from_mask
 from drpo.models.precision import check_precision, fake_quantize_weights_
 from drpo.rollout.sampling import SamplingParams, check_int, sample_tokens, sampling_logprobs
+
+# The KV cache's name in a causal LM's forward and output: `cache` since transformers 5.x
+# deprecated `past_key_values` (a warning every run), `past_key_values` before.
+CACHE_KWARG = "cache" if hasattr(transformers.modeling_outputs.CausalLMOutputWithPast, "cache") else "past_key_values"
 
 
 @dataclass
@@ -215,7 +220,7 @@ def _prefill(model, prompt_ids: Tensor, prompt_mask: Tensor, n_samples: int):
     positions = position_ids_from_mask(prompt_mask)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
-    cache = out.past_key_values
+    cache = out.cache if CACHE_KWARG == "cache" else out.past_key_values
     if n_samples > 1:
         cache.batch_repeat_interleave(n_samples)
     logits = out.logits[:, -1].float().repeat_interleave(n_samples, dim=0)
@@ -226,7 +231,7 @@ def _prefill(model, prompt_ids: Tensor, prompt_mask: Tensor, n_samples: int):
 
 def _decode_step(model, tok: Tensor, mask: Tensor, positions: Tensor, cache) -> Tensor:
     out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=positions[:, None],
-                past_key_values=cache, use_cache=True)
+                use_cache=True, **{CACHE_KWARG: cache})
     return out.logits[:, -1].float()
 
 

@@ -106,9 +106,10 @@ def greedy_accuracy(model, tokenizer, task: Task, indices: range, template: str,
     return sum(task.reward(t, ex.answer) for t, ex in zip(texts, examples)) / len(examples)
 
 
-def train_warmstart(model, tokenizer, task: Task, cfg) -> dict:
+def train_warmstart(model, tokenizer, task: Task, cfg, log=print) -> dict:
     """AdamW until the greedy accuracy check reaches warmstart.target_accuracy or
-    warmstart.steps run out."""
+    warmstart.steps run out. Without a terminal (a log file, a study run) each check is
+    logged as a line, so minutes of SFT are not silent."""
     ws, template = cfg.warmstart, cfg.task.prompt_template
     optimizer = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -133,6 +134,9 @@ def train_warmstart(model, tokenizer, task: Task, cfg) -> dict:
             model.eval()
             accuracy = greedy_accuracy(model, tokenizer, task, check, template, cfg.rollout.max_new_tokens)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{accuracy:.3f}")
+            if bar.disable:
+                log(f"warm start: step {step}/{ws.steps}, loss {losses[-1]:.3f}, check accuracy {accuracy:.3f} "
+                    f"(target {ws.target_accuracy})")
             if accuracy >= ws.target_accuracy:
                 break
     bar.close()
@@ -187,7 +191,7 @@ def warm_start(model, tokenizer, task: Task, cfg, log=print) -> dict:
             model.load_state_dict(blob["model"])
             log(f"warm start: loaded {path}")
             return {"path": str(path), "cached": True, **info}
-        result = train_warmstart(model, tokenizer, task, cfg)
+        result = train_warmstart(model, tokenizer, task, cfg, log)
         info = {k: result[k] for k in ("steps", "check_accuracy", "reached", "target_accuracy", "final_loss")}
         with atomic_writer(path, "warmstart") as f:  # streamed, as checkpoints are
             torch.save({"model": model.state_dict(), "info": info, "losses": result["losses"]}, f)
