@@ -1,4 +1,4 @@
-"""The paper's statements about the weights and penalties (DESIGN.md section 1)."""
+"""The paper's statements about the weights and penalties (docs/design.md, section 1)."""
 
 import math
 

@@ -267,7 +267,7 @@ def test_num_threads_is_scoped_and_does_not_change_samples(policy, tok, prompts)
 
 
 def test_precision_mismatch_cli(capsys):
-    from drpo.rollout.mismatch import main
+    from drpo.inspect.mismatch import main
 
     assert main(["--policy", "tiny", "--precisions", "fp32,fp8_e4m3", "--n-samples", "1", "--max-new-tokens", "4",
                  "--threads", "1"]) == 0
@@ -280,12 +280,13 @@ def test_precision_mismatch_cli(capsys):
 
 
 def test_rollout_depends_on_models_only():
-    # The engine is a model-side component: importing it (and the mismatch tool's module)
-    # must not pull in the objectives, the trainer or the fused-loss module.
+    # The engine is a model-side component: importing it must not pull in the objectives, the
+    # trainer or the fused-loss module (the mismatch tool, which joins engine and trainer
+    # forward, lives in inspect/).
     import subprocess
     import sys
 
-    code = ("import sys, drpo.rollout, drpo.rollout.mismatch; "
+    code = ("import sys, drpo.rollout; "
             "print(sorted(m for m in sys.modules if m.startswith(('drpo.objectives', 'drpo.train', 'drpo.logprobs', "
             "'drpo.study', 'drpo.tasks', 'drpo.rewards'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -263,7 +263,7 @@ def test_grpo_matches_verl_vanilla_ppo(agg, global_info, with_is_weights, clip):
 
 
 def _drpo_is_weighted_reference(old, logp, adv, mask, weights, delta):
-    """Hand-written float64 reference: DRPO's per-token -J from its formula (DESIGN.md),
+    """Hand-written float64 reference: DRPO's per-token -J from its formula (docs/design.md, section 1),
     times the IS weight, token-mean over the mask."""
     r = torch.exp(logp - old)
     j = r * adv - adv.abs() * torch.exp(old) * (r - 1) ** 2 / (2 * delta)

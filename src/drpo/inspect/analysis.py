@@ -21,9 +21,10 @@ import torch
 
 from drpo.inspect.dump import DumpError, iter_tokens, read_metadata
 from drpo.objectives import METHODS, get_method, ratio
+from drpo.objectives.diagnostics import LONG_TAIL_MU
 
 # Behaviour-probability buckets: mu <= 0.01 (the long tail), 0.01-0.1, 0.1-0.5, > 0.5.
-BUCKET_EDGES = (0.01, 0.1, 0.5)
+BUCKET_EDGES = (LONG_TAIL_MU, 0.1, 0.5)
 BUCKETS = ("<=0.01", "0.01-0.1", "0.1-0.5", ">0.5")
 ALL = "all"
 # Sanity checks of the rollout log-probs against the trainer's (before the update), where the

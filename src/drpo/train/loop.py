@@ -29,6 +29,7 @@ from drpo.models import build_tiny_model, encode_prompt, load_policy, make_char_
 from drpo.models.bpe import task_tokenizer
 from drpo.models.logprobs import sequence_logprobs
 from drpo.objectives import get_method, policy_loss
+from drpo.objectives.diagnostics import LONG_TAIL_MU
 from drpo.rollout import Rollout, RolloutEngine, SamplingParams, generate, make_engine, sync_weights
 from drpo.tasks import Example, Task, check_examples, make_task
 from drpo.train.batching import decode_completions, encode_prompts
@@ -40,7 +41,7 @@ from drpo.train.schedule import lr_factor
 from drpo.train.warmstart import warm_start
 
 EVAL_BATCH = 128  # prompts per greedy eval batch
-LOG_LONG_TAIL = math.log(0.01)  # sampled tokens with mu <= 0.01 are the long tail
+LOG_LONG_TAIL = math.log(LONG_TAIL_MU)  # sampled tokens with mu <= LONG_TAIL_MU are the long tail
 
 
 class RunError(RuntimeError):

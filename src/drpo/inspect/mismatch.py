@@ -4,9 +4,9 @@ fp8-quantized forward under fp8_e2e), and compare. Also reports what sets the re
 long-tail share (sampled tokens with behaviour probability mu <= 0.01), the response length,
 and the mismatch on long-tail tokens against the rest.
 
-    .venv/bin/python -m drpo.rollout.mismatch --config configs/testbed.yaml   # the testbed policy
-    .venv/bin/python -m drpo.rollout.mismatch --policy tiny
-    .venv/bin/python -m drpo.rollout.mismatch --policy smollm2 --threads 1
+    .venv/bin/python -m drpo.inspect.mismatch --config configs/testbed.yaml   # the testbed policy
+    .venv/bin/python -m drpo.inspect.mismatch --policy tiny
+    .venv/bin/python -m drpo.inspect.mismatch --policy smollm2 --threads 1
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from tqdm import tqdm
 
 from drpo.models import PRECISIONS, encode_prompt, load_policy, quantized_forward
 from drpo.models.logprobs import sequence_logprobs
+from drpo.objectives.diagnostics import LONG_TAIL_MU
 from drpo.rollout.engine import generate, make_engine
 
 DEFAULT_QUESTIONS = ("What is 17+25?", "What is 3*4?", "Compute 120-45.", "What is 9+10?")
-LONG_TAIL = 0.01  # mu <= this: a long-tail token
 
 
-def token_mismatch_stats(train_logp, behaviour_logp, response_mask, long_tail: float = LONG_TAIL) -> dict:
+def token_mismatch_stats(train_logp, behaviour_logp, response_mask, long_tail: float = LONG_TAIL_MU) -> dict:
     """Per-token |log pi/mu| statistics over the response tokens: mean, max, long-tail
     share (mu <= long_tail), mean on long-tail tokens and on the rest (nan if none),
     mean response length."""
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     n_samples, max_new, temperature = (given if given is not None else d for given, d in
                                        zip((args.n_samples, args.max_new_tokens, args.temperature), defaults))
     print(f"{source} prompts={len(prompts)} n_samples={n_samples} max_new_tokens={max_new} "
-          f"temperature={temperature} seed={args.seed} long tail: mu <= {LONG_TAIL}")
+          f"temperature={temperature} seed={args.seed} long tail: mu <= {LONG_TAIL_MU}")
     print(f"{'precision':<10} {'tail share':>10} {'resp len':>8} {'mean|log r|':>11} {'max|log r|':>10} "
           f"{'tail mean':>9} {'rest mean':>9} {'tail/rest':>9} {'tokens':>7} {'sample s':>8}")
     rows = {}
