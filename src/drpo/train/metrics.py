@@ -18,7 +18,8 @@ Reduction = Literal["mean", "sum", "min", "max"]
 
 # Every key of a metrics.jsonl row but "step", with how its values combine: the micro-batches
 # (or optimizer steps) of one RL step into the step's value, and the steps of a run into its
-# summary. Means of per-token quantities are over tokens. Docs: docs/trainer.md.
+# summary. A "mean" is the unweighted mean of those values (a micro-batch's value is itself a
+# mean over its tokens). Docs: docs/trainer.md.
 METRICS: dict[str, Reduction] = {
     # greedy evaluation on the held-out split (step 0: the warm start; then every eval_every)
     "eval/accuracy": "mean",
