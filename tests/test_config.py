@@ -156,3 +156,39 @@ def test_config_files_hold_only_what_differs_from_the_defaults(name):
             elif defaults[section][key] == value:
                 restated.append(f"{section}.{key}")
     assert not restated, f"{path.name} restates built-in defaults: {restated}"
+
+
+def test_trainer_doc_states_the_typed_defaults():
+    # docs/trainer.md's key tables restate each default for readers; this keeps them from
+    # drifting from the one place the defaults live (the typed config)
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from drpo.train.config import Config
+
+    defaults = Config().model_dump(mode="json")
+    text = (Path(__file__).resolve().parents[1] / "docs" / "trainer.md").read_text()
+    body = text.split("## Config keys", 1)[1].split("\n## ", 1)[0]
+    checked = 0
+    for section, table in re.findall(r"### (?:`(\w+)`|top level)[^\n]*\n(.*?)(?=\n### |\Z)", body, re.S):
+        expected = defaults[section] if section else defaults
+        for line in table.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            if len(cells) < 3 or not cells[0].startswith("`"):
+                continue
+            keys = re.findall(r"`(\w+)`", cells[0])
+            stated = re.sub(r" \(.*\)$", "", cells[1]).split(", ")
+            assert len(keys) == len(stated), line
+            for key, doc in zip(keys, stated):
+                value, doc = expected[key], doc.strip("`")
+                if isinstance(value, bool) or value is None or isinstance(value, dict):
+                    ok = yaml.safe_load(doc) == value
+                elif isinstance(value, (int, float)):
+                    ok = float(doc) == value
+                else:
+                    ok = doc == value
+                assert ok, f"docs/trainer.md says {section or 'top level'}.{key} = {doc!r}; the default is {value!r}"
+                checked += 1
+    assert checked >= 40  # every table was read
