@@ -11,6 +11,7 @@ per objective variant, kept the same in every figure.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -50,7 +51,7 @@ def _panels(n: int, width: float = 4.6, height: float = 3.3):
 
 def _legend(fig, handles_labels: dict) -> None:
     handles, labels = list(handles_labels.values()), list(handles_labels)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False, fontsize=9)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False, fontsize=9)
 
 
 def _mean_curve(curves: Sequence[tuple[list[int], list[float]]]):
@@ -105,9 +106,10 @@ def _curve_figure(groups: Mapping[str, Mapping[str, list]], key: str | tuple[str
             else:  # zeros (an exactly on-policy step) need a linear part around 0
                 ax.set_yscale("symlog", linthresh=1e-7)
         ax.grid(alpha=0.3)
+    title = textwrap.fill(title, width=int(fig.get_figwidth() * 9))  # ~9 characters an inch at 12 pt
     fig.suptitle(title, fontsize=12)
     _legend(fig, legend)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(legend) > 6), 1, 0.97))
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(legend) > 6), 1, 0.97 - 0.05 * title.count("\n")))
     save_figure(fig, path, "figure", dpi=110)
     plt.close(fig)
     return drawn
