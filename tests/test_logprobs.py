@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -211,7 +213,9 @@ def fused_case(seed, batch=3, seq=11, vocab=37, hid=8):
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("vocab_chunk", [8, 8192])  # 7*8//37 = 1-token blocks, or 7-token blocks
 def test_fused_policy_loss_equals_policy_loss_on_naive_logprobs(method, agg, vocab_chunk):
-    hidden, weight, targets, old, adv, mask = fused_case(hash((method, agg)) % 1000)
+    # a fixed case per parameter set (str hashes are salted per process, so hash() would draw a
+    # new case on every run)
+    hidden, weight, targets, old, adv, mask = fused_case(zlib.crc32(f"{method}/{agg}".encode()) % 1000)
     params = {"delta": 0.2} if method in ("drpo", "mask_drpo") else {}
     temperature = 0.9
 
@@ -228,8 +232,10 @@ def test_fused_policy_loss_equals_policy_loss_on_naive_logprobs(method, agg, voc
     ref_loss.backward()
 
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
+    # fp32 sums in another order (vocab and token chunks): errors scale with the largest entry,
+    # which SPO's 1/mu weights make large, so the tolerance does too
+    for got, ref in ((h1.grad, h2.grad), (w1.grad, w2.grad)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * max(1.0, ref.abs().max().item()))
     assert metrics.keys() == ref_metrics.keys()
     for key in ref_metrics:
         assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-4, abs=1e-5), key
