@@ -151,7 +151,10 @@ def make_policy(model, cfg: Config) -> Policy:
         optimizer, lambda s: lr_factor(s, o.warmup_steps, total, o.schedule)
     )
     method = get_method(obj.method)
-    loss = partial(policy_loss, method, agg=obj.agg, horizon=obj.horizon, **method.resolve_params(obj.params))
+    # nonfinite="drop": a NaN/inf log-prob is counted in the metrics the loss already brings to the
+    # host, and microbatch_loss turns a nonzero count into a divergence (no sync of its own)
+    loss = partial(policy_loss, method, agg=obj.agg, horizon=obj.horizon, nonfinite="drop",
+                   **method.resolve_params(obj.params))
     return Policy(
         model=model, optimizer=optimizer, scheduler=scheduler,
         forward=partial(quantized_forward, precision=cfg.rollout.precision), temperature=cfg.rollout.temperature,
@@ -285,10 +288,12 @@ def reduce_objective_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
 def microbatch_loss(policy: Policy, rollout: Rollout, idx, anchor, advantages):
     """(loss, objective diagnostics, train-side log-probs) of the samples `idx`."""
     logp = policy.logprobs(rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_len)
-    if not bool(torch.isfinite(logp.detach()[rollout.response_mask[idx].bool()]).all()):  # overflowing weights
-        raise FloatingPointError(f"non-finite log-probs of the policy (method {policy.method!r})")
     loss, metrics = policy.loss(logp, anchor[idx], advantages[idx], rollout.response_mask[idx])
-    if not math.isfinite(metrics["loss"]):  # already on the host: policy_loss's one transfer
+    # both read from the metrics already on the host (policy_loss's one transfer)
+    if metrics["nonfinite_tokens"]:  # overflowing weights
+        raise FloatingPointError(f"non-finite log-probs at {int(metrics['nonfinite_tokens'])} response tokens "
+                                 f"(method {policy.method!r})")
+    if not math.isfinite(metrics["loss"]):
         raise FloatingPointError(f"non-finite loss {metrics['loss']} (method {policy.method!r})")
     return loss, metrics, logp
 
