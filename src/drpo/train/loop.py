@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from drpo.advantages import group_advantages
 from drpo.models import build_tiny_model, encode_prompt, load_policy, make_char_tokenizer, quantized_forward
 from drpo.models.bpe import task_tokenizer
-from drpo.models.logprobs import sequence_logprobs
+from drpo.models.logprobs import NonFiniteError, sequence_logprobs
 from drpo.objectives import get_method, policy_loss
 from drpo.objectives.diagnostics import LONG_TAIL_MU
 from drpo.rollout import Rollout, RolloutEngine, SamplingParams, generate, make_engine, sync_weights
@@ -117,11 +117,6 @@ def check_task_fits(task: Task, tokenizer, model, cfg: Config) -> None:
     )
 
 
-# How drpo.models.logprobs refuses a NaN/inf in the hidden states or the LM head weight (the
-# overflow tests of tests/test_train_faults.py pin this pairing)
-NONFINITE_FORWARD = ("`hidden` has a non-finite value", "`weight` has a non-finite value")
-
-
 def weights_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
@@ -151,9 +146,7 @@ class Policy:
             with self.forward(self.model):
                 return sequence_logprobs(self.model, input_ids, attention_mask, response_start=prompt_len,
                                          temperature=self.temperature)
-        except ValueError as err:
-            if not str(err).startswith(NONFINITE_FORWARD):
-                raise  # bad input stays an error
+        except NonFiniteError as err:  # other ValueErrors are bad input and stay errors
             weights = "finite" if weights_finite(self.model) else "non-finite"
             raise FloatingPointError(f"the policy's forward overflowed: {err} (its weights are {weights}; "
                                      f"method {self.method!r})") from err
