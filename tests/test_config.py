@@ -59,6 +59,8 @@ def test_shipped_presets_validate():
         (["rollout.n_samples=0"], ["rollout.n_samples", "0", "greater than or equal to 1"]),
         (["optim.lr=-1"], ["optim.lr", "-1"]),
         (["optim.lr=fast"], ["optim.lr", "'fast'"]),
+        (["optim.lr=inf"], ["optim.lr", "'inf'", "finite"]),  # would train to NaN and read as a divergence
+        (["rollout.temperature=nan"], ["rollout.temperature", "'nan'", "finite"]),
         (["rollout.top_p=1.5"], ["rollout.top_p", "1.5"]),
         (["objective.agg=sum"], ["objective.agg", "'sum'"]),
         (["advantage.estimator=median"], ["advantage.estimator", "'median'"]),
