@@ -2,7 +2,8 @@
 point, including inside every write, then resumed, must end with exactly the metrics of an
 uninterrupted run; a full disk at each write must stop the run with a clear error and lose
 nothing; a second writer on a run directory is refused; `drpo compare` killed mid-way and
-restarted finishes the study.
+restarted finishes the study; a policy whose numbers overflow ends the run as diverged (exit 3,
+a collapse in the study), a config error stays a failure (exit 2).
 
 Faults are injected through DRPO_FAULT_AT (drpo.train.files): the process SIGKILLs itself at
 the named point, or lowers RLIMIT_FSIZE so the kernel refuses that write (EFBIG). Each run is
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from drpo.train.checkpoint import list_checkpoints, load_checkpoint
@@ -108,14 +110,15 @@ class Runner:
         self.cache = root / "cache"  # the warm start, trained once and shared
         self.n = 0
 
-    def start(self, out: Path, fault: str | None = None, *, resume: bool = False, cache: Path | None = None):
+    def start(self, out: Path, fault: str | None = None, *, resume: bool = False, cache: Path | None = None,
+              sets: tuple[str, ...] = ()):
         self.n += 1
         fifo = self.root / f"attempt{self.n}.fifo"
         os.mkfifo(fifo)
         # the cache comes from $DRPO_CACHE, not a config key, so a scenario with its own cache
         # has the same config as the reference
         argv = ["train", "--no-progress", "--out", str(out)]
-        for item in SETTINGS:
+        for item in (*SETTINGS, *sets):
             argv += ["--set", item]
         if resume:
             argv.append("--resume")
@@ -284,3 +287,91 @@ def test_killed_compare_restarts_and_finishes_with_uninterrupted_metrics(harness
     assert _comparable(read_metrics(drpo_run / "metrics.jsonl")) == ref  # the reference is drpo
     records = [json.loads((d / "study_run.json").read_text()) for d in runs]
     assert max(r["attempts"] for r in records) == 2
+
+
+# ------------------------------------------------------------------ overflowing policies
+# lr 1e10 moves every trained weight by ~1e10 in the first optimizer step: the weights stay
+# finite, but the next forward's attention scores (~1e40) overflow to NaN hidden states.
+OVERFLOW_LR = "optim.lr=1e10"
+
+
+def _overflowing_warm_start(cache: Path, tmp_path: Path) -> Path:
+    """A copy of the shared warm-start cache whose final norm weight is inf: the engine's
+    logits are NaN, so the first sampled rollout cannot be drawn."""
+    target = tmp_path / "cache" / "warmstart"
+    target.mkdir(parents=True)
+    entries = list((cache / "warmstart").glob("*.pt"))
+    assert len(entries) == 1, entries
+    blob = torch.load(entries[0], map_location="cpu", weights_only=True)
+    blob["model"]["model.norm.weight"][0] = float("inf")
+    torch.save(blob, target / entries[0].name)
+    return tmp_path / "cache"
+
+
+# (case, extra settings, exit code, message): an overflowing policy diverges wherever its numbers
+# first go non-finite; a config error, refused at load or once the run has started, stays exit 2.
+OVERFLOW_CASES = [
+    ("trainer forward", (OVERFLOW_LR,), 3,
+     "drpo train: diverged: the policy's forward overflowed: `hidden` has a non-finite value"),
+    ("rollout sampling", (), 3,  # with the inf warm start
+     "drpo train: diverged: non-finite logits at response position 0 from the engine's weights"),
+    ("config error at load", ("optim.lr=-1",), 2, "config key 'optim.lr' = -1: Input should be greater than 0"),
+    ("config error in the run", ("rollout.max_new_tokens=200",), 2,
+     "drpo train: arithmetic train example 0: prompt '8+6=' is 5 tokens; with rollout.max_new_tokens=200"),
+]
+
+
+@pytest.mark.parametrize("case,sets,code,message", OVERFLOW_CASES, ids=[c[0] for c in OVERFLOW_CASES])
+def test_overflowing_policy_exits_diverged_and_a_config_error_still_fails(harness, case, sets, code, message,
+                                                                          tmp_path):
+    runner, _ = harness
+    out = tmp_path / "run"
+    cache = _overflowing_warm_start(runner.cache, tmp_path) if case == "rollout sampling" else None
+    rc, log = runner.run(out, cache=cache, sets=sets)
+    assert (rc, message in log) == (code, True), log
+    assert "Traceback" not in log and ("diverged" in log) == (code == 3), log
+    assert not (out / "summary.json").exists()  # not a finished run
+    if code == 3:  # the steps before the divergence are kept as results
+        assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0]
+
+
+def test_study_counts_an_overflowing_run_as_diverged(harness, tmp_path, monkeypatch):
+    from drpo.study.grid import expand, parse_grid
+    from drpo.study.report import load_study
+    from drpo.study.runner import is_finished, read_record, run_grid
+
+    runner, _ = harness
+    base = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in (*SETTINGS, OVERFLOW_LR))}
+    grid = parse_grid({"name": "overflow", "base": base, "settings": {"fp32": {}}, "methods": ["drpo"], "seeds": [0]})
+    runs = expand(grid)
+    out = tmp_path / "study"
+    monkeypatch.setenv("DRPO_CACHE", str(runner.cache))
+    outcome = run_grid(grid, runs, out, workers=1, progress=False)
+    run_id = runs[0].run_id
+    assert (outcome.diverged, outcome.failed) == ([run_id], []), (out / "runs" / run_id / "train.log").read_text()
+    d = out / "runs" / run_id
+    assert read_record(d)["status"] == "diverged" and read_record(d)["rc"] == 3
+    assert is_finished(d)  # a result: a restarted study does not rerun it
+    study = load_study(out)
+    assert [r.diverged for r in study.runs] == [True]
+    assert study.runs[0].rows[-1]["eval/accuracy"] == 0.0  # counted as a collapse to the planned end
+
+
+def test_bad_input_to_the_policy_forward_stays_a_value_error(tmp_path):
+    """Only a non-finite forward is turned into a divergence: a bad input is still refused as one."""
+    from train_helpers import fast_config
+
+    from drpo.tasks import make_task
+    from drpo.train.loop import load_model, make_policy
+
+    cfg = fast_config(tmp_path, "warmstart.enabled=false")
+    model, _, _ = load_model(cfg, make_task(cfg.task, cfg.seed), torch.device("cpu"), log=lambda _: None)
+    policy = make_policy(model, cfg)
+    ids = torch.ones((2, 6), dtype=torch.long)
+    assert policy.logprobs(ids, torch.ones_like(ids), 3).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"`response_start` must be an int in \[1, 5\], got 0"):
+        policy.logprobs(ids, torch.ones_like(ids), 0)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"overflowed: `hidden` has a non-finite value .* weights are non-finite"):
+        policy.logprobs(ids, torch.ones_like(ids), 3)

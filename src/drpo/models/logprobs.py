@@ -61,12 +61,17 @@ def _check_inputs(hidden: Any, weight: Any, targets: Any, temperature: float, ch
     _check_chunk("chunk_size", chunk_size)
 
 
+class NonFiniteError(ValueError):
+    """A NaN/inf in the hidden states or the LM head weight: the model's own numbers overflowed
+    (a trainer reads it as a divergence; other ValueErrors here are bad input)."""
+
+
 def _check_finite(name: str, x: Tensor) -> None:
     """A NaN/inf in the hidden states or the head would silently poison every log-prob."""
     bad = ~torch.isfinite(x.detach())
     if bool(bad.any()):
         idx = tuple(bad.nonzero()[0].tolist())
-        raise ValueError(f"`{name}` has a non-finite value {x[idx].item()} at index {idx}")
+        raise NonFiniteError(f"`{name}` has a non-finite value {x[idx].item()} at index {idx}")
 
 
 def _check_chunk(name: str, value: Any) -> None:

@@ -172,7 +172,8 @@ def generate(
     loop ends when every row has finished or after `max_new_tokens`. Sampling draws from
     `generator` only, so a seeded generator reproduces the rollout. With `greedy` the
     argmax token is taken; its behaviour_logp is still its log-prob under the
-    temperature/top-k/top-p distribution (greedy decoding is for evaluation)."""
+    temperature/top-k/top-p distribution (greedy decoding is for evaluation). Non-finite
+    logits (the weights overflowed) cannot be sampled from: FloatingPointError."""
     _check_prompts(prompts, engine.model.get_output_embeddings().weight.shape[0])
     if sampling is None:
         sampling = SamplingParams(**params)
@@ -196,7 +197,13 @@ def _generate(engine: RolloutEngine, prompts, s: SamplingParams, generator) -> R
     steps = 0
     for t in range(s.max_new_tokens):
         dist = sampling_logprobs(logits, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
-        tok = sample_tokens(dist, greedy=s.greedy, generator=generator)
+        try:
+            tok = sample_tokens(dist, greedy=s.greedy, generator=generator)
+        except RuntimeError as err:  # torch.multinomial refuses NaN/inf probabilities
+            if bool(torch.isfinite(logits).all()):
+                raise
+            raise FloatingPointError(f"non-finite logits at response position {t} from the engine's weights (synced "
+                                     f"at step {engine.weights_step}): the policy's numbers overflowed") from err
         tokens[active, t] = tok
         logps[active, t] = dist.gather(-1, tok[:, None]).squeeze(-1)
         steps = t + 1

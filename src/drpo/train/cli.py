@@ -11,7 +11,7 @@ from drpo.train.checkpoint import CheckpointError
 from drpo.train.config import ConfigError, load_config
 from drpo.train.files import LOCK_FILE, LockHeldError, dir_lock
 
-DIVERGED_EXIT = 3  # exit code of a run whose loss, gradients or weights went non-finite
+DIVERGED_EXIT = 3  # exit code of a run whose loss, gradients, weights or activations went non-finite
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from drpo.advantages import group_advantages
 from drpo.models import build_tiny_model, encode_prompt, load_policy, make_char_tokenizer, quantized_forward
 from drpo.models.bpe import task_tokenizer
-from drpo.models.logprobs import sequence_logprobs
+from drpo.models.logprobs import NonFiniteError, sequence_logprobs
 from drpo.objectives import get_method, policy_loss
 from drpo.objectives.diagnostics import LONG_TAIL_MU
 from drpo.rollout import Rollout, RolloutEngine, SamplingParams, generate, make_engine, sync_weights
@@ -117,6 +117,10 @@ def check_task_fits(task: Task, tokenizer, model, cfg: Config) -> None:
     )
 
 
+def weights_finite(model: torch.nn.Module) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
 @dataclass(frozen=True)
 class Policy:
     """The trainer side, bound once at setup: the policy, its optimizer and lr schedule, its
@@ -135,10 +139,17 @@ class Policy:
     grad_clip: float
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-        """Train-side log-probs of the response tokens at the sampling temperature."""
-        with self.forward(self.model):
-            return sequence_logprobs(self.model, input_ids, attention_mask, response_start=prompt_len,
-                                     temperature=self.temperature)
+        """Train-side log-probs of the response tokens at the sampling temperature. A NaN/inf
+        in the forward's hidden states or LM head is a divergence (FloatingPointError): its
+        inputs are token ids, so only the policy's own numbers can have overflowed."""
+        try:
+            with self.forward(self.model):
+                return sequence_logprobs(self.model, input_ids, attention_mask, response_start=prompt_len,
+                                         temperature=self.temperature)
+        except NonFiniteError as err:  # other ValueErrors are bad input and stay errors
+            weights = "finite" if weights_finite(self.model) else "non-finite"
+            raise FloatingPointError(f"the policy's forward overflowed: {err} (its weights are {weights}; "
+                                     f"method {self.method!r})") from err
 
 
 def make_policy(model, cfg: Config) -> Policy:
@@ -331,7 +342,7 @@ def update(policy: Policy, rollout: Rollout, advantages: torch.Tensor, generator
                 mismatch.append(mismatch_stats(logp, rollout.behaviour_logp[idx], rollout.response_mask[idx]))
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), policy.grad_clip)))
         optimizer.step()
-        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+        if not weights_finite(model):
             raise FloatingPointError(f"non-finite weights after an optimizer step (grad norm {grad_norms[-1]}, "
                                      f"method {policy.method!r})")
         policy.scheduler.step()
