@@ -42,7 +42,7 @@ SEEDS = [0, 1, 2, 3, 4]
 # Both settings change only the rollout precision, so the trust region meets the
 # training-inference mismatch alone (bf16 ~5e-3, fp8 ~3.5e-2 mean |log pi/mu|, docs/testbed.md).
 # The fp8 setting is e5m2: e4m3 rounding gives this small policy only ~1.7e-2, below the
-# 0.03-0.3 that fp8 rollouts of real LLMs show (docs/testbed.md#why-fp8-is-e5m2).
+# 0.03-0.3 that fp8 rollouts of real LLMs show (docs/testbed.md#why-the-studys-fp8-is-e5m2).
 # fp32 (no mismatch) and fp8_e2e (between the two, and the slowest) stay available to --set.
 SETTINGS = {
     "fp32": {"rollout.precision": "fp32"},
