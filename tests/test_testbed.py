@@ -15,7 +15,7 @@ from drpo.logprobs import sequence_logprobs
 from drpo.models import build_tiny_model, fp8_fake_quantize, quantized_forward
 from drpo.models.bpe import task_tokenizer, train_bpe_tokenizer
 from drpo.rollout import generate, make_engine, sync_weights
-from drpo.inspect.mismatch import token_mismatch_stats
+from drpo.inspect.mismatch import mismatch_by_mu, token_mismatch_stats
 from drpo.tasks import make_task
 from drpo.tasks.wordproblems import final_count, word_problem_reward
 from drpo.train.config import ConfigError, load_config
@@ -113,6 +113,15 @@ def test_token_mismatch_stats_by_hand():
     assert s["max_abs_log_ratio"] == pytest.approx(0.4, rel=1e-5)
     assert s["long_tail_mean"] == pytest.approx(0.3, rel=1e-5)
     assert s["rest_mean"] == pytest.approx(0.02, rel=1e-4)
+    behaviour[0, 0] = math.log(0.6)  # clear of a bin edge (log(0.5) rounds to just below 0.5)
+    train = behaviour + torch.tensor([[0.01, 0.2, -0.03, -0.4, 99.0]])
+    bins = {(b["mu_from"], b["mu_to"]): b for b in mismatch_by_mu(train, behaviour, mask)}
+    assert list(bins) == [(0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 1.0)]
+    assert [b["share"] for b in bins.values()] == [0.5, 0.0, 0.25, 0.25, 0.0, 0.0]  # mu 0.005, 0.001 | 0.2 | 0.6
+    assert bins[(0.0, 0.01)]["mean_abs_log_ratio"] == pytest.approx(0.3, rel=1e-5)
+    assert bins[(0.1, 0.5)]["mean_abs_log_ratio"] == pytest.approx(0.03, rel=1e-4)
+    assert bins[(0.5, 0.9)]["mean_abs_log_ratio"] == pytest.approx(0.01, rel=1e-3)
+    assert math.isnan(bins[(0.01, 0.1)]["mean_abs_log_ratio"])
 
 
 @pytest.fixture(scope="module")

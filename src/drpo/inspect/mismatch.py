@@ -47,6 +47,25 @@ def token_mismatch_stats(train_logp, behaviour_logp, response_mask, long_tail: f
     }
 
 
+MU_EDGES = (0.01, 0.1, 0.5, 0.9, 0.99)  # behaviour-probability bins of `mismatch_by_mu`
+
+
+def mismatch_by_mu(train_logp, behaviour_logp, response_mask, edges=MU_EDGES) -> list[dict]:
+    """|log pi/mu| by the sampled token's behaviour probability mu, in the bins
+    [0, e1), [e1, e2), ..., [ek, 1]: each bin's share of the response tokens and mean
+    (nan if empty). Shows where a mean comes from: near-certain tokens carry almost none."""
+    mask = response_mask.bool()
+    diff = (train_logp - behaviour_logp)[mask].abs().double()
+    mu = behaviour_logp[mask].double().exp()
+    bounds = (0.0, *edges, math.inf)
+    rows = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        sel = (mu >= lo) & (mu < hi)
+        rows.append({"mu_from": lo, "mu_to": min(hi, 1.0), "share": sel.double().mean().item(),
+                     "mean_abs_log_ratio": diff[sel].mean().item() if bool(sel.any()) else float("nan")})
+    return rows
+
+
 def precision_mismatch(policy, prompts: list[list[int]], precision: str, *, eos_token_id: int, pad_token_id: int,
                        n_samples: int = 4, max_new_tokens: int = 24, temperature: float = 1.0, seed: int = 0,
                        num_threads: int | None = None, batch: int = 64) -> dict[str, float]:
@@ -68,6 +87,7 @@ def precision_mismatch(policy, prompts: list[list[int]], precision: str, *, eos_
     flat_train, flat_behaviour = torch.cat(train)[None], torch.cat(behaviour)[None]
     stats = token_mismatch_stats(flat_train, flat_behaviour, torch.ones_like(flat_train, dtype=torch.bool))
     stats["response_length"] = flat_train.shape[1] / (len(prompts) * n_samples)
+    stats["by_mu"] = mismatch_by_mu(flat_train, flat_behaviour, torch.ones_like(flat_train, dtype=torch.bool))
     return {**stats, "sample_seconds": seconds}
 
 
@@ -103,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=None, help="default: the config's, else 1.0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads while sampling")
+    p.add_argument("--by-mu", action="store_true", help="also print the mismatch by the sampled tokens' "
+                   "behaviour probability mu (share of tokens and mean |log pi/mu| per bin)")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
     args = p.parse_args(argv)
     precisions = [x for x in args.precisions.split(",") if x]
@@ -134,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
                    f"{m['mean_abs_log_ratio']:>11.3e} {m['max_abs_log_ratio']:>10.3e} {m['long_tail_mean']:>9.3e} "
                    f"{m['rest_mean']:>9.3e} {ratio:>9.2f} {m['tokens']:>7d} {m['sample_seconds']:>8.2f}",
                    file=sys.stdout)
+    if args.by_mu:
+        print("mismatch by behaviour probability mu: share of tokens / mean |log pi/mu|")
+        print(f"{'precision':<10} " + " ".join(f"{'[%g,%g)' % (b['mu_from'], b['mu_to']):>18}"
+                                             for b in next(iter(rows.values()))["by_mu"]))
+        for precision, m in rows.items():
+            print(f"{precision:<10} " + " ".join(f"{b['share']:>8.3f} /{b['mean_abs_log_ratio']:>9.2e}"
+                                                 for b in m["by_mu"]))
     if args.json:
         from drpo.train.files import atomic_write  # the CLI's output only: the engine never imports train/
 

@@ -2,10 +2,11 @@
 
 A prompt tells a short story of a count that changes `n_ops` times; the reference solution
 restates the start, works each change as "a + b = c" / "a - b = c" in one of several
-phrasings with optional asides drawn from a large word list, and ends with "The answer is N."
-Sampled at temperature 1.0, the free-form text gives a real long tail of low-probability
-tokens (the asides) around the tokens that decide the reward (the arithmetic), and responses
-run 30-60 subword tokens.
+phrasings, most of whose words are free choices (connectives, verbs, fillers, an adjective
+from a large word list, optional asides), and ends with "The answer is N." Sampled at
+temperature 1.0, the free-form text gives a real long tail of low-probability tokens (the
+adjectives) and many uncertain ones around the tokens that decide the reward (the
+arithmetic), and responses run 30-64 subword tokens.
 
 Reward: 1 if the completion's last "answer is N" names the reference's final count, else 0
 (sequence level, verifiable). `Example.answer` holds the whole reference solution (the
@@ -60,22 +61,32 @@ ADD_STORY = ("{n} finds {k} more {item}.", "{n} buys {k} more {item}.", "{n} get
              "A friend gives {n} {k} more {item}.", "{n} picks up {k} more {item} {place}.")
 SUB_STORY = ("{n} gives {k} {item} to {m}.", "{n} loses {k} {item} {place}.", "{n} sells {k} {item}.",
              "{n} trades away {k} {item}.", "{n} gives away {k} of the {item}.")
-OPENERS = ("Let me work it out.", "Let us think step by step.", "We track the count.", "Step by step:",
-           "Let me count.", "Okay, one step at a time.", "We follow each change.", "Let us see.")
-START = ("{n} starts with {a} {adj} {item}.", "At first {n} has {a} {adj} {item}.",
-         "In the beginning there are {a} {adj} {item}.", "{n} has {a} {adj} {item} to begin with.",
-         "The {adj} count starts at {a}.")
-ADD_STEP = ("Adding {k} {adj} ones gives {a} + {k} = {c}.", "{n} gets {k} more {adj} {item}, so {a} + {k} = {c}.",
-            "Then {a} + {k} = {c} {adj} {item}.", "After the {adj} gift, {a} + {k} = {c}.",
-            "Now {a} + {k} = {c}, a {adj} sum.")
-SUB_STEP = ("Taking away {k} {adj} ones leaves {a} - {k} = {c}.", "{n} loses {k} {adj} {item}, so {a} - {k} = {c}.",
-            "Then {a} - {k} = {c} {adj} {item}.", "After that {adj} trade, {a} - {k} = {c}.",
-            "Now {a} - {k} = {c}, a {adj} result.")
-ASIDES = ("What a {adj} day.", "The {item} look {adj}.", "That is a {adj} pile.", "{n} feels {adj}.",
-          "It is a {adj} morning {place}.")
-CLOSERS = ("So {n} has {c} {adj} {item} now.", "That leaves {n} with {c} {adj} {item}.",
-           "In the end there are {c} {adj} {item}.", "So the {adj} count ends at {c}.",
-           "{n} ends up with {c} {adj} {item}.")
+# Solution templates. "[a|b|c]" is a free word choice, drawn uniformly when the solution is
+# written: most words of a worked solution are such choices (connectives, verbs, filler), so
+# that, as in an LLM's free-form reasoning, few sampled tokens are near-certain; the numbers
+# and the final line stay fixed.
+_THEN = "[Then|Next|After that|Now|So|Later|From there|This time|Once more|And then]"
+_HAS = "[has|holds|keeps|owns|gets|counts|sees|finds|collects|stores]"
+_GIVES = "[gives|makes|leaves|means|yields|brings|comes to|shows|equals|is]"
+OPENERS = ("[Let me|Let us|I will|We can|Time to|Now to|I can|We will] [work it out|think step by step|"
+           "count|track the count|follow each change|see|go step by step|add it up|check each step|do the math].",)
+START = ("{n} [starts with|begins with|first has|has|holds|keeps|owns] {a} {adj} {item}.",
+         "[At first|To begin|At the start|Early on|Before that|In the beginning|Initially|First] {n} " + _HAS
+         + " {a} {adj} {item}.",
+         "[There are|We have|We start with|The count is|It starts at] {a} {adj} {item}.")
+ADD_STEP = ("[Adding|Plus|With|Counting|Taking in|Getting] {k} [more|new|extra|further] {adj} [ones|of them|{item}] "
+            + _GIVES + " {a} + {k} = {c}.",
+            _THEN + " {a} + {k} = {c} {adj} {item}.",
+            _THEN + " {n} " + _HAS + " {k} more {adj} {item}, [so|and|thus|hence|which gives] {a} + {k} = {c}.")
+SUB_STEP = ("[Taking away|Removing|Minus|Losing|Without|Dropping] {k} {adj} [ones|of them|{item}] "
+            + _GIVES + " {a} - {k} = {c}.",
+            _THEN + " {a} - {k} = {c} {adj} {item}.",
+            _THEN + " {n} [loses|drops|gives up|sells|trades|misses|spends|hands over] {k} {adj} {item}, "
+            "[so|and|thus|hence|which gives] {a} - {k} = {c}.")
+ASIDES = ("[What a|Such a|Quite a|It is a|That was a|A very] {adj} [day|moment|time|scene|morning|trip].",
+          "The {item} [look|seem|feel|are|stay] {adj}.", "{n} [feels|looks|seems|is|stays] {adj}.")
+CLOSERS = ("[So|Thus|Finally|In the end|Now|At last|All told|Overall] {n} " + _HAS
+           + " {c} {adj} {item} [now|in all|in total|left|at the end|altogether].",)
 FINAL = "The answer is {c}."
 
 _ANSWER = re.compile(r"answer is\s*(-?\d+)")
@@ -106,7 +117,7 @@ def make_problem(rng: random.Random, n_ops: int) -> Example:
     item = rng.choice(ITEMS)
     a = rng.randint(5, 30)
     story = [f"{n} has {a} {item}."]
-    work = [rng.choice(OPENERS), _fill(rng.choice(START), rng, n=n, a=a, item=item)]
+    work = [_fill(rng.choice(OPENERS), rng), _fill(rng.choice(START), rng, n=n, a=a, item=item)]
     for i in range(n_ops):
         add = a < 4 or rng.random() < 0.5
         k = rng.randint(1, 15) if add else rng.randint(1, min(a, 15))
@@ -125,8 +136,12 @@ def make_problem(rng: random.Random, n_ops: int) -> Example:
     return Example(prompt=" ".join(story), answer=" ".join(work))
 
 
+_CHOICE = re.compile(r"\[([^\[\]]*)\]")
+
+
 def _fill(template: str, rng: random.Random, **fields) -> str:
-    # Only draw the random words a template uses, so each phrasing's draws stay independent.
+    # Word choices first (left to right), then only the random words the template uses.
+    template = _CHOICE.sub(lambda m: rng.choice(m.group(1).split("|")), template)
     if "{adj}" in template:
         fields["adj"] = rng.choice(ADJECTIVES)
     if "{place}" in template:
