@@ -113,7 +113,7 @@ def test_token_mismatch_stats_by_hand():
     assert s["max_abs_log_ratio"] == pytest.approx(0.4, rel=1e-5)
     assert s["long_tail_mean"] == pytest.approx(0.3, rel=1e-5)
     assert s["rest_mean"] == pytest.approx(0.02, rel=1e-4)
-    behaviour[0, 0] = math.log(0.6)  # clear of a bin edge (log(0.5) rounds to just below 0.5)
+    behaviour[0, 0] = math.log(0.6)  # clear of a bin edge
     train = behaviour + torch.tensor([[0.01, 0.2, -0.03, -0.4, 99.0]])
     bins = {(b["mu_from"], b["mu_to"]): b for b in mismatch_by_mu(train, behaviour, mask)}
     assert list(bins) == [(0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 1.0)]

@@ -47,21 +47,23 @@ def token_mismatch_stats(train_logp, behaviour_logp, response_mask, long_tail: f
     }
 
 
-MU_EDGES = (0.01, 0.1, 0.5, 0.9, 0.99)  # behaviour-probability bins of `mismatch_by_mu`
+# Behaviour-probability bins of `mismatch_by_mu`: the long tail, then up to near-certain tokens.
+MU_EDGES = (LONG_TAIL_MU, 0.1, 0.5, 0.9, 0.99)
 
 
 def mismatch_by_mu(train_logp, behaviour_logp, response_mask, edges=MU_EDGES) -> list[dict]:
     """|log pi/mu| by the sampled token's behaviour probability mu, in the bins
-    [0, e1), [e1, e2), ..., [ek, 1]: each bin's share of the response tokens and mean
-    (nan if empty). Shows where a mean comes from: near-certain tokens carry almost none."""
+    [0, e1], (e1, e2], ..., (ek, 1] (the first is the long tail, mu <= LONG_TAIL_MU): each
+    bin's share of the response tokens and mean (nan if empty). Shows where a mean comes
+    from: near-certain tokens carry almost none."""
     mask = response_mask.bool()
     diff = (train_logp - behaviour_logp)[mask].abs().double()
     mu = behaviour_logp[mask].double().exp()
-    bounds = (0.0, *edges, math.inf)
+    bounds = (-math.inf, *edges, math.inf)
     rows = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        sel = (mu >= lo) & (mu < hi)
-        rows.append({"mu_from": lo, "mu_to": min(hi, 1.0), "share": sel.double().mean().item(),
+        sel = (mu > lo) & (mu <= hi)
+        rows.append({"mu_from": max(lo, 0.0), "mu_to": min(hi, 1.0), "share": sel.double().mean().item(),
                      "mean_abs_log_ratio": diff[sel].mean().item() if bool(sel.any()) else float("nan")})
     return rows
 
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                    file=sys.stdout)
     if args.by_mu:
         print("mismatch by behaviour probability mu: share of tokens / mean |log pi/mu|")
-        print(f"{'precision':<10} " + " ".join(f"{'[%g,%g)' % (b['mu_from'], b['mu_to']):>18}"
+        print(f"{'precision':<10} " + " ".join(f"{'mu %g-%g' % (b['mu_from'], b['mu_to']):>18}"
                                              for b in next(iter(rows.values()))["by_mu"]))
         for precision, m in rows.items():
             print(f"{precision:<10} " + " ".join(f"{b['share']:>8.3f} /{b['mean_abs_log_ratio']:>9.2e}"
