@@ -87,9 +87,10 @@ def precision_mismatch(policy, prompts: list[list[int]], precision: str, *, eos_
         train.append(logp[r.response_mask])
         behaviour.append(r.behaviour_logp[r.response_mask])
     flat_train, flat_behaviour = torch.cat(train)[None], torch.cat(behaviour)[None]
-    stats = token_mismatch_stats(flat_train, flat_behaviour, torch.ones_like(flat_train, dtype=torch.bool))
+    every_token = torch.ones_like(flat_train, dtype=torch.bool)  # already response tokens only
+    stats = token_mismatch_stats(flat_train, flat_behaviour, every_token)
     stats["response_length"] = flat_train.shape[1] / (len(prompts) * n_samples)
-    stats["by_mu"] = mismatch_by_mu(flat_train, flat_behaviour, torch.ones_like(flat_train, dtype=torch.bool))
+    stats["by_mu"] = mismatch_by_mu(flat_train, flat_behaviour, every_token)
     return {**stats, "sample_seconds": seconds}
 
 

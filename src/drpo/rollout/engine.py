@@ -227,7 +227,7 @@ def _prefill(model, prompt_ids: Tensor, prompt_mask: Tensor, n_samples: int):
     positions = position_ids_from_mask(prompt_mask)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
-    cache = out.cache if CACHE_KWARG == "cache" else out.past_key_values
+    cache = getattr(out, CACHE_KWARG)
     if n_samples > 1:
         cache.batch_repeat_interleave(n_samples)
     logits = out.logits[:, -1].float().repeat_interleave(n_samples, dim=0)
