@@ -220,3 +220,13 @@ def test_objective_metrics_of_micro_batches_sum_counts_and_keep_extremes():
     out = reduce_objective_metrics(rows)
     assert out == pytest.approx({"objective/tokens": 16.0, "objective/nonfinite_tokens": 3.0, "objective/ratio_min": 0.8,
                                  "objective/ratio_max": 1.2, "objective/ratio_mean": 1.05})
+
+
+@pytest.mark.parametrize("method,delta,warned", [("drpo", 12.5, True), ("drpo", 0.15, False), ("mask_drpo", 1.0, True)])
+def test_a_threshold_that_binds_no_token_is_warned_once(tmp_path, method, delta, warned):
+    cfg = fast_config(tmp_path, "train.steps=1", f"objective.method={method}", f"objective.params.delta={delta}")
+    logs = []
+    train(cfg, tmp_path / "run", progress=False, log=logs.append)
+    hits = [m for m in logs if m.startswith("warning: ") and f"delta={delta:g} >= 1" in m]
+    assert len(hits) == (1 if warned else 0)
+    assert logs.index(hits[0]) == 0 if warned else True  # at start, before the warm start's lines

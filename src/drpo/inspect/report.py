@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from drpo.inspect.analysis import ALL, BUCKETS, Analysis, Variant
-from drpo.objectives import METHODS
+from drpo.objectives import METHODS, loose_threshold_note
 from drpo.train.files import atomic_write, save_figure
 
 CATEGORIES = ("zeroed_frac", "attenuated_frac", "corrective_frac", "amplified_frac")
@@ -277,6 +277,9 @@ def write_report(result: dict, analysis: Analysis, out: Path, *, tokenizer=None,
            "Fractions beyond the boundary are of the tokens with that advantage sign; the weight categories (w = 0 "
            "zeroed, 0 < w < 1 attenuated, w < 0 corrective, w > 1 amplified) are of tokens with A != 0; kept "
            "gradient mass = sum|A r w| / sum|A r|.", "", *method_table(total), ""]
+    loose = [f"- `{v.label}`: {note}" for v in analysis.variants if (note := loose_threshold_note(v.method, v.params))]
+    if loose:
+        md += ["**Thresholds that bind no token:**", "", *loose, ""]
     for b in BUCKETS:
         md += [f"### mu bucket {b} ({_pct(total['bucket_share'][b])} of tokens)", "", *method_table(total, b), ""]
     if "tokens" in figs:

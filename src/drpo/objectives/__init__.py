@@ -17,7 +17,7 @@ from drpo.objectives.loss import (
     per_token_objective,
     policy_loss,
 )
-from drpo.objectives.methods import LOG_RATIO_CLAMP, binary_kl, log_ratio, ratio, tv_shift
+from drpo.objectives.methods import LOG_RATIO_CLAMP, binary_kl, log_ratio, loose_threshold_note, ratio, tv_shift
 from drpo.objectives.registry import METHODS, Method, get_method, list_methods, register_method
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "gradient_weight",
     "list_methods",
     "log_ratio",
+    "loose_threshold_note",
     "logp_gradient",
     "per_token_objective",
     "policy_loss",

@@ -28,7 +28,9 @@ import math
 import torch
 from torch import Tensor
 
-from drpo.objectives.registry import register_method
+from typing import Mapping
+
+from drpo.objectives.registry import get_method, register_method
 
 LOG_RATIO_CLAMP = 20.0
 
@@ -307,6 +309,26 @@ class Drpo:
     @staticmethod
     def boundary(logp, old_logp, adv, *, delta, advantage_weighted):
         return _tv_outside(logp, old_logp, adv, delta, delta)
+
+
+def loose_threshold_note(method: str, params: Mapping) -> str | None:
+    """Why DRPO or Mask-DRPO with delta >= 1 is no tight trust region, or None: |pi - mu| < 1, so
+    no token reaches the Binary-TV boundary and DRPO's weight 1 - sign(A)(pi - mu)/delta stays
+    within [1 - 1/delta, 1 + 1/delta] (Mask-DRPO's is then 1 everywhere: pg_is). The registered
+    default 12.5 is the public implementations' value, not the paper's matched comparison."""
+    if method not in ("drpo", "mask_drpo"):
+        return None
+    params = get_method(method).resolve_params(params)
+    delta = float(params["delta"])
+    if delta < 1:
+        return None
+    head = f"{method} with delta={delta:g} >= 1: no token can reach its Binary-TV boundary (|pi - mu| < 1 <= delta)"
+    if method == "mask_drpo":
+        return f"{head}, so every weight is 1: this is the unregularized pg_is surrogate"
+    weights = (f", and its weights stay within [1-1/delta, 1+1/delta] = [{1 - 1 / delta:.3f}, {1 + 1 / delta:.3f}]"
+               if params["advantage_weighted"] else "")
+    return (f"{head}{weights}: a bounded reweighting of the unregularized pg_is surrogate, not a trust region "
+            f"that binds (the paper matches DPPO's Binary-TV threshold, 0.15)")
 
 
 # --------------------------------------------------------------------------- mask_drpo

@@ -20,6 +20,9 @@ from drpo.study.stats import ALPHA, CellStats, binom_upper, holm, log_slope, mde
 MARGIN = 0.05  # equivalence margin, accuracy points (fraction correct)
 METRICS = ("final", "auc")
 LOW_PRECISION = tuple(p for p in PRECISIONS if p != "fp32")  # every precision that rounds
+# Overrides that take training off-policy by the policy's own updates: stale rollout weights,
+# more optimizer steps per rollout batch, a larger step size.
+STRESS_KEYS = ("rollout.sync_every", "optim.updates_per_rollout", "optim.lr")
 
 
 @dataclass
@@ -107,6 +110,10 @@ class _Index:
         return [s for s in self.settings if set(self.grid_settings.get(s, {})) == {"rollout.precision"}
                 and self.grid_settings[s]["rollout.precision"] in LOW_PRECISION]
 
+    def stress_settings(self) -> list[str]:
+        # settings that change staleness, updates per batch or the learning rate
+        return [s for s in self.settings if set(self.grid_settings.get(s, {})) & set(STRESS_KEYS)]
+
     def drpo_variants(self, setting: str) -> list[tuple[str, dict]]:
         """DRPO variants with results in `setting`, parameters resolved (defaults filled)."""
         method = get_method("drpo")
@@ -144,13 +151,14 @@ def _describe(c: Claim, pairs, a_name: str, b_name: str) -> None:
                           f"collapsed {b.collapsed}/{b.n}")
 
 
-def claim_ratio_collapse(ix: _Index) -> Claim:
-    c = Claim("ratio_collapse", "Ratio methods (GRPO, SPO) collapse under low-precision rollouts; DRPO does not.",
-              "Over the settings that only lower the rollout precision, for GRPO and for SPO: an exact one-sided "
-              "sign test that its runs collapse more often than DRPO's runs of the same seed and setting; Holm "
-              "across the two. Supports: either is significant. Contradicts: for both, fewer than half of their "
-              "runs collapse, significantly (exact binomial test against 1/2 at 0.05). Otherwise cannot tell.")
-    settings = ix.low_precision_settings()
+COLLAPSE_RULE = ("an exact one-sided sign test that its runs collapse more often than DRPO's runs of the same "
+                 "seed and setting; Holm across the two. Supports: either is significant. Contradicts: for both, "
+                 "fewer than half of their runs collapse, significantly (exact binomial test against 1/2 at 0.05). "
+                 "Otherwise cannot tell.")
+
+
+def _collapse_claim(c: Claim, ix: _Index, settings: Sequence[str]) -> Claim:
+    """GRPO and SPO against DRPO on seed-paired collapses over `settings` (COLLAPSE_RULE)."""
     tests, rates = [], []
     for m in ("grpo", "spo"):
         pairs = ix.pairs(m, "drpo", settings)
@@ -168,6 +176,19 @@ def claim_ratio_collapse(ix: _Index) -> Claim:
         c.verdict = ("supports" if any(reject) else
                      "contradicts" if len(rates) == 2 and all(r <= ALPHA for r in rates) else "cannot tell")
     return c
+
+
+def claim_ratio_collapse(ix: _Index) -> Claim:
+    c = Claim("ratio_collapse", "Ratio methods (GRPO, SPO) collapse under low-precision rollouts; DRPO does not.",
+              "Over the settings that only lower the rollout precision, for GRPO and for SPO: " + COLLAPSE_RULE)
+    return _collapse_claim(c, ix, ix.low_precision_settings())
+
+
+def claim_stress_collapse(ix: _Index) -> Claim:
+    c = Claim("stress_collapse", "Under stale rollouts, many updates per batch or a large learning rate, ratio "
+              "methods (GRPO, SPO) collapse more often than DRPO.",
+              f"Over the settings that change {', '.join(STRESS_KEYS)}, for GRPO and for SPO: " + COLLAPSE_RULE)
+    return _collapse_claim(c, ix, ix.stress_settings())
 
 
 def claim_dppo_slower(ix: _Index) -> Claim:
@@ -310,8 +331,33 @@ def claim_threshold(ix: _Index) -> Claim:
     return c
 
 
+def claim_loose_is_pg_is(ix: _Index) -> Claim:
+    default = float(get_method("drpo").params["delta"])
+    c = Claim("loose_is_pg_is", f"DRPO at its registered (public implementations') threshold delta = {default:g} is "
+              f"equivalent to the unregularized surrogate pg_is.",
+              f"DRPO at delta = {default:g} (with the |A| factor) minus pg_is on final accuracy and AUC, per seed, "
+              f"averaged over the settings that have both. Supports: equivalent within +-{MARGIN} on both (TOST at "
+              f"0.05 each). Contradicts: a significant difference on either (paired t, Holm across the two). "
+              f"Otherwise cannot tell.")
+    pairs = []
+    for s in ix.settings:
+        name = next((n for n, p in ix.drpo_variants(s) if p["advantage_weighted"] and p["delta"] == default), None)
+        pg_is = ix.get(s, "pg_is")
+        if name is not None and pg_is is not None:
+            pairs.append((ix.cells[(s, name)], pg_is))
+    tests, eq = _difference_tests(pairs, f"drpo delta={default:g} - pg_is")
+    if tests:
+        _describe(c, pairs, f"drpo delta={default:g}", "pg_is")
+        reject = finish(tests)
+        c.tests = tests
+        c.evidence += [t.line(len(tests)) + f"; equivalence p = {q:.3f}" for t, q in zip(tests, eq)]
+        c.verdict = ("supports" if len(eq) == len(METRICS) and all(q <= ALPHA for q in eq) else
+                     "contradicts" if any(reject) else "cannot tell")
+    return c
+
+
 CLAIMS = (claim_ratio_collapse, claim_dppo_slower, claim_pg_is_drops, claim_mask_matches, claim_abs_adv,
-          claim_threshold)
+          claim_threshold, claim_stress_collapse, claim_loose_is_pg_is)
 
 
 def check_claims(cells: Mapping[str, Sequence[CellStats]], grid: Mapping) -> list[Claim]:

@@ -102,7 +102,59 @@ QUICK = {
     "seeds": [0],
 }
 
-PRESETS = {"quick": QUICK, "paper-mini": PAPER_MINI}
+# The stress grid: training off-policy by the policy's own updates, where trust regions bind.
+# fp32 rollouts (no rounding mismatch), so the only distance between pi and mu is staleness and
+# step size. Settings chosen from single runs measured first (docs/stress.md#how-the-settings-were-chosen).
+# Seeds 5-9: none of them was seen by paper-mini or the fp8 delta probe.
+STRESS_SEEDS = [5, 6, 7, 8, 9]
+STALE, UPDATES, LR = {"rollout.sync_every": 8}, {"optim.updates_per_rollout": 16}, {"optim.lr": 3e-4}
+STRESS = {
+    "name": "stress",
+    "description": (
+        "Six trust-region objectives and DRPO at its registered delta = 12.5 under stale rollouts, many updates "
+        f"per rollout batch, a large learning rate, and all three at once, in the testbed regime ({TESTBED}, fp32 "
+        "rollouts, 16 RL steps evaluated every 4), five seeds."
+    ),
+    "config": TESTBED,
+    # 16 steps (not 30): what fits the grid beside the threshold study in two hours (docs/stress.md);
+    # two full staleness cycles of 8, the harshest setting collapses within 10 (pilot runs)
+    "base": {"train.steps": 16, "train.eval_every": 4, "train.save_every": 16},
+    "settings": {"stale": STALE, "updates": UPDATES, "lr": LR, "harsh": {**STALE, **UPDATES, **LR}},
+    "setting_notes": {
+        "stale": "rollout weights synced every 8 steps (up to 7 steps, 28 optimizer updates, behind), 4 updates per batch, lr 1e-4",
+        "updates": "16 optimizer updates per rollout batch (mini-batches of 8 samples), synced every step, lr 1e-4",
+        "lr": "learning rate 3e-4 (3x the default), 4 updates per batch, synced every step",
+        "harsh": "all three: synced every 8 steps (up to 112 updates behind), 16 updates per batch, lr 3e-4",
+    },
+    "methods": [m for m in METHODS if m != "dppo_kl"],
+    "seeds": STRESS_SEEDS,
+    "sweeps": [{"settings": ["stale", "updates", "lr", "harsh"],
+                "variants": [{"name": "drpo-d12.5", "method": "drpo", "params": {"delta": 12.5}}]}],
+}
+
+# The confirmatory threshold study: DRPO's delta under fp8 e5m2 rollouts, where paper-mini saw
+# delta = 0.15 lose and a post-hoc probe saw 1 and 12.5 gain. Ten seeds none of those runs used.
+FP8_THRESHOLD = {
+    "name": "fp8-threshold",
+    "description": (
+        "DRPO at delta in {0.05, 0.15, 1, 12.5} and pg_is under fp8 (e5m2) rollouts in the testbed regime "
+        f"({TESTBED}, 30 RL steps), ten seeds: a confirmatory test of the threshold trend and of DRPO at 12.5 "
+        "against pg_is, with rules fixed before the run."
+    ),
+    "config": TESTBED,
+    "base": {"train.steps": 30, "train.save_every": 30},
+    "settings": {"fp8": SETTINGS["fp8"]},
+    "setting_notes": {"fp8": SETTING_NOTES["fp8"]},
+    "methods": ["pg_is", {"name": "drpo", "method": "drpo", "params": {"delta": DELTA}}],
+    "seeds": list(range(5, 15)),
+    "sweeps": [{"settings": ["fp8"], "variants": [
+        {"name": "drpo-d0.05", "method": "drpo", "params": {"delta": 0.05}},
+        {"name": "drpo-d1", "method": "drpo", "params": {"delta": 1.0}},
+        {"name": "drpo-d12.5", "method": "drpo", "params": {"delta": 12.5}},
+    ]}],
+}
+
+PRESETS = {"quick": QUICK, "paper-mini": PAPER_MINI, "stress": STRESS, "fp8-threshold": FP8_THRESHOLD}
 
 
 def get_preset(name: str) -> Grid:

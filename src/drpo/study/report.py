@@ -131,12 +131,17 @@ def _num(x: float | None, fmt: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-TABLE_HEADER = ("variant", "seeds", "final acc", "gain vs warm start", "AUC", "collapsed", "long-tail share",
-                "mean abs log-ratio", "response tokens", "wall s/run", "tokens/s")
+TABLE_HEADER = ("variant", "seeds", "final acc", "gain vs warm start", "AUC", "collapsed", "beyond boundary",
+                "long-tail share", "mean abs log-ratio", "response tokens", "wall s/run", "tokens/s")
+
+
+def _share(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:.2f}%"
 
 
 def cell_row(c: CellStats) -> list[str]:
     return [c.variant, str(c.n), _pm(c, "final"), _pm(c, "gain"), _pm(c, "auc"), f"{c.collapsed}/{c.n}",
+            f"{_share(c.beyond)} ({_share(c.beyond_pos)} / {_share(c.beyond_neg)})",
             _num(c.long_tail, ".3f"), _num(c.mean_mismatch, ".2e"), _num(c.response_length, ".1f"),
             _num(c.wall_s, ".1f"), _num(c.tokens_per_s, ".0f")]
 
@@ -148,6 +153,9 @@ def definitions(collapse_frac: float) -> list[str]:
         "accuracy). Mean ± sample std over seeds.",
         f"collapsed: the run diverged (non-finite loss, gradient or weights: exit code 3, accuracy 0 from then on) "
         f"or the mean of its last {COLLAPSE_WINDOW} evals is below {collapse_frac:g} x its warm-start accuracy.",
+        "beyond boundary: share of tokens beyond the method's trust-region boundary in the harmful direction (the "
+        "mean of the A>0 and A<0 tokens' fractions, which follow in brackets), averaged over steps and runs; 0 for "
+        "a method without a boundary (pg_is) or one no token can reach (DRPO and Mask-DRPO with delta >= 1).",
         "long-tail share: fraction of sampled response tokens whose rollout probability mu <= 0.01; mean abs "
         "log-ratio: mean |log(pi/mu)| over response tokens (the training-inference mismatch), both averaged over "
         "steps; response tokens: mean sampled response length.",
@@ -297,6 +305,7 @@ def _cell_json(c: CellStats) -> dict:
     return {"setting": c.setting, "variant": c.variant, "n": c.n, "collapsed": c.collapsed,
             **{m: c.mean_sd(m) for m in ("initial", "final", "best", "auc", "gain")},
             "long_tail": c.long_tail, "mean_mismatch": c.mean_mismatch, "response_length": c.response_length,
+            "beyond_boundary": c.beyond, "beyond_boundary_pos": c.beyond_pos, "beyond_boundary_neg": c.beyond_neg,
             "wall_s": c.wall_s, "tokens_per_s": c.tokens_per_s, "per_seed": c.per_seed}
 
 

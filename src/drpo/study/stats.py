@@ -16,8 +16,11 @@ from drpo.train.metrics import declared
 
 # The per-step metrics the study reads, checked against the trainer's metrics contract.
 # LONG_TAIL: share of sampled response tokens with mu <= 0.01.
-ACC, MISMATCH, LONG_TAIL, RESPONSE_LENGTH, TOKENS = declared(
-    "eval/accuracy", "mismatch/abs_log_ratio", "response/long_tail_frac", "response/length", "tokens/generated"
+# BEYOND_POS / BEYOND_NEG: fractions of A>0 (A<0) tokens beyond the method's trust-region boundary
+# in the harmful direction (0 for a method without one).
+ACC, MISMATCH, LONG_TAIL, RESPONSE_LENGTH, TOKENS, BEYOND_POS, BEYOND_NEG = declared(
+    "eval/accuracy", "mismatch/abs_log_ratio", "response/long_tail_frac", "response/length", "tokens/generated",
+    "objective/beyond_boundary_pos_frac", "objective/beyond_boundary_neg_frac",
 )
 COLLAPSE_FRAC = 0.5
 COLLAPSE_WINDOW = 2
@@ -86,6 +89,8 @@ class RunStats:
     response_length: float  # mean sampled response length (tokens)
     tokens: float  # generated tokens
     wall_s: float
+    beyond_pos: float = float("nan")  # mean over steps of the A>0 tokens' beyond-boundary fraction
+    beyond_neg: float = float("nan")  # and of the A<0 tokens'
 
     @property
     def tokens_per_s(self) -> float:
@@ -118,6 +123,8 @@ def run_stats(run_id: str, setting: str, variant: str, seed: int, rows: Sequence
         response_length=_mean(series(rows, RESPONSE_LENGTH)[1]),
         tokens=pick("tokens_generated", sum(series(rows, TOKENS)[1])),
         wall_s=float(wall_s),
+        beyond_pos=_mean(series(rows, BEYOND_POS)[1]),
+        beyond_neg=_mean(series(rows, BEYOND_NEG)[1]),
     )
 
 
@@ -138,7 +145,15 @@ class CellStats:
     response_length: float = float("nan")
     wall_s: float = float("nan")  # mean over runs (the first run of a seed also trains its warm start)
     tokens_per_s: float = float("nan")  # all generated tokens / all wall-clock
+    beyond_pos: float = float("nan")  # mean over runs of RunStats.beyond_pos
+    beyond_neg: float = float("nan")
     extra: dict = field(default_factory=dict)
+
+    @property
+    def beyond(self) -> float:
+        """Share of tokens beyond the boundary in the harmful direction: the mean of the A>0 and
+        A<0 fractions (the two signs weigh equally, as in the study's figure)."""
+        return (self.beyond_pos + self.beyond_neg) / 2
 
     @property
     def n(self) -> int:
@@ -173,6 +188,8 @@ def cell_stats(runs: Sequence[RunStats]) -> CellStats:
         response_length=_mean([r.response_length for r in runs]),
         wall_s=wall / len(runs),
         tokens_per_s=sum(r.tokens for r in runs) / wall if wall > 0 else float("nan"),
+        beyond_pos=_mean([r.beyond_pos for r in runs]),
+        beyond_neg=_mean([r.beyond_neg for r in runs]),
     )
 
 

@@ -28,7 +28,7 @@ from drpo.advantages import group_advantages
 from drpo.models import build_tiny_model, encode_prompt, load_policy, make_char_tokenizer, quantized_forward
 from drpo.models.bpe import task_tokenizer
 from drpo.models.logprobs import NonFiniteError, sequence_logprobs
-from drpo.objectives import get_method, policy_loss
+from drpo.objectives import get_method, loose_threshold_note, policy_loss
 from drpo.objectives.diagnostics import LONG_TAIL_MU
 from drpo.rollout import Rollout, RolloutEngine, SamplingParams, generate, make_engine, sync_weights
 from drpo.tasks import Example, Task, check_examples, make_task
@@ -559,6 +559,8 @@ def run_locked(cfg: Config, task: Task, device, out_dir: Path, *, resume: bool, 
     prepare_out_dir(out_dir, cfg, resume)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if note := loose_threshold_note(cfg.objective.method, cfg.objective.params):
+        log(f"warning: {note}")
     state = RunState(generator=seed_everything(cfg.seed, device))
     run = setup(cfg, task, device, out_dir, log=log)
 
