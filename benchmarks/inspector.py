@@ -1,6 +1,6 @@
 """Time and peak memory of `drpo inspect` on a large dump (default 1M response tokens).
 
-    .venv/bin/python benchmarks/inspect.py [--tokens 1000000] [--dir /tmp/drpo-inspect-bench]
+    .venv/bin/python benchmarks/inspector.py [--tokens 1000000] [--dir /tmp/drpo-inspect-bench]
 
 Writes a synthetic dump (1024-token responses, 8 steps, log-probs spread over the buckets)
 with drpo's writer, then runs `drpo inspect` on it at its defaults (every registered method)
@@ -10,22 +10,16 @@ resident memory (the child's ru_maxrss) against the targets: <= 30 s and <= 2 GB
 
 from __future__ import annotations
 
+import argparse
+import os
+import resource
+import shutil
+import subprocess
 import sys
+import time
+from pathlib import Path
 
-# Run as a script, this file's folder leads sys.path and its name would shadow the standard
-# library's `inspect` (which numpy and torch import): drop that entry first.
-if sys.path and sys.path[0] and __file__.startswith(sys.path[0]):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 TARGET_S, TARGET_GB = 30.0, 2.0
 SEQ, STEPS = 1024, 8
