@@ -100,6 +100,10 @@ def test_bad_yaml_files(tmp_path):
     bad.write_text("rollout: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"seed: 1\nmodel:\n  name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"^config file .*latin1.yaml:3: not UTF-8 text \(byte 0xe9 at column 12\)"):
+        load_config(latin1)
     lst = tmp_path / "list.yaml"
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at top level"):
