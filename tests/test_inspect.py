@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from drpo.cli import main
-from drpo.inspect.analysis import analyze, make_variants
+from drpo.inspect.analysis import BUCKETS, analyze, bucket_of, make_variants
 from drpo.inspect.dump import META_KEY, DumpError, DumpWriter, iter_tokens
 from inspect_reference import compare, reference, variants_of
 from train_helpers import fast_args
@@ -83,6 +83,16 @@ def test_report_equals_float64_reference_on_a_synthetic_dump(tmp_path):
     assert len(spreads) == 20 and spreads == sorted(spreads, reverse=True)
     md = (out / "report.md").read_text()
     assert "Where the methods disagree most" in md and "drpo(delta=0.05)" in md
+
+
+def test_buckets_are_closed_on_the_right_at_every_edge():
+    """mu <= 0.01, 0.01-0.1, 0.1-0.5, > 0.5 (docs/inspect.md): a token exactly on an edge is in the
+    bucket below it, the next float above it in the bucket above."""
+    assert BUCKETS == ("<=0.01", "0.01-0.1", "0.1-0.5", ">0.5")
+    mu = []
+    for e in (0.01, 0.1, 0.5):
+        mu += [e, np.nextafter(e, 1.0)]
+    assert bucket_of(np.array([1e-12, *mu, 1.0])).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def test_streaming_by_row_group_gives_the_same_numbers(tmp_path):
