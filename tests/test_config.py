@@ -198,3 +198,16 @@ def test_trainer_doc_states_the_typed_defaults():
                 assert ok, f"docs/trainer.md says {section or 'top level'}.{key} = {doc!r}; the default is {value!r}"
                 checked += 1
     assert checked >= 40  # every table was read
+
+
+@pytest.mark.parametrize("sets", [
+    ["rollout.prompts_per_step=4", "rollout.n_samples=4", "optim.updates_per_rollout=2", "optim.grad_accum=3"],
+    ["rollout.prompts_per_step=3", "rollout.n_samples=3", "optim.updates_per_rollout=2"],
+])
+def test_a_batch_that_does_not_split_into_micro_batches_is_refused(sets):
+    """16 samples in 2 mini-batches of 8 do not split into 3 micro-batches (nor 9 into 2): training
+    would skip samples, so the config is refused naming the keys."""
+    with pytest.raises(ConfigError, match=r"must split evenly into optim.updates_per_rollout=2 mini-batches"):
+        load_config(None, sets)
+    load_config(None, ["rollout.prompts_per_step=4", "rollout.n_samples=4", "optim.updates_per_rollout=2",
+                       "optim.grad_accum=4"])  # 16 = 2 x 8 = 2 x 4 x 2: fine

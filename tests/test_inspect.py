@@ -187,8 +187,11 @@ def _good_table(n=3, seq=4):
         (lambda t: t.set_column(4, "logp_before", pa.array([[-1.0] * 4, None, [-1.0] * 4], pa.list_(pa.float32()))),
          None, ["row 1", "'logp_before'", "null"]),
         (lambda t: t, {"format_version": 1, "method": "my_loss"}, ["'my_loss'", "not a registered method", "metadata.method"]),
+        (lambda t: t.set_column(4, "logp_before", pa.array([[-1.0] * 4, [-1.0, 0.5, -1.0, -1.0], [-1.0] * 4],
+                                                            pa.list_(pa.float32()))),
+         None, ["row 1", "'logp_before'", "position 1", "0.5", "a log-prob > 0"]),
     ],
-    ids=["missing-column", "ragged", "nan", "null", "unknown-method"],
+    ids=["missing-column", "ragged", "nan", "null", "unknown-method", "positive-logprob"],
 )
 def test_bad_dumps_name_file_row_and_column(tmp_path, capsys, make, meta, expected):
     path = _write_raw(tmp_path / "bad.parquet", make(_good_table()), meta)
