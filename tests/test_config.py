@@ -100,6 +100,10 @@ def test_bad_yaml_files(tmp_path):
     bad.write_text("rollout: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"seed: 1\nmodel:\n  name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"^config file .*latin1.yaml:3: not UTF-8 text \(byte 0xe9 at column 12\)"):
+        load_config(latin1)
     lst = tmp_path / "list.yaml"
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at top level"):
@@ -194,3 +198,16 @@ def test_trainer_doc_states_the_typed_defaults():
                 assert ok, f"docs/trainer.md says {section or 'top level'}.{key} = {doc!r}; the default is {value!r}"
                 checked += 1
     assert checked >= 40  # every table was read
+
+
+@pytest.mark.parametrize("sets", [
+    ["rollout.prompts_per_step=4", "rollout.n_samples=4", "optim.updates_per_rollout=2", "optim.grad_accum=3"],
+    ["rollout.prompts_per_step=3", "rollout.n_samples=3", "optim.updates_per_rollout=2"],
+])
+def test_a_batch_that_does_not_split_into_micro_batches_is_refused(sets):
+    """16 samples in 2 mini-batches of 8 do not split into 3 micro-batches (nor 9 into 2): training
+    would skip samples, so the config is refused naming the keys."""
+    with pytest.raises(ConfigError, match=r"must split evenly into optim.updates_per_rollout=2 mini-batches"):
+        load_config(None, sets)
+    load_config(None, ["rollout.prompts_per_step=4", "rollout.n_samples=4", "optim.updates_per_rollout=2",
+                       "optim.grad_accum=4"])  # 16 = 2 x 8 = 2 x 4 x 2: fine

@@ -418,10 +418,57 @@ def test_vllm_importance_sampling_modes(tmp_path, mode, anchor):
         assert torch.equal(rejected, expected)
     else:
         assert not rejected.any() and float(ratio.max()) == pytest.approx(3.0)  # truncated at the cap
+    if anchor == "rollout":  # the loss value: TRL's rejections kept as 0/1, its ratio not multiplied in
+        kept_ratio = torch.broadcast_to(ratio, mask.shape)[(mask != 0) & ~rejected]
+        assert (kept_ratio - 1).abs().max() > 0.01  # multiplying the ratio in would change the loss
+        assert float(trainer._compute_loss(trainer.model, inputs).detach()) == pytest.approx(
+            hand_rollout_anchor_loss(trainer, inputs), rel=1e-6)
     grad = logps_grad(trainer, inputs)
     carries = (mask != 0) & (inputs["advantages"][:, None] != 0)
     assert (grad[rejected] == 0).all()
     assert (grad[carries & ~rejected] != 0).all()
+
+
+def hand_rollout_anchor_loss(trainer, inputs) -> float:
+    """GRPO's clipped surrogate against vLLM's log-probs (NaN: TRL's old log-probs), written out in
+    float64: tokens TRL's "*_mask" mode rejected (ratio 0) drop out, the rest count with weight 1;
+    the sum is divided as TRL's "dapo" loss divides it (num_items_in_batch over the processes,
+    times gradient_accumulation_steps / steps_per_generation, in train mode)."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention,
+                                                                 inputs["completion_ids"].size(1))
+    logps, rollout = logps.double(), inputs["sampling_per_token_logps"].double()
+    old = inputs["old_per_token_logps"]
+    anchor = torch.where(torch.isnan(rollout), logps if old is None else old.double(), rollout)
+    mask = (inputs["completion_mask"] * inputs["tool_mask"]).double()
+    keep = (torch.broadcast_to(inputs["importance_sampling_ratio"], mask.shape) > 0).double()
+    adv = inputs["advantages"].double()[:, None]
+    r = torch.exp(logps - anchor)
+    surrogate = torch.minimum(r * adv, r.clamp(0.8, 1.2) * adv)  # eps_low = eps_high = 0.2
+    a = trainer.args
+    normalizer = float(inputs["num_items_in_batch"]) / trainer.accelerator.num_processes
+    normalizer *= a.gradient_accumulation_steps / a.steps_per_generation
+    return float(-(surrogate * mask * keep).sum() / normalizer)
+
+
+def test_logged_entropy_is_the_mean_over_response_tokens(tmp_path):
+    """TRL's `entropy` metric: its per-token entropies averaged over the loss mask, not padding."""
+    trainer = make_trainer(tmp_path, rollout_func=scripted_rollout, drpo_anchor="old")
+    inputs = generated_batch(trainer)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        _, entropies, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention,
+                                                                     inputs["completion_ids"].size(1),
+                                                                     compute_entropy=True)
+    mask = (inputs["completion_mask"] * inputs["tool_mask"]).double()
+    assert (mask == 0).any()  # padding and tool tokens, whose entropies must not count
+    want = float((entropies.double() * mask).sum() / mask.sum())
+    assert abs(float((entropies.double()).mean()) - want) > 1e-3  # the data tells the two means apart
+    trainer._compute_loss(trainer.model, inputs)
+    assert trainer._metrics["train"]["entropy"][-1] == pytest.approx(want, rel=1e-5)
 
 
 def test_rollout_anchor_with_truncate_mode_refused_at_config_time(tmp_path):

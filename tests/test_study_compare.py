@@ -49,6 +49,16 @@ def write_grid(path: Path, cache: Path, **extra) -> Path:
     return path
 
 
+def test_compare_exits_1_when_a_run_fails(tmp_path, cache_dir, capsys):
+    # 200 new tokens do not fit the tiny model's positions: each run stops with exit 2 at start
+    grid = write_grid(tmp_path / "grid.yaml", cache_dir, settings={"fp32": {"rollout.max_new_tokens": 200}},
+                      methods=["grpo"])
+    rc = main(["compare", "--grid", str(grid), "--out", str(tmp_path / "results"), "--workers", "1", "--quiet",
+               "--no-report"])
+    assert rc == 1
+    assert "1 failed" in capsys.readouterr().err
+
+
 def test_compare_and_report_hold_every_run(tmp_path, cache_dir):
     # a third setting whose weights overflow at once (lr 1e30, weight decay 1): diverged runs
     blowup = {"rollout.precision": "fp32", "optim.lr": 1e30, "optim.weight_decay": 1.0}

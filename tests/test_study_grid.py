@@ -67,6 +67,10 @@ def test_load_grid_file_errors(tmp_path):
         load_grid(bad)
     with pytest.raises(ValueError, match="missing.yaml"):
         load_grid(tmp_path / "missing.yaml")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ValueError, match=r"^grid file .*latin1.yaml:1: not UTF-8 text \(byte 0xe9 at column 10\)"):
+        load_grid(latin1)
     good = tmp_path / "ok.yaml"
     good.write_text(yaml.safe_dump(GRID))
     assert len(expand(load_grid(good))) == 10

@@ -90,6 +90,23 @@ def test_malformed_jsonl_lines_name_file_and_line(tmp_path, bad_line, match):
         load_jsonl(p)
 
 
+def test_non_utf8_jsonl_names_file_line_and_byte(tmp_path, capsys):
+    """A Latin-1 byte (0xe9, 'e' acute) on line 3: an error naming the file, the line, the column
+    and the byte, from load_jsonl and from `drpo train` (exit 2, one line, no traceback)."""
+    from drpo.cli import main
+
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"prompt": "1+1=", "answer": "2"}\n\n{"prompt": "caf\xe9", "answer": "3"}\n')
+    expected = f"{p}:3: not UTF-8 text (byte 0xe9 at column 16); save the file as UTF-8"
+    with pytest.raises(DatasetError) as err:
+        load_jsonl(p)
+    assert str(err.value) == expected
+    assert main(["train", "--set", "task.name=jsonl", "--set", f"task.dataset={p}", "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == f"drpo train: {expected}"
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_and_empty_dataset(tmp_path):
     with pytest.raises(DatasetError, match="dataset file not found: .*nope.jsonl"):
         load_jsonl(tmp_path / "nope.jsonl")

@@ -124,6 +124,26 @@ def test_token_mismatch_stats_by_hand():
     assert math.isnan(bins[(0.01, 0.1)]["mean_abs_log_ratio"])
 
 
+def test_mismatch_bins_are_closed_on_the_right_at_every_edge():
+    """A token exactly on an edge belongs to the bin below it ((e_i, e_i+1], the first [0, e1]);
+    just above, to the next. The edges 0.5, 0.9, 0.99 are exp() of a float64 log exactly; 0.01
+    and 0.1 are not (exp steps over them), so those are checked one float64 step either side."""
+    exact = {0.5: -0.6931471805599453, 0.9: -0.10536051565782628, 0.99: -0.01005033585350145}
+    edges = (0.01, 0.1, 0.5, 0.9, 0.99)
+    for k, e in enumerate(edges):
+        if e in exact:
+            logs = [exact[e]]
+            assert math.exp(logs[0]) == e
+        else:
+            logs = [math.log(e) - 1e-12]
+        logs.append(math.log(e) + 1e-12)  # just above the edge
+        behaviour = torch.tensor([logs], dtype=torch.float64)
+        bins = mismatch_by_mu(behaviour + 0.1, behaviour, torch.ones_like(behaviour, dtype=torch.bool))
+        assert [b["share"] for b in bins].index(0.5) == k, (e, bins)  # on (or just below) the edge: bin k
+        assert [b["share"] for b in bins][k + 1] == 0.5, (e, bins)  # just above: bin k + 1
+        assert bins[k]["mu_to"] == e and bins[k + 1]["mu_from"] == e
+
+
 @pytest.fixture(scope="module")
 def policy(cfg, tok):
     # The testbed architecture, random init; a larger head scale gives peaked, varied

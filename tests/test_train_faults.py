@@ -1,6 +1,6 @@
 """Fault injection across every write a run makes: `drpo train` killed (SIGKILL) at each
-point, including inside every write, then resumed, must end with exactly the metrics of an
-uninterrupted run; a full disk at each write must stop the run with a clear error and lose
+point, including inside every write, then resumed, must end with exactly the metrics (and, when
+dumping, the rollout dump) of an uninterrupted run; a full disk at each write must stop the run with a clear error and lose
 nothing; a second writer on a run directory is refused; `drpo compare` killed mid-way and
 restarted finishes the study; a policy whose numbers overflow ends the run as diverged (exit 3,
 a collapse in the study), a config error stays a failure (exit 2).
@@ -202,6 +202,59 @@ def test_killed_at_each_point_then_resumed_gives_identical_metrics(harness, faul
         _results["kill"].append(survived)
 
 
+# Rollout dumps (dump.every=1: one shard per step, each a temp file renamed into place when the
+# step's batch is written): killed inside a shard's write, before its rename, just after it (a
+# redone step already dumped), and where the resume redoes steps already dumped.
+DUMP = ("dump.every=1",)
+DUMP_KILLS = [("dump.write:2",), ("dump.rename:3",), ("dump.done:3",), ("metrics.done:6",),
+              ("checkpoint.write:2",), ("dump.done:5", "dump.write:1")]
+
+
+def _dump_rows(directory: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    rows = [r for f in sorted(directory.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    return sorted(rows, key=lambda r: (r["step"], r["sample_id"]))
+
+
+@pytest.fixture(scope="module")
+def dumped_reference(harness, tmp_path_factory):
+    runner, ref = harness
+    out = tmp_path_factory.mktemp("dumped") / "reference"
+    rc, log = runner.run(out, sets=DUMP)
+    assert rc == 0, log
+    assert _comparable(read_metrics(out / "metrics.jsonl")) == ref  # dumping only observes
+    rows = _dump_rows(out / "dumps")
+    assert [r["step"] for r in rows] == sorted(list(range(1, STEPS + 1)) * 32)  # 8 prompts x 4 samples a step
+    return rows
+
+
+@pytest.mark.parametrize("faults", DUMP_KILLS, ids=["+".join(f) for f in DUMP_KILLS])
+def test_killed_while_dumping_then_resumed_dumps_each_step_once(harness, dumped_reference, faults, tmp_path):
+    """A resumed run's dump holds every step once, with the uninterrupted run's values, and
+    `drpo inspect` reads the folder after each kill."""
+    runner, ref = harness
+    out = tmp_path / "run"
+    survived = False
+    try:
+        for i, fault in enumerate(faults):
+            rc, log = runner.run(out, fault, resume=i > 0, sets=DUMP)
+            assert rc == -signal.SIGKILL, f"fault {fault} never fired (exit {rc}):\n{log}"
+            if list((out / "dumps").glob("*.parquet")):  # what a kill leaves is readable
+                res = subprocess.run([sys.executable, "-m", "drpo.cli", "inspect", str(out / "dumps"), "--out",
+                                      str(tmp_path / f"inspect{i}"), "--method", "drpo"], capture_output=True, text=True)
+                assert res.returncode == 0, res.stderr
+                assert ("unfinished shard" in res.stdout) == bool(list((out / "dumps").glob(".*.tmp.*"))), res.stdout
+        rc, log = runner.run(out, resume=True, sets=DUMP)
+        assert rc == 0, log
+        assert _comparable(read_metrics(out / "metrics.jsonl")) == ref
+        assert _dump_rows(out / "dumps") == dumped_reference
+        assert not [p.name for p in out.rglob(".*.tmp.*")], "temp files left behind"
+        survived = True
+    finally:
+        _results["kill"].append(survived)
+
+
 @pytest.mark.parametrize("point", FULL)
 def test_full_disk_at_each_write_is_a_clear_error_and_loses_nothing(harness, point, tmp_path):
     runner, ref = harness
@@ -284,9 +337,11 @@ def test_killed_compare_restarts_and_finishes_with_uninterrupted_metrics(harness
     runs = sorted((out / "runs").iterdir())
     assert len(runs) == 2 and all((d / "summary.json").is_file() for d in runs)
     drpo_run = next(d for d in runs if "drpo" in d.name)
-    assert _comparable(read_metrics(drpo_run / "metrics.jsonl")) == ref  # the reference is drpo
-    records = [json.loads((d / "study_run.json").read_text()) for d in runs]
-    assert max(r["attempts"] for r in records) == 2
+    # the killed and resumed run is the drpo one, the reference's method: its metrics are the
+    # uninterrupted run's
+    records = {d.name: json.loads((d / "study_run.json").read_text()) for d in runs}
+    assert {name: r["attempts"] for name, r in records.items()} == {d.name: 2 if d == drpo_run else 1 for d in runs}
+    assert _comparable(read_metrics(drpo_run / "metrics.jsonl")) == ref
 
 
 # ------------------------------------------------------------------ overflowing policies

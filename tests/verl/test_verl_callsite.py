@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import zlib
 
 import pytest
 import torch
@@ -164,7 +165,9 @@ def _padded(flat, rows, key):
 @pytest.mark.parametrize("pad_mode", ["no_padding", "padding"])
 @pytest.mark.parametrize("dp", [1, 2])
 def test_verl_ppo_loss_call_site(method, agg, pad_mode, dp):
-    flat, rows = _sequences(seed=hash((method, agg)) % 1000)
+    # a fixed case per parameter set: hash() of strings is salted per process, so it drew new
+    # data on every run and a failure could not be reproduced
+    flat, rows = _sequences(seed=zlib.crc32(f"{method}/{agg}".encode()) % 1000)
     mask = _padded(flat, rows, "mask") > 0
     n_tokens, n_seqs = int(mask.sum()), int((mask.sum(-1) > 0).sum())
     # dp=2: this micro-batch is a third of the tokens/sequences of each rank's mini-batch

@@ -53,6 +53,11 @@ def dump_files(items: list[str]) -> list[Path]:
     return files
 
 
+def unfinished_shards(items: list[str]) -> list[Path]:
+    """Temp files of dump writers not closed (still running, or killed mid-shard): skipped."""
+    return sorted(t for item in items if Path(item).is_dir() for t in Path(item).rglob(".*.parquet.tmp.*"))
+
+
 def load_tokenizer(name: str | None):
     if not name:
         return None
@@ -92,5 +97,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{t['tokens']} tokens, {t['responses']} responses, {len(result['steps'])} step(s), {len(variants)} method "
           f"setting(s); long-tail share {100 * t['long_tail_share']:.2f}%"
           + "".join(f"\nwarning: {f}" for f in result["sanity"]["flags"])
+          + "".join(f"\nwarning: skipped {t}: an unfinished shard (its writer is still running or was killed before "
+                    "closing it)" for t in unfinished_shards(args.dumps))
           + f"\nreport: {paths['markdown']} ({paths['html'].name}, {paths['json'].name})")
     return 0

@@ -24,7 +24,10 @@ verl loss, verl driver, TRL), model, method and its parameters, sampling setting
 (temperature, top_p, top_k), the rank/process, and `columns`: what each log-prob column is
 for that source. Writers never communicate: each process writes its own shard
 (`dump-<source>-rank<r>-pid<p>-<k>.parquet`, one row group per write; a writer closed
-and written to again starts shard k + 1).
+and written to again starts shard k + 1). A shard is written as a hidden temp file and
+renamed into place, fsynced, by `close()` (drpo.train.files.atomic_writer): a process killed
+mid-shard leaves only `.dump-....parquet.tmp.<pid>`, which readers skip, never a shard
+without its footer.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -108,8 +112,8 @@ class DumpWriter:
     """Appends batches to this process's shard in `directory` every `every` steps.
 
     `metadata` holds what the report shows as is: source, model, method, params, sampling,
-    columns (meaning of each log-prob column). Writes are local (no collectives); the file is
-    valid after each `close()`; `write` opens it lazily."""
+    columns (meaning of each log-prob column). Writes are local (no collectives); `write` opens
+    a shard lazily, `close()` completes it and renames it into place."""
 
     def __init__(self, directory: str | os.PathLike, *, every: int = 1, metadata: Mapping[str, Any] | None = None):
         if int(every) < 1:
@@ -121,6 +125,7 @@ class DumpWriter:
         self._stem = f"dump-{str(self.metadata.get('source', 'drpo')).replace(' ', '_')}-rank{self.rank}-pid{os.getpid()}"
         self.path: Path | None = None  # chosen when the shard is opened
         self._writer = None
+        self._shard: ExitStack | None = None  # holds the shard's atomic_writer open between writes
         self.rows = 0
 
     def due(self, step: int) -> bool:
@@ -167,26 +172,56 @@ class DumpWriter:
             schema=schema(),
         )
         if self._writer is None:  # a new shard; one closed before is never overwritten
+            from drpo.train.files import atomic_writer
+
             self.directory.mkdir(parents=True, exist_ok=True)
             k = 1
             while (self.directory / f"{self._stem}-{k:04d}.parquet").exists():
                 k += 1
             self.path = self.directory / f"{self._stem}-{k:04d}.parquet"
             meta = {META_KEY: json.dumps(self.metadata, default=_json_default).encode()}
-            self._writer = pq.ParquetWriter(self.path, schema().with_metadata(meta))
+            self._shard = ExitStack()
+            f = self._shard.enter_context(atomic_writer(self.path, "dump"))
+            self._writer = pq.ParquetWriter(f, schema().with_metadata(meta))
         self._writer.write_table(table)  # one row group per write: the reader streams by row group
         self.rows += n
 
     def close(self) -> None:
+        """Completes the shard (footer, fsync) and renames it into place."""
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, shard, self._writer, self._shard = self._writer, self._shard, None, None
+            writer.close()
+            shard.close()
 
     def __del__(self):  # a writer dropped without close() still leaves a readable file
         try:
             self.close()
         except Exception:
             pass
+
+
+def drop_steps_after(directory: str | os.PathLike, step: int) -> list[Path]:
+    """A resumed `drpo train` redoes the steps after its checkpoint: remove their shards (and
+    temp files of killed writers), so each step is dumped once, by the attempt whose metrics the
+    run keeps. Returns the shards removed. drpo train writes one step per shard; a shard with
+    steps on both sides is an error naming it (rewriting someone else's file is not ours to do)."""
+    from drpo.train.files import sweep_temp_files
+
+    _, pq = _pa()
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    sweep_temp_files(directory)
+    removed = []
+    for path in sorted(directory.glob("*.parquet")):
+        steps = pq.read_table(path, columns=["step"]).column("step").to_numpy()
+        if steps.size and steps.min() > step:
+            path.unlink()
+            removed.append(path)
+        elif steps.size and steps.max() > step:
+            raise DumpError(f"{path}: holds steps {int(steps.min())}-{int(steps.max())}, across the checkpoint the run "
+                            f"resumes from (step {step}); move it out of the dump directory")
+    return removed
 
 
 def _list_array(pa, rows: list, type_):

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from drpo.objectives import get_method
+from drpo.textfile import NotUTF8Error, read_utf8
 
 # run ids become directory names: keep them portable and unambiguous
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -223,7 +224,9 @@ def parse_grid(data: Any, source: str = "grid") -> Grid:
 def load_grid(path: str | Path) -> Grid:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_utf8(path))
+    except NotUTF8Error as err:
+        raise ValueError(f"grid file {err}") from None
     except OSError as err:
         raise ValueError(f"grid file {str(path)!r}: {err.strerror}") from None
     except yaml.YAMLError as err:

@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 
 from drpo.tasks.base import DatasetError, Example
+from drpo.textfile import NotUTF8Error, decode_utf8
 
 __all__ = ["DatasetError", "cycle_stream", "load_jsonl", "split_examples"]
 
@@ -48,8 +49,12 @@ def load_jsonl(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise DatasetError(f"dataset file not found: {path}")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes, decoded a line at a time: a bad byte is named by its line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = decode_utf8(raw, path, lineno)
+            except NotUTF8Error as err:
+                raise DatasetError(str(err)) from None
             if line.strip():
                 examples.append(_parse_line(path, lineno, line))
     if not examples:

@@ -573,6 +573,10 @@ def run_locked(cfg: Config, task: Task, device, out_dir: Path, *, resume: bool, 
     elif resume:
         truncate_metrics(out_dir / "metrics.jsonl", -1)
         log("no checkpoint found: starting from scratch")
+    if resume and run.dumper is not None:  # the redone steps are dumped again, once
+        from drpo.inspect.dump import drop_steps_after
+
+        drop_steps_after(run.dumper.directory, state.step)
     logger = MetricsLogger(out_dir, purge_step=state.step + 1 if found else 0 if resume else None)
 
     if state.step == 0 and not found:
