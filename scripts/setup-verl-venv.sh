@@ -3,8 +3,9 @@
 #
 # verl 0.9.1 pins transformers>=5.5.3,<5.11, which the main .venv (transformers 5.23) does
 # not satisfy, so verl gets its own venv: torch pinned to 2.13.0 through constraints.txt
-# (the local CPU wheel, never a CUDA build), verl==0.9.1 with its own pins, drpo editable
-# with the [verl] extra, and pytest.
+# (the local CPU wheel, never a CUDA build), verl==0.9.1 with its "verl-core" extra (what its
+# default trainer, `trainer.use_v1=true`, imports: TransferQueue>=0.1.10 as verl asks, ray,
+# cachetools, fastapi, uvicorn, ...), drpo editable with the [verl] extra, and pytest.
 #
 #   scripts/setup-verl-venv.sh            # -> /work/main/.venv-verl (or $VERL_VENV)
 #   scripts/setup-verl-venv.sh /tmp/venv  # another path
@@ -34,6 +35,8 @@ verl_v, torch_v, root = sys.argv[1:]
 assert md.version("verl") == verl_v
 assert md.version("torch").split("+")[0] == torch_v
 assert md.version("pytest")
+import transfer_queue  # verl's v1 trainer (the default) needs it
+import verl.trainer.ppo.v1.utils
 import drpo  # editable install of this checkout
 assert pathlib.Path(drpo.__file__).resolve().is_relative_to(pathlib.Path(root).resolve())
 EOF
@@ -62,10 +65,8 @@ for url in $EXTRA_INDEX; do
 done
 UV_ARGS+=(--index-strategy unsafe-best-match)
 
-# cachetools, uvicorn, fastapi: imported by verl's ray_trainer (the driver-side dump hook's
-# test imports it) but not declared by verl 0.9.1.
 "$VENV/bin/python" -m uv pip install "${UV_ARGS[@]}" \
-  "torch==$TORCH_VERSION" "verl==$VERL_VERSION" -e "$ROOT[verl,inspect]" pytest cachetools uvicorn fastapi
+  "torch==$TORCH_VERSION" "verl[verl-core]==$VERL_VERSION" -e "$ROOT[verl,inspect]" pytest
 
 already_done || {
   echo "setup-verl-venv: install finished but the venv check failed; run" >&2

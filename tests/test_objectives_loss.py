@@ -304,7 +304,14 @@ def test_nonfinite_mode_is_checked_and_strict_checks_survive_metrics_off():
         policy_loss("drpo", logp, old, adv, mask, with_metrics=False)
     loss, m = policy_loss("drpo", logp, old, adv, mask, with_metrics=False, nonfinite="drop")
     assert torch.isfinite(loss) and m == {}
-    # drop mode still names a caller's bug when it has a transfer to ride on (metrics on)
+    # a log-prob > 0 is dropped and counted as the non-finite ones are (verl/TRL carry on); strict raises
     logp[0, 1] = 0.5
+    old[1, 0] = 0.01
+    loss, m = policy_loss("drpo", logp, old, adv, mask, nonfinite="drop")
+    padded = mask.clone().bool()
+    padded[0, :2] = padded[1, 0] = False
+    want, _ = policy_loss("drpo", logp.nan_to_num(0.0).clamp(max=0), old.clamp(max=0), adv, padded)
+    assert m["nonfinite_tokens"] == int((mask.bool() & ~padded).sum()) and loss == pytest.approx(float(want), rel=1e-6)
+    logp[0, 0] = -1.0
     with pytest.raises(ValueError, match="`logp` must be log-probabilities"):
-        policy_loss("drpo", logp, old, adv, mask, nonfinite="drop")
+        policy_loss("drpo", logp, old, adv, mask)

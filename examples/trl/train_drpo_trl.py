@@ -11,8 +11,12 @@
     .venv/bin/python examples/trl/train_drpo_trl.py --steps 4 --dump-every 1 --out runs/trl-drpo
     .venv/bin/drpo inspect runs/trl-drpo/dumps --out runs/trl-drpo/inspect
 
-    # on GPUs, with vLLM generating (then the rollout log-probs are the anchor):
-    accelerate launch examples/trl/train_drpo_trl.py --model /path/to/Qwen3-4B-Base --use-vllm ...
+    # N processes on CPU (gloo): torchrun starts them (`accelerate launch --cpu` starts one only)
+    .venv/bin/torchrun --nproc_per_node 2 examples/trl/train_drpo_trl.py --steps 3
+
+    # N GPUs, one process each, with vLLM generating (then the rollout log-probs are the anchor):
+    accelerate launch --multi_gpu --num_processes 8 examples/trl/train_drpo_trl.py \
+        --model /path/to/Qwen3-4B-Base --use-vllm ...
 
 Metrics (drpo diagnostics as drpo/*, TRL's reward, entropy, ...) go to TensorBoard under
 --out (`tensorboard --logdir runs/trl-drpo`) and to `log_history.json` there.
@@ -118,12 +122,14 @@ def main(argv=None) -> int:
         processing_class=tokenizer,
     )
     trainer.train()
+    if not trainer.accelerator.is_main_process:
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     last = [e for e in trainer.state.log_history if "reward" in e][-1]
     print(
-        f"done: {args.steps} steps, last reward {last['reward']:.3f}, "
+        f"done: {args.steps} steps on {trainer.accelerator.num_processes} process(es), last reward {last['reward']:.3f}, "
         f"drpo/kept_grad_mass {last.get('drpo/kept_grad_mass', float('nan')):.3f}; logs in {out}"
     )
     return 0

@@ -46,7 +46,10 @@ instead. A field counts as set when it differs from GRPOConfig's own default.
 Logged through TRL's metrics (`trainer.state.log_history`, TensorBoard/W&B via report_to):
 every drpo diagnostic as `drpo/<name>` (see `drpo.objectives.METRIC_NAMES`), `drpo/loss`
 (before the accumulation scaling, like TRL's `policy_loss`), `drpo/anchor_is_rollout`,
-`drpo/anchor_fallback_frac`, and TRL's `entropy` and `aux_loss` (MoE).
+`drpo/anchor_fallback_frac`, and TRL's `entropy` and `aux_loss` (MoE). Each loss call's value
+is reduced over processes as TRL reduces its own metrics (`metric_reduction`: token counts
+summed, `*_min`/`*_max` by min/max, the rest averaged), then TRL averages over the calls of the
+logging window; so `drpo/tokens` is the response tokens of one micro-batch over all processes.
 
 Rollout dumps for `drpo inspect` (opt-in): `drpo_dump_dir="dumps"` (and `drpo_dump_every=N`
 optimizer steps) writes each training micro-batch `_compute_loss` sees, one Parquet shard per
@@ -86,7 +89,40 @@ FORWARD_INPUTS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
+# drpo diagnostics that count tokens (summed over processes when logged).
+COUNT_METRICS = ("tokens", "nonfinite_tokens")
 _GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+
+
+def metric_reduction(name: str) -> str:
+    """How a logged metric is reduced over processes, as GRPOTrainer reduces its own: counts
+    summed (TRL's `num_tokens`), per-process extremes by nanmin/nanmax (TRL's `clip_ratio/low_min`,
+    `sampling/importance_sampling_ratio/max`), everything else by nanmean (TRL's `policy_loss`,
+    `aux_loss`). TRL then averages each key over the loss calls of the logging window."""
+    base = name.rsplit("/", 1)[-1]
+    if base in COUNT_METRICS:
+        return "sum"
+    if base.endswith("_min"):
+        return "min"
+    if base.endswith("_max"):
+        return "max"
+    return "mean"
+
+
+def _nan_extreme(x: Tensor, largest: bool) -> Tensor:
+    # TRL's nanmin/nanmax (NaN when every value is NaN), without boolean indexing.
+    nan = torch.isnan(x)
+    fill = -torch.inf if largest else torch.inf
+    kept = torch.where(nan, fill, x)
+    return torch.where(nan.all(), torch.nan, kept.amax() if largest else kept.amin())
+
+
+_REDUCE = {
+    "sum": torch.nansum,
+    "mean": torch.nanmean,
+    "min": lambda x: _nan_extreme(x, largest=False),
+    "max": lambda x: _nan_extreme(x, largest=True),
+}
 
 
 def _refused_fields(config: "DRPOConfig") -> dict[str, str]:
@@ -320,11 +356,13 @@ class DRPOGRPOTrainer(GRPOTrainer):
         return loss / accumulation, diag
 
     def _log_metrics(self, mode: str, metrics: dict[str, Any], entropies: Tensor, mask: Tensor) -> None:
-        # Diagnostics averaged over processes and TRL's token-weighted entropy, read in one transfer.
+        # Each diagnostic reduced over processes as TRL reduces its own (`metric_reduction`), and
+        # TRL's token-weighted entropy, read to the host in one transfer.
         names = list(metrics)
         device = entropies.device
         values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=device) for k in names])
-        values = self.accelerator.gather(values[None]).nanmean(0)
+        gathered = self.accelerator.gather(values[None])  # [processes, metrics]
+        values = torch.stack([_REDUCE[metric_reduction(k)](gathered[:, i]) for i, k in enumerate(names)])
         m = mask.float()
         totals = self.accelerator.reduce(torch.stack([(entropies.detach() * m).sum(), m.sum()]), reduction="sum")
         entropy = (totals[0] / totals[1].clamp(min=1.0)).to(torch.float64)

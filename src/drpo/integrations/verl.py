@@ -44,10 +44,10 @@ Parameters, read from verl's actor config (`actor_rollout_ref.actor`), later win
      is not a method parameter: see non-finite inputs.
 
 Non-finite inputs. As verl's own losses carry on past a -inf/NaN log-prob, a response token
-with a non-finite log_prob, old_log_prob, advantage or rollout IS weight is dropped from the
-loss (no contribution, no gradient) and counted in `actor/drpo/nonfinite_tokens`, with no
-extra host sync (`policy_loss(..., nonfinite="drop")`). `drpo_params: {strict: true}` raises
-instead, naming the argument.
+with a non-finite log_prob, old_log_prob, advantage or rollout IS weight, or a log-prob > 1e-4,
+is dropped from the loss (no contribution, no gradient) and counted in
+`actor/drpo/nonfinite_tokens`, with no extra host sync (`policy_loss(..., nonfinite="drop")`).
+`drpo_params: {strict: true}` raises instead, naming the argument.
 
 Aggregation. `loss_agg_mode` maps 1:1 to `drpo.objectives.aggregate` (token-mean,
 seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm; `token-sum` is the sum
@@ -60,14 +60,17 @@ Known difference: for seq-mean-token-mean verl divides each sequence's sum by
 `count + 1e-8`, drpo by `count` (relative 1e-8/count; below fp32 resolution).
 
 `rollout_is_weights` (verl's rollout-correction IS weights, [batch, response_len]) multiply
-the per-token loss before aggregation, as verl's own losses do. The diagnostics (returned
-as `actor/drpo/<metric>`, averaged over micro-batches by verl) are those of the unweighted
-tokens.
+the per-token loss before aggregation, as verl's own losses do. The diagnostics are those of
+the unweighted tokens, returned per loss call as `actor/drpo/<metric>`; verl's `ppo_loss` wraps
+every loss metric as a mean, so what verl logs is the mean over micro-batches and data-parallel
+ranks, counts included: `actor/drpo/tokens` and `actor/drpo/nonfinite_tokens` are tokens per
+micro-batch per rank (times micro-batches x dp_size for the mini-batch total), not totals.
 
 Rollout correction in bypass mode. With `algorithm.rollout_correction.bypass_mode=true` verl
 uses the rollout log-probs as old_log_prob and computes no rollout correction in the trainer;
-its v1 trainer also keeps our loss_mode (the legacy trainer swaps it for verl's `bypass_mode`
-loss). verl's bypass loss applies the rejection sampling of `policy_loss.rollout_correction`
+the workers keep our loss_mode in both trainers (the legacy trainer writes `bypass_mode` into
+`policy_loss.loss_mode` only in the driver's copy of the config, after the workers were built,
+`verl/trainer/ppo/ray_trainer.py`). verl's bypass loss applies the rejection sampling of `policy_loss.rollout_correction`
 inside the loss; so does this plugin when that config has `bypass_mode: true` and a
 `rollout_rs`: the rejection mask is verl's own (`compute_rollout_correction_and_rejection_mask`,
 current log-probs against the rollout ones), and its `rollout_corr/*` metrics are returned.
@@ -75,14 +78,16 @@ current log-probs against the rollout ones), and its `rollout_corr/*` metrics ar
 `loss_type: reinforce` are refused with an error naming the key. verl does not copy
 `algorithm.rollout_correction` into the actor config: pass
 `+actor_rollout_ref.actor.policy_loss.rollout_correction=${algorithm.rollout_correction}`
-(the example script does).
+(the example script does); without it a drpo loss_mode with bypass mode and `rollout_rs` is
+refused on the driver, in verl's `validate_config` (`install_config_check`).
 
 Rollout dumps for `drpo inspect` (opt-in; docs/inspect.md), two hooks that change nothing in
 training and use no collective (each process writes its own Parquet shards):
   - driver: with `DRPO_VERL_DUMP_DIR=DIR` (and `DRPO_VERL_DUMP_EVERY=N`) in the driver's
-    environment, the batch verl holds once advantages are computed (`compute_advantage` of
-    `verl.trainer.ppo.ray_trainer` and of the v1 trainer's utils, wrapped on import) is
-    dumped: responses, response mask, old and rollout log-probs, advantages, groups from uids.
+    environment, the batch verl holds once advantages are computed (the legacy trainer's
+    `compute_advantage`, the v1 trainer's `compute_advantage_for_multi_trajectories`, wrapped
+    on import) is dumped: response mask, old and rollout log-probs, advantages, groups from
+    uids, and the response tokens where the batch has them (not in v1's advantage step).
   - workers: `policy_loss.drpo_dump: {dir: DIR, every: N}` (on DRPOPolicyLossConfig) dumps
     every N-th loss call of each worker: the current policy's log-probs with the anchor and
     advantages verl passes (the loss is not told the training step, so `step` counts the
@@ -347,24 +352,46 @@ def dump_in_loss(method: str, params: dict, config: Any, old_log_prob: Tensor, l
 
 
 def dump_verl_batch(writer, batch: Any, step: int) -> None:
-    """One verl DataProto (after advantages) as dump rows; groups are the distinct uids."""
+    """One verl DataProto (after advantages) as dump rows; groups are the distinct uids.
+    Reads only what both trainers hold there: the v1 trainer's `_compute_advantage` fetches
+    uid, response_mask, old/rollout log-probs and rewards but not the response token ids, so
+    `token_ids` is dumped only where the batch has `responses` (the legacy trainer)."""
     import numpy as np
 
     b = batch.batch
     keys = set(b.keys())
     uid = batch.non_tensor_batch.get("uid")
     writer.write(
-        step=step, response_mask=b["response_mask"].bool(), token_ids=b["responses"], advantage=b["advantages"],
-        logp_before=b["old_log_probs"], logp_rollout=b["rollout_log_probs"] if "rollout_log_probs" in keys else None,
+        step=step, response_mask=b["response_mask"].bool(), advantage=b["advantages"],
+        token_ids=b["responses"] if "responses" in keys else None, logp_before=b["old_log_probs"],
+        logp_rollout=b["rollout_log_probs"] if "rollout_log_probs" in keys else None,
         group_id=None if uid is None else np.unique(np.asarray(uid).astype(str), return_inverse=True)[1],
     )
     writer.close()
 
 
+def _dumping(original: Callable, writer, calls: list) -> Callable:
+    """`original` (returns the DataProto with advantages), dumping every due batch it returns."""
+
+    def wrapped(data, *args, **kwargs):
+        out = original(data, *args, **kwargs)
+        calls[0] += 1
+        step = int(out.meta_info.get("global_steps", calls[0]))
+        if writer.due(step):
+            dump_verl_batch(writer, out, step)
+        return out
+
+    wrapped.drpo_dump = True
+    return wrapped
+
+
 def install_driver_dump(directory: str, every: int = 1) -> None:
-    """Wrap verl's `compute_advantage` (legacy and v1 trainers) so the driver dumps each
-    `every`-th batch after it; training is unchanged. Called on import when
-    DRPO_VERL_DUMP_DIR is set."""
+    """Wrap where verl's drivers compute advantages so the driver dumps each `every`-th batch
+    after it; training is unchanged. Called on import when DRPO_VERL_DUMP_DIR is set.
+      legacy trainer: `ray_trainer.compute_advantage`;
+      v1 trainer (the default): `compute_advantage_for_multi_trajectories` as `trainer_base.
+      _compute_advantage` calls it (it scatters GRPO advantages to every row after verl's
+      `compute_advantage`, so the dump sees the advantages the actor trains on)."""
     from verl.trainer.ppo import ray_trainer
 
     from drpo.inspect.dump import DumpWriter
@@ -377,29 +404,66 @@ def install_driver_dump(directory: str, every: int = 1) -> None:
             "logp_rollout": "rollout_log_probs: the rollout engine's log-prob of the sampled token (when verl keeps them)",
             "logp_before": "old_log_probs: train-side recomputation before the update (the rollout log-prob in "
                            "bypass mode)",
+            "token_ids": "responses, where the batch holds them (the v1 trainer's advantage step does not)",
             "step": "verl's global_steps where the batch carries it, else the count of advantage computations",
         },
     }
     writer = DumpWriter(directory, every=every, metadata=meta)
     calls = [0]
-    original = ray_trainer.compute_advantage
-
-    def compute_advantage(data, *args, **kwargs):
-        out = original(data, *args, **kwargs)
-        calls[0] += 1
-        step = int(out.meta_info.get("global_steps", calls[0]))
-        if writer.due(step):
-            dump_verl_batch(writer, out, step)
-        return out
-
-    compute_advantage.drpo_dump = True
-    ray_trainer.compute_advantage = compute_advantage
+    ray_trainer.compute_advantage = _dumping(ray_trainer.compute_advantage, writer, calls)
     try:
-        from verl.trainer.ppo.v1 import utils as v1_utils
+        from verl.trainer.ppo.v1 import trainer_base
+    except ImportError as err:  # verl without its "verl-core" extra (TransferQueue): no v1 trainer
+        logger.warning("drpo: verl's v1 trainer is not importable (%r); only the legacy trainer is dumped", err)
+        return
+    trainer_base.compute_advantage_for_multi_trajectories = _dumping(
+        trainer_base.compute_advantage_for_multi_trajectories, writer, calls)
 
-        v1_utils.compute_advantage = compute_advantage
-    except ImportError:  # pragma: no cover - older verl without the v1 trainer
-        pass
+
+# ---------------------------------------------------------------- the driver's composed config
+def bypass_rollout_rs_problem(config: Any) -> str | None:
+    """Why a composed verl config would silently skip rejection sampling in a drpo loss, or None.
+    In bypass mode verl computes no rollout correction in the trainer; the drpo loss applies
+    `rollout_rs` only from the actor's `policy_loss.rollout_correction`, which verl does not
+    fill from `algorithm.rollout_correction`."""
+    algo = _get(_get(config, "algorithm"), "rollout_correction")
+    if algo is None or not _get(algo, "bypass_mode", False) or _get(algo, "rollout_rs") is None:
+        return None
+    policy = _get(_get(_get(config, "actor_rollout_ref"), "actor"), "policy_loss")
+    if _get(policy, "loss_mode") not in VERL_LOSS_NAMES.values():
+        return None
+    actor = _get(policy, "rollout_correction")
+    keys = ("bypass_mode", "rollout_rs", "rollout_rs_threshold")
+    if actor is not None and all(_get(actor, k) == _get(algo, k) for k in keys):
+        return None
+    return (
+        f"algorithm.rollout_correction.bypass_mode=true with rollout_rs={_get(algo, 'rollout_rs')!r}, but "
+        f"actor_rollout_ref.actor.policy_loss.rollout_correction does not carry them, so the drpo loss "
+        f"{_get(policy, 'loss_mode')!r} would skip that rejection sampling; add "
+        "'+actor_rollout_ref.actor.policy_loss.rollout_correction=${algorithm.rollout_correction}' "
+        "or set algorithm.rollout_correction.rollout_rs=null"
+    )
+
+
+def install_config_check() -> None:
+    """Refuse, in verl's own `validate_config` (which `verl.trainer.main_ppo.main` calls on the
+    driver with the composed config), a config `bypass_rollout_rs_problem` objects to. Installed
+    on import: `import verl` loads this plugin before main_ppo binds `validate_config`."""
+    from verl.utils import config as verl_config
+
+    original = verl_config.validate_config
+    if getattr(original, "drpo_check", False):
+        return
+
+    def validate_config(config, *args, **kwargs):
+        problem = bypass_rollout_rs_problem(config)
+        if problem:
+            raise ValueError(problem)
+        return original(config, *args, **kwargs)
+
+    validate_config.__doc__ = original.__doc__
+    validate_config.drpo_check = True
+    verl_config.validate_config = validate_config
 
 
 def make_verl_policy_loss(method: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
@@ -446,6 +510,10 @@ def register_all() -> dict[str, str]:
 
 
 register_all()
+try:
+    install_config_check()
+except Exception as err:  # the losses are registered already; verl logs plugin errors only at DEBUG
+    logger.warning("drpo: the bypass-mode config check was not installed: %r", err)
 if os.environ.get("DRPO_VERL_DUMP_DIR"):
     try:  # the losses are registered already: a failed dump hook must not unregister them
         install_driver_dump(os.environ["DRPO_VERL_DUMP_DIR"], int(os.environ.get("DRPO_VERL_DUMP_EVERY", "1")))

@@ -21,7 +21,8 @@ Stable metric names (the trainer logs them under `objective/`):
     kept_grad_mass             sum|A r w| / sum|A r|: near 1 healthy suppression, near 0 a
                                stuck policy; 1.0 when no token carries advantage
     nonfinite_tokens           response tokens with a NaN/inf logp, old_logp, advantage or
-                               token weight (dropped from the loss with nonfinite="drop")
+                               token weight, or a logp/old_logp > 1e-4 (dropped from the loss
+                               with nonfinite="drop"; with "raise" these raise)
     loss                       the aggregated loss (added by policy_loss)
 
 Weight statistics use tokens with A != 0 because only they carry policy gradient; when

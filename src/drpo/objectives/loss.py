@@ -116,7 +116,9 @@ def _prepare_inputs(
         nonfinite_any = nonfinite_any | bad
         if nonfinite == "raise":
             checks.add(bad.sum(), lambda name=name, x=x, bad=bad: _first_bad(name, x, bad, "has a non-finite value"))
-    if nonfinite == "drop":
+    if nonfinite == "drop":  # a log-prob above 0 (beyond fp rounding) is as invalid: dropped and counted too
+        for _, x in named[:2]:
+            nonfinite_any = nonfinite_any | (mask & (x.detach() > POSITIVE_LOGP_TOL))
         mask = mask & ~nonfinite_any
     for name, x in named[:2]:
         worst = torch.where(mask, x.detach(), -1.0).amax()
@@ -249,7 +251,8 @@ def policy_loss(
                 [batch, seq]. Diagnostics describe the unweighted tokens.
     nonfinite   "raise" (default): a NaN/inf at a response position of logp, old_logp,
                 advantages or token_weights raises ValueError naming the argument.
-                "drop": such tokens are removed from the loss exactly like padding (no
+                "drop": such tokens, and those whose logp or old_logp is > 1e-4 (not a
+                log-probability), are removed from the loss exactly like padding (no
                 contribution, no gradient, not in the normaliser) and counted in
                 metrics["nonfinite_tokens"], as verl/TRL carry on past them.
     **params    the method's parameters (see `METHODS[method].params`)
