@@ -10,7 +10,9 @@
 # (scripts/gpu/wheel_plan.py logs each decision); drpo runs from src/. Each step has its own time
 # limit and log (OUT_DIR/<step>.log); a failed step does not stop the next. OUT_DIR ends with 8
 # files: 6 logs, summary.md and summary.json. Exit 0 only when every step passed.
-# Environment: PYTHON (default python3), GPU_WHEELS (default .gpu-wheels), GPU_CHECK_COMMIT.
+# Environment: PYTHON (default python3), GPU_WHEELS (default .gpu-wheels), GPU_CHECK_COMMIT (the
+# commit to name where there is no .git), GPU_CHECK_LIMIT_SCALE (multiplies every step's limit,
+# for a machine shared with other work; default 1).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -146,6 +148,7 @@ children_cpu() {
 run_step() {
   local name=$1 fn=$2 limit start cpu0 rc seconds cpu
   limit=$(printf '%s\n' "${LIMITS[@]}" | sed -n "s/^$name=//p")
+  limit=$(awk -v l="$limit" -v s="${GPU_CHECK_LIMIT_SCALE:-1}" 'BEGIN { printf "%d", l * s }')
   start=$(date +%s.%N)
   children_cpu > "$WORK/cpu0"; cpu0=$(cat "$WORK/cpu0")
   echo "== $name ($MODE, limit ${limit} s)" > "$OUT/$name.log"

@@ -16,35 +16,31 @@ import sys
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from drpo.models.tokenizer import BOS, CHARS, EOS, PAD, SPECIAL_TOKENS
+from drpo.models.tokenizer import make_char_tokenizer
 
 QWEN2_05B = dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151_936)
 
 
-def padded_char_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """drpo's char tokenizer (same ids, same encoding) with filler tokens up to vocab_size."""
-    base = list(SPECIAL_TOKENS + CHARS)
-    if vocab_size < len(base):
-        raise ValueError(f"vocab_size must be >= {len(base)}, got {vocab_size}")
-    vocab = {tok: i for i, tok in enumerate(base + [f"<|f{i}|>" for i in range(vocab_size - len(base))])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
-    )
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-                                  padding_side="left")
-    tok.model_max_length = 4096
+def save_padded_char_tokenizer(out: Path, vocab_size: int):
+    """drpo's char tokenizer (same ids, same encoding), saved in `out` with filler tokens up
+    to vocab_size added to its vocabulary; returns it loaded back from there."""
+    make_char_tokenizer().save_pretrained(out)
+    spec = json.loads((out / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    if vocab_size < len(vocab):
+        raise ValueError(f"vocab_size must be >= {len(vocab)}, got {vocab_size}")
+    vocab.update({f"<|f{i}|>": i for i in range(len(vocab), vocab_size)})
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert len(tok) == vocab_size, (len(tok), vocab_size)
     return tok
 
 
 def build(out: Path, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
           device: str = "cpu", seed: int = 0) -> dict:
-    tok = padded_char_tokenizer(vocab)
+    tok = save_padded_char_tokenizer(out, vocab)
     config = Qwen2Config(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
@@ -57,7 +53,6 @@ def build(out: Path, hidden: int, layers: int, heads: int, kv_heads: int, interm
     model.generation_config.pad_token_id = tok.pad_token_id
     params = sum(p.numel() for p in model.parameters())
     model.to(torch.bfloat16).save_pretrained(out)  # bf16 on disk: half the bytes; drpo loads it as fp32
-    tok.save_pretrained(out)
     return {"dir": str(out), "parameters": params, "hidden": hidden, "layers": layers, "heads": heads,
             "kv_heads": kv_heads, "intermediate": intermediate, "vocab": vocab}
 

@@ -183,7 +183,7 @@ def render(mode: str, commit: str, env: dict, steps: list[dict], found: dict[str
     for s in steps:
         if s["name"] in RENDER:
             body = RENDER[s["name"]](found[s["name"]]) if found[s["name"]] else [f"no result ({s['status']}; see {s['name']}.log)"]
-            lines += ["", f"### {TITLES.get(s['name'], s['name'])}", ""] + body
+            lines += ["", f"### {TITLES.get(s['name'], s['name'])}"] + (body if body[0] == "" else [""] + body)
     return lines
 
 
