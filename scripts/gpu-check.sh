@@ -24,7 +24,10 @@ if [ $# -ne 1 ]; then
 fi
 mkdir -p "$1" && OUT=$(cd "$1" && pwd) || exit 2
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX") || exit 2
+STEP_PID=
 trap 'rm -rf "$WORK"' EXIT
+# Stopped from outside: stop the running step too (timeout(1) leads its own process group).
+trap '[ -n "$STEP_PID" ] && kill -TERM -- "-$STEP_PID" 2>/dev/null; exit 143' TERM INT
 export ROOT MODE OUT WORK
 export PY=${PYTHON:-python3} WHEELS=${GPU_WHEELS:-$ROOT/.gpu-wheels} SITE=$WORK/site
 export PYTHONPATH="$ROOT/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -152,8 +155,11 @@ run_step() {
   start=$(date +%s.%N)
   children_cpu > "$WORK/cpu0"; cpu0=$(cat "$WORK/cpu0")
   echo "== $name ($MODE, limit ${limit} s)" > "$OUT/$name.log"
-  timeout --kill-after=10 "$limit" bash -c "$fn" >> "$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" bash -c "$fn" >> "$OUT/$name.log" 2>&1 &
+  STEP_PID=$!
+  wait "$STEP_PID"  # in the background, so that the TERM trap runs at once
   rc=$?
+  STEP_PID=
   seconds=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
   children_cpu > "$WORK/cpu1"
   cpu=$(awk -v a="$cpu0" -v b="$(cat "$WORK/cpu1")" 'BEGIN { printf "%.1f", b - a }')
