@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= dev,smollm2,math,trl,inspect
 RUN_OUT ?= runs/default
 
-.PHONY: install run test test-main test-verl bench study-quick study clean
+.PHONY: install run test test-main test-verl bench study-quick study gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,21 @@ study-quick: install
 study: install
 	$(BIN)/drpo compare --preset paper-mini --out results/paper-mini --workers 2
 	$(BIN)/drpo report results/paper-mini --out docs/results
+
+# The wheels the lent GPU machine lacks (scripts/gpu/wheels.txt), for its CPython 3.12 on
+# manylinux x86_64, into an ignored folder that scripts/gpu-check.sh installs from (that machine
+# has no registry). Afresh each time: two versions of one package would stop the install there.
+GPU_WHEELS ?= .gpu-wheels
+GPU_WHEELS_MAX_MB := 40
+GPU_PLATFORM := --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-wheels:
+	rm -rf $(GPU_WHEELS)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: $(GPU_PLATFORM) -d $(GPU_WHEELS) \
+		-r scripts/gpu/wheels.txt
+	du -sh $(GPU_WHEELS)
+	@test $$(du -sm $(GPU_WHEELS) | cut -f1) -le $(GPU_WHEELS_MAX_MB) || \
+		{ echo "$(GPU_WHEELS) is over $(GPU_WHEELS_MAX_MB) MB (the device tool carries 64 MiB with the tree)"; exit 1; }
 
 clean:
 	rm -rf $(VENV) .venv-verl runs results
