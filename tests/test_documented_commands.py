@@ -100,6 +100,14 @@ NOT_RUN = {
         "`drpo compare --preset quick`, whose results `drpo report results/paper-mini` reads",
     "drpo compare --preset paper-mini --workers 2": "as `drpo compare --preset paper-mini --out results/paper-mini`",
     "drpo compare [--preset quick|paper-mini | --grid FILE.yaml] [--out DIR]": "a usage synopsis, not a command",
+    "drpo compare --preset fp8-threshold --workers 2 --out results/fp8-threshold":
+        "50 runs on the testbed, 74 min with 2 workers (docs/stress.md); the same code path as `--preset quick`",
+    "drpo compare --preset stress --workers 2 --out results/stress":
+        "140 runs on the testbed (docs/stress.md); the same code path as `--preset quick`",
+    "drpo report results/fp8-threshold --out docs/results/fp8-threshold":
+        "reads the 50-run study and rewrites the committed report; the same code path as `drpo report results/paper-mini`",
+    "drpo report results/stress --out docs/results/stress":
+        "reads the 140-run study and rewrites the committed report; the same code path as `drpo report results/paper-mini`",
     ".venv/bin/python benchmarks/objectives.py --device cuda": "needs a CUDA GPU",
     "DRY_RUN=1 bash examples/verl/run_drpo_qwen3_4b_dapo_math.sh":
         "needs verl (its own venv): tests/verl/test_verl_plugin.py runs it there",
