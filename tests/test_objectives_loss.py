@@ -315,3 +315,11 @@ def test_nonfinite_mode_is_checked_and_strict_checks_survive_metrics_off():
     logp[0, 0] = -1.0
     with pytest.raises(ValueError, match="`logp` must be log-probabilities"):
         policy_loss("drpo", logp, old, adv, mask)
+
+
+def test_a_weight_of_exactly_one_is_neither_amplified_nor_attenuated():
+    """pg_is's weight is 1 on every token: the categories are strict (w > 1 amplified, 0 < w < 1
+    attenuated), so none of its tokens counts in either."""
+    logp, old, adv, mask = _ok()
+    _, m = policy_loss("pg_is", logp, old, adv, mask)
+    assert (m["weight_amplified_frac"], m["weight_attenuated_frac"]) == (0.0, 0.0)
