@@ -90,6 +90,8 @@ def test_v1_driver_dump_with_v1s_advantage_step(tmp_path, monkeypatch):
     assert json.loads(pq.read_schema(f).metadata[b"drpo.dump"])["source"] == "verl_driver"
 
 
+VALID = ("actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",  # what verl's own validation asks for
+         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2")
 RS = ("actor_rollout_ref.actor.policy_loss.loss_mode=drpo", "algorithm.rollout_correction.bypass_mode=True",
       "algorithm.rollout_correction.rollout_rs=token_k1", "algorithm.rollout_correction.rollout_rs_threshold='0.7_1.4'")
 CARRY = "+actor_rollout_ref.actor.policy_loss.rollout_correction=${algorithm.rollout_correction}"
@@ -101,8 +103,8 @@ def test_driver_refuses_bypass_rejection_the_drpo_loss_would_not_see():
 
     assert main_ppo.validate_config is validate_config and validate_config.drpo_check  # the driver's check
     with pytest.raises(ValueError, match=r"policy_loss.rollout_correction does not carry them.*rollout_rs=null"):
-        validate_config(_compose(RS), use_reference_policy=False, use_critic=False)
-    validate_config(_compose((*RS, CARRY)), use_reference_policy=False, use_critic=False)
+        validate_config(_compose((*VALID, *RS)), use_reference_policy=False, use_critic=False)
+    validate_config(_compose((*VALID, *RS, CARRY)), use_reference_policy=False, use_critic=False)
     # verl's own losses, and drpo without rollout_rs, are left alone
     assert plugin.bypass_rollout_rs_problem(_compose((RS[0], RS[1]))) is None
     assert plugin.bypass_rollout_rs_problem(_compose(("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",
