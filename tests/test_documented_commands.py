@@ -69,8 +69,9 @@ COMMANDS = {
     "drpo compare --preset quick --out results/quick": (["--seeds", "1", *sets(TINY)],
                                                        r"drpo compare: report written to \S+ and \S+"),
     "drpo compare --preset quick": (["--seeds", "1", *sets(TINY)], r"drpo compare: report written to \S+ and \S+"),
-    "drpo report results/paper-mini --out report/": ([], r"html\s+\S+"),
-    "drpo report results/paper-mini": ([], r"html\s+\S+"),
+    # drpo report lists what it wrote, one `NAME  PATH` line each, the figures last
+    "drpo report results/paper-mini --out report/": ([], r"figure:\w+\s+\S+\.png"),
+    "drpo report results/paper-mini": ([], r"figure:\w+\s+\S+\.png"),
     ".venv/bin/python examples/plain_pytorch_step.py":
         ([], re.escape("loss=0.0215 weight in [0.9998, 1.0000] mismatch |log r|=0.0169 kept_grad_mass=1.000")),
     ".venv/bin/python examples/trl/train_drpo_trl.py --steps 20 --out runs/trl-drpo":
