@@ -262,9 +262,10 @@ def _where(args) -> str:
 
 
 def ratios(results: dict[str, dict]) -> dict[str, float]:
-    """The summary line's ratios, ours/theirs; NaN where either case failed."""
+    """The summary line's ratios, ours/theirs; NaN where either case failed or the baseline
+    measured 0 (a peak below the RSS resolution at tiny sizes)."""
     def ratio(a, b, key):
-        ok = "error" not in results[a] and "error" not in results[b]
+        ok = "error" not in results[a] and "error" not in results[b] and results[b][key] > 0
         return results[a][key] / results[b][key] if ok else float("nan")
 
     return {

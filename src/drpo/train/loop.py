@@ -302,7 +302,7 @@ def microbatch_loss(policy: Policy, rollout: Rollout, idx, anchor, advantages):
     loss, metrics = policy.loss(logp, anchor[idx], advantages[idx], rollout.response_mask[idx])
     # both read from the metrics already on the host (policy_loss's one transfer)
     if metrics["nonfinite_tokens"]:  # overflowing weights
-        raise FloatingPointError(f"non-finite log-probs at {int(metrics['nonfinite_tokens'])} response tokens "
+        raise FloatingPointError(f"non-finite (or > 0) log-probs at {int(metrics['nonfinite_tokens'])} response tokens "
                                  f"(method {policy.method!r})")
     if not math.isfinite(metrics["loss"]):
         raise FloatingPointError(f"non-finite loss {metrics['loss']} (method {policy.method!r})")
