@@ -124,6 +124,12 @@ def test_every_mode_accumulates_to_the_whole_mini_batch_gradient(engine_run, pla
     assert not bad, bad
 
 
+# verl's dppo_tv and cispo write their loss as -A * sg(w) * log pi (core_algos.py): the same gradient
+# as our -A * w * r surrogate, another value; so only vanilla's logged pg_loss is compared (known
+# difference, docs/integrations.md).
+SAME_LOSS_VALUE = {"vanilla"}
+
+
 def test_drpo_losses_equal_verls_own_in_the_engine(engine_run):
     _, results = engine_run
     for ours, theirs in VERL_PAIRS.items():
@@ -132,6 +138,8 @@ def test_drpo_losses_equal_verls_own_in_the_engine(engine_run):
                 a, b = results[(ours, agg, with_is)], results[(theirs, agg, with_is)]
                 case = (ours, theirs, agg, with_is)
                 assert _close(a["grad"], b["grad"]) < 2e-6, case
+                if theirs not in SAME_LOSS_VALUE:
+                    continue
                 assert _aggregated(a["metrics"], "actor/pg_loss") == pytest.approx(
                     _aggregated(b["metrics"], "actor/pg_loss"), rel=1e-5, abs=1e-7), case
     # the IS weights reach the loss, and the clips act on this batch
