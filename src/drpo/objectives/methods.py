@@ -327,8 +327,9 @@ def loose_threshold_note(method: str, params: Mapping) -> str | None:
         return f"{head}, so every weight is 1: this is the unregularized pg_is surrogate"
     weights = (f", and its weights stay within [1-1/delta, 1+1/delta] = [{1 - 1 / delta:.3f}, {1 + 1 / delta:.3f}]"
                if params["advantage_weighted"] else "")
+    dppo = get_method("dppo_tv").params["delta_high"]
     return (f"{head}{weights}: a bounded reweighting of the unregularized pg_is surrogate, not a trust region "
-            f"that binds (the paper matches DPPO's Binary-TV threshold, 0.15)")
+            f"that binds (the paper matches DPPO's Binary-TV threshold, {dppo:g})")
 
 
 # --------------------------------------------------------------------------- mask_drpo
