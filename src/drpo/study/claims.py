@@ -248,21 +248,26 @@ def claim_pg_is_drops(ix: _Index) -> Claim:
     return c
 
 
-def claim_mask_matches(ix: _Index) -> Claim:
-    c = Claim("mask_matches", "Mask-DRPO (DPPO's gradient inside the boundary, DRPO's outside) matches DRPO.",
-              f"Mask-DRPO minus DRPO on final accuracy and AUC, per seed, averaged over all settings. Supports: "
-              f"equivalent within +-{MARGIN} on both (TOST at 0.05 each). Contradicts: otherwise, a significant "
-              f"difference on either (paired t, Holm across the two). Otherwise cannot tell.")
-    pairs = ix.pairs("mask_drpo", "drpo")
-    tests, eq = _difference_tests(pairs, "mask_drpo - drpo")
+def _equivalence_claim(c: Claim, pairs, a_name: str, b_name: str) -> Claim:
+    """a - b on every metric over `pairs`: supports if equivalent within +-MARGIN on all (TOST),
+    contradicts if any difference is significant (Holm), else cannot tell."""
+    tests, eq = _difference_tests(pairs, f"{a_name} - {b_name}")
     if tests:
-        _describe(c, pairs, "mask_drpo", "drpo")
+        _describe(c, pairs, a_name, b_name)
         reject = finish(tests)
         c.tests = tests
         c.evidence += [t.line(len(tests)) + f"; equivalence p = {q:.3f}" for t, q in zip(tests, eq)]
         c.verdict = ("supports" if len(eq) == len(METRICS) and all(q <= ALPHA for q in eq) else
                      "contradicts" if any(reject) else "cannot tell")
     return c
+
+
+def claim_mask_matches(ix: _Index) -> Claim:
+    c = Claim("mask_matches", "Mask-DRPO (DPPO's gradient inside the boundary, DRPO's outside) matches DRPO.",
+              f"Mask-DRPO minus DRPO on final accuracy and AUC, per seed, averaged over all settings. Supports: "
+              f"equivalent within +-{MARGIN} on both (TOST at 0.05 each). Contradicts: otherwise, a significant "
+              f"difference on either (paired t, Holm across the two). Otherwise cannot tell.")
+    return _equivalence_claim(c, ix.pairs("mask_drpo", "drpo"), "mask_drpo", "drpo")
 
 
 def claim_abs_adv(ix: _Index) -> Claim:
@@ -345,15 +350,7 @@ def claim_loose_is_pg_is(ix: _Index) -> Claim:
         pg_is = ix.get(s, "pg_is")
         if name is not None and pg_is is not None:
             pairs.append((ix.cells[(s, name)], pg_is))
-    tests, eq = _difference_tests(pairs, f"drpo delta={default:g} - pg_is")
-    if tests:
-        _describe(c, pairs, f"drpo delta={default:g}", "pg_is")
-        reject = finish(tests)
-        c.tests = tests
-        c.evidence += [t.line(len(tests)) + f"; equivalence p = {q:.3f}" for t, q in zip(tests, eq)]
-        c.verdict = ("supports" if len(eq) == len(METRICS) and all(q <= ALPHA for q in eq) else
-                     "contradicts" if any(reject) else "cannot tell")
-    return c
+    return _equivalence_claim(c, pairs, f"drpo delta={default:g}", "pg_is")
 
 
 CLAIMS = (claim_ratio_collapse, claim_dppo_slower, claim_pg_is_drops, claim_mask_matches, claim_abs_adv,
