@@ -104,7 +104,7 @@ NOT_RUN = {
     "drpo compare --preset fp8-threshold --workers 2 --out results/fp8-threshold":
         "50 runs on the testbed, 74 min with 2 workers (docs/stress.md); the same code path as `--preset quick`",
     "drpo compare --preset stress --workers 2 --out results/stress":
-        "140 runs on the testbed (docs/stress.md); the same code path as `--preset quick`",
+        "140 runs on the testbed, 97 min with 2 workers (docs/stress.md); the same code path as `--preset quick`",
     "drpo report results/fp8-threshold --out docs/results/fp8-threshold":
         "reads the 50-run study and rewrites the committed report; the same code path as `drpo report results/paper-mini`",
     "drpo report results/stress --out docs/results/stress":
