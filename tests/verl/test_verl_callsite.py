@@ -284,6 +284,31 @@ def test_bypass_rejection_sampling_is_applied_as_verl_applies_it():
     assert abs(float((no_rs - loss).detach())) > 1e-6
 
 
+@pytest.mark.parametrize("threshold", ["0.7_1.4", "0.9_1.1"])
+def test_bypass_rejection_keeps_the_tokens_the_configured_threshold_keeps(threshold):
+    """token_k1 with rollout_rs_threshold "lower_upper" keeps a token iff lower <= mu/pi <= upper
+    (mu the rollout probability, pi the current one; verl's rollout_corr_helper). Our grpo, given
+    the threshold only through the config, equals drpo's own policy_loss on exactly the tokens that
+    closed form keeps, and the rejected tokens get no gradient; each threshold rejects some
+    tokens and keeps others, a different set for each."""
+    flat, rows = _sequences(seed=9)
+    mask = _padded(flat, rows, "mask") > 0
+    old, adv, logp = _padded(flat, rows, "old"), _padded(flat, rows, "adv"), _padded(flat, rows, "logp")
+    lower, upper = map(float, threshold.split("_"))
+    mu_over_pi = torch.exp(old - logp)
+    keep = mask & (mu_over_pi >= lower) & (mu_over_pi <= upper)
+    assert keep.any() and (mask & ~keep).any()
+    actor = _bypass_actor("grpo", "algorithm.rollout_correction.rollout_rs=token_k1",
+                          f"algorithm.rollout_correction.rollout_rs_threshold='{threshold}'")
+    x = logp.clone().requires_grad_(True)
+    loss, _ = get_policy_loss_fn("grpo")(old_log_prob=old, log_prob=x, advantages=adv, response_mask=mask,
+                                         loss_agg_mode="token-mean", config=actor)
+    (grad,) = torch.autograd.grad(loss, x)
+    ref, _ = policy_loss("grpo", logp, old, adv, keep, **plugin.method_params("grpo", actor))
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-12, atol=1e-12)
+    assert (grad[mask & ~keep] == 0).all() and (grad[keep] != 0).any()
+
+
 @pytest.mark.parametrize(
     ("override", "match"),
     [
