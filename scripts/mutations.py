@@ -190,7 +190,8 @@ def run_one(name: str) -> tuple[str, str, float]:
         res = subprocess.run([python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=dest, env=env,
                              capture_output=True, text=True)
         wall = time.perf_counter() - t0
-    failed = re.findall(r"^FAILED (\S+)", res.stdout, re.M) or re.findall(r"^ERROR (\S+)", res.stdout, re.M)
+    # a node id may hold spaces (parametrize ids); pytest ends the line with " - <message>" when it has one
+    failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", res.stdout, re.M)
     if res.returncode == 0:
         return "SURVIVED", " ".join(tests), wall
     if res.returncode == 1 and failed:
