@@ -5,10 +5,15 @@ named for each: a mutation is killed when they fail. Prints one Markdown row per
     .venv/bin/python scripts/mutations.py --list          # their names
     .venv/bin/python scripts/mutations.py trl-is-ratio one-sided-p
 
-Each mutation replaces one exact piece of text (it must occur in the file, so a refactor that
-moves it fails here loudly rather than testing nothing). The copy is the working tree's tracked
-and untracked files; its src/ leads PYTHONPATH, so subprocesses the tests start use it too. The
-verl mutations run in .venv-verl (scripts/setup-verl-venv.sh) and are skipped without it.
+    .venv/bin/python scripts/mutations.py --check         # every pattern still matches? (no tests run)
+
+Each mutation replaces one exact piece of text, which must occur exactly once in its file: before
+any test runs, every selected mutation is checked, and one whose text a refactor moved or changed
+stops the script (exit 2) naming the mutation, its file and the missing text, so it is re-pointed
+rather than silently testing nothing (tests/test_mutations_script.py runs `--check` in CI). The
+copy is the working tree's tracked and untracked files; its src/ leads PYTHONPATH, so
+subprocesses the tests start use it too. The verl mutations run in .venv-verl
+(scripts/setup-verl-venv.sh) and are skipped without it.
 """
 
 from __future__ import annotations
@@ -68,17 +73,38 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str], str]] = {
                      ["tests/test_durability.py"], PY),
     "no-append-fsync": ("src/drpo/train/files.py", "        os.fsync(fd)\n    except OSError as err:\n        os.ftruncate",
                         "        pass\n    except OSError as err:\n        os.ftruncate", ["tests/test_durability.py"], PY),
+    # the main job (`drpo train`): what tests/test_main_job.py checks of a run through the CLI, and
+    # the exit codes of failed runs (the faster tests that also see a missing file run first)
     "main-job-no-curves": ("src/drpo/train/loop.py", "    plot_curves(rows, out_dir / \"curves.png\"",
-                           "    (lambda *a, **k: None)(rows, out_dir / \"curves.png\"", ["tests/test_main_job.py"], PY),
+                           "    (lambda *a, **k: None)(rows, out_dir / \"curves.png\"",
+                           ["tests/test_durability.py", "tests/test_main_job.py"], PY),
+    "main-job-no-summary": ("src/drpo/train/loop.py",
+                            '    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2), "summary")\n', "",
+                            ["tests/test_durability.py", "tests/test_main_job.py"], PY),
     "main-job-exit-code": ("src/drpo/train/cli.py", "outputs in {args.out}\"\n    )\n    return 0",
                            "outputs in {args.out}\"\n    )\n    return 1", ["tests/test_main_job.py"], PY),
+    "main-job-no-progress": ("src/drpo/train/cli.py", "progress=not args.no_progress,", "progress=False,",
+                             ["tests/test_main_job.py"], PY),
+    "cli-exit-0-on-config-error": ("src/drpo/train/cli.py",
+                                   "    except (ConfigError, ValueError) as err:\n"
+                                   "        print(f\"drpo train: {err}\", file=sys.stderr)\n        return 2\n",
+                                   "    except (ConfigError, ValueError) as err:\n"
+                                   "        print(f\"drpo train: {err}\", file=sys.stderr)\n        return 0\n",
+                                   ["tests/test_config.py", "-k", "cli"], PY),
+    "cli-exit-0-on-run-error": ("src/drpo/train/cli.py",
+                                "        print(f\"drpo train: {err}\", file=sys.stderr)\n        return 2\n    print(\n",
+                                "        print(f\"drpo train: {err}\", file=sys.stderr)\n        return 0\n    print(\n",
+                                ["tests/test_config.py", "-k", "cli"], PY),
+    "cli-exit-0-on-divergence": ("src/drpo/train/cli.py", "        return DIVERGED_EXIT\n", "        return 0\n",
+                                 ["tests/test_train_faults.py", "-k", "overflowing"], PY),
     "resume-rng-lost": ("src/drpo/train/loop.py", '    state.generator.set_state(ckpt["generator"])\n', "",
                         ["tests/test_train_faults.py", "-k", "killed_compare"], PY),
     "dumps-redone-twice": ("src/drpo/train/loop.py", "        drop_steps_after(run.dumper.directory, state.step)\n",
                            "        pass\n", ["tests/test_train_faults.py", "-k", "dumps_each_step"], PY),
     "dump-not-atomic": ("src/drpo/inspect/dump.py", "f = self._shard.enter_context(atomic_writer(self.path, \"dump\"))",
                         "f = self._shard.enter_context(open(self.path, \"wb\"))",
-                        ["tests/test_train_faults.py", "-k", "dumps_each_step"], PY),
+                        ["tests/test_durability.py", "tests/test_train_faults.py", "-k", "fsynced or dumps_each_step"],
+                        PY),
     "jsonl-latin1": ("src/drpo/tasks/jsonl.py", "line = decode_utf8(raw, path, lineno)", "line = raw.decode()",
                      ["tests/test_tasks.py", "-k", "utf8"], PY),
     "registry-leak": ("tests/conftest.py", "    yield\n    registry._REGISTRY.clear()\n    registry._REGISTRY.update(saved)\n",
@@ -107,9 +133,13 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str], str]] = {
     "config-grad-accum": ("src/drpo/train/config.py", " or per_update % self.optim.grad_accum:", ":",
                           ["tests/test_config.py"], PY),
     "verl-clip-ratio-c-fallback": ("src/drpo/integrations/verl.py", "return _CLIP_RATIO_C_FALLBACK[method]",
-                                   "return 3.0", ["tests/verl"], PY_VERL),
+                                   "return 3.0", ["tests/verl/test_verl_plugin.py", "-k", "clip_ratio_c_falls_back"],
+                                   PY_VERL),
     "verl-rs-threshold": ("src/drpo/integrations/verl.py", 'rollout_rs_threshold=_get(rc, "rollout_rs_threshold"),',
-                          'rollout_rs_threshold="0.5_2.0",', ["tests/verl/test_verl_callsite.py"], PY_VERL),
+                          'rollout_rs_threshold="0.5_2.0",',
+                          ["tests/verl/test_verl_callsite.py", "-k", "configured_threshold"], PY_VERL),
+    "verl-dppo-value": ("src/drpo/integrations/verl.py", '_LOG_PI_VALUE = ("dppo_tv", "dppo_kl")', "_LOG_PI_VALUE = ()",
+                        ["tests/verl/test_verl_plugin.py", "-k", "loss_and_gradient_match"], PY_VERL),
 }
 
 
@@ -123,31 +153,45 @@ def copy_tree(dest: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
-def apply(dest: Path, path: str, text: str, replacement: str) -> None:
+def stale(name: str, root: Path = ROOT) -> str | None:
+    """Why mutation `name` can no longer be applied to the tree at `root`, or None."""
+    path, text, *_ = MUTATIONS[name]
+    f = root / path
+    if not f.is_file():
+        return f"mutation {name!r}: {path} does not exist (moved?); re-point it"
+    if text == "":  # append
+        return None
+    n = f.read_text().count(text)
+    if n != 1:
+        return f"mutation {name!r}: its text occurs {n} times in {path}, not once; re-point it: {text!r}"
+    return None
+
+
+def apply(dest: Path, name: str) -> None:
+    path, text, replacement, *_ = MUTATIONS[name]
+    problem = stale(name, dest)
+    if problem:
+        raise SystemExit(problem)
     f = dest / path
     s = f.read_text()
-    if text == "":  # append
-        f.write_text(s + replacement)
-        return
-    if s.count(text) != 1:
-        raise SystemExit(f"mutation target not found exactly once in {path}: {text!r}")
-    f.write_text(s.replace(text, replacement))
+    f.write_text(s + replacement if text == "" else s.replace(text, replacement))
 
 
 def run_one(name: str) -> tuple[str, str, float]:
-    path, text, replacement, tests, python = MUTATIONS[name]
+    tests, python = MUTATIONS[name][3:]
     if not Path(python).exists():
         return "skipped", f"{python} missing (scripts/setup-verl-venv.sh)", 0.0
     with tempfile.TemporaryDirectory(prefix=f"drpo-mut-{name}-") as tmp:
         dest = Path(tmp)
         copy_tree(dest)
-        apply(dest, path, text, replacement)
+        apply(dest, name)
         env = {**os.environ, "PYTHONPATH": str(dest / "src")}
         t0 = time.perf_counter()
         res = subprocess.run([python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=dest, env=env,
                              capture_output=True, text=True)
         wall = time.perf_counter() - t0
-    failed = re.findall(r"^FAILED (\S+)", res.stdout, re.M) or re.findall(r"^ERROR (\S+)", res.stdout, re.M)
+    # a node id may hold spaces (parametrize ids); pytest ends the line with " - <message>" when it has one
+    failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", res.stdout, re.M)
     if res.returncode == 0:
         return "SURVIVED", " ".join(tests), wall
     if res.returncode == 1 and failed:
@@ -159,6 +203,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help="mutations to run (default: all)")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--check", action="store_true", help="only check that each mutation's text is still in its file")
     args = p.parse_args(argv)
     if args.list:
         print("\n".join(MUTATIONS))
@@ -166,6 +211,13 @@ def main(argv=None) -> int:
     unknown = [n for n in args.names if n not in MUTATIONS]
     if unknown:
         p.error(f"unknown mutation(s): {', '.join(unknown)}")
+    problems = [why for name in args.names or MUTATIONS if (why := stale(name))]
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"all {len(args.names or MUTATIONS)} mutation(s) apply")
+        return 0
     survived = 0
     print("| mutation | result | killed by | s |\n|---|---|---|---|", flush=True)
     for name in args.names or MUTATIONS:

@@ -44,7 +44,7 @@ def patch_verl_for_cpu() -> None:
 
 
 # drpo's loss modes (every registered drpo method) and the verl losses they are compared with.
-VERL_PAIRS = {"grpo": "vanilla", "drpo_dppo_tv": "dppo_tv", "drpo_cispo": "cispo"}
+VERL_PAIRS = {"grpo": "vanilla", "drpo_dppo_tv": "dppo_tv", "drpo_dppo_kl": "dppo_kl", "drpo_cispo": "cispo"}
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # verl's dynamic batch size: micro-batches of at most this many tokens (2-4 per rank here).
 MAX_TOKEN_LEN = 18

@@ -160,6 +160,11 @@ def _padded(flat, rows, key):
     return out
 
 
+# verl's dppo losses write their value as -A*sg(w)*log pi, another value than drpo's surrogate with
+# the same gradient; their drpo twins report verl's value (docs/integrations.md).
+VERL_VALUE_TWIN = {"dppo_tv": "dppo_tv", "dppo_kl": "dppo_kl"}
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("agg", VERL_AGG)
 @pytest.mark.parametrize("pad_mode", ["no_padding", "padding"])
@@ -200,12 +205,17 @@ def test_verl_ppo_loss_call_site(method, agg, pad_mode, dp):
         scale = n_seqs * dp / global_batch_size
     ref = ref * scale
     (ref_grad,) = torch.autograd.grad(ref, y)
+    value = ref.detach()
+    if method in VERL_VALUE_TWIN:  # the value is verl's own loss's, on the global info ppo_loss set in `actor`
+        value, _ = get_policy_loss_fn(VERL_VALUE_TWIN[method])(
+            old_log_prob=old, log_prob=logp.detach(), advantages=adv, response_mask=mask, loss_agg_mode=agg,
+            config=actor, rollout_is_weights=w)
 
     rtol = 1e-7 if agg == "seq-mean-token-mean" else 1e-12  # verl divides by count + 1e-8
-    torch.testing.assert_close(loss, ref, rtol=rtol, atol=1e-12)
+    torch.testing.assert_close(loss.detach(), value, rtol=rtol, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=rtol, atol=1e-12)
     assert ref_grad.abs().sum() > 0
-    assert metrics["actor/pg_loss"].aggregate() == pytest.approx(float(ref.detach()), rel=rtol, abs=1e-12)
+    assert metrics["actor/pg_loss"].aggregate() == pytest.approx(float(value), rel=rtol, abs=1e-12)
     for key in ("tokens", "ratio_mean", "kept_grad_mass", "weight_mean", "nonfinite_tokens"):
         assert metrics[plugin.METRIC_PREFIX + key].aggregate() == pytest.approx(ref_metrics[key], rel=1e-12, abs=1e-12)
 
@@ -229,8 +239,14 @@ def test_a_minus_inf_rollout_logprob_is_dropped_and_counted(method):
     assert metrics["actor/drpo/tokens"] == int(mask.sum()) - 1
     kept = mask.clone()
     kept[1, 1] = False
-    ref, _ = policy_loss(method, logp, old.nan_to_num(neginf=-1.0), adv, kept, **plugin.method_params(method, actor))
-    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    finite_old = old.nan_to_num(neginf=-1.0)
+    ref, _ = policy_loss(method, logp, finite_old, adv, kept, **plugin.method_params(method, actor))
+    (ref_grad,) = torch.autograd.grad(ref, logp)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    if method in VERL_VALUE_TWIN:  # the value is verl's own loss's on the kept tokens
+        ref, _ = get_policy_loss_fn(VERL_VALUE_TWIN[method])(
+            old_log_prob=finite_old, log_prob=logp.detach(), advantages=adv, response_mask=kept, config=actor)
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-12, atol=1e-12)
     strict = verl_actor(
         "actor_rollout_ref.actor.policy_loss._target_=drpo.integrations.verl.DRPOPolicyLossConfig",
         f"actor_rollout_ref.actor.policy_loss.loss_mode={plugin.VERL_LOSS_NAMES[method]}",
@@ -282,6 +298,31 @@ def test_bypass_rejection_sampling_is_applied_as_verl_applies_it():
     assert rejected and metrics[rejected[0]] == ref_metrics[rejected[0]] > 0
     no_rs, _, _ = run("grpo", _bypass_actor("grpo"))
     assert abs(float((no_rs - loss).detach())) > 1e-6
+
+
+@pytest.mark.parametrize("threshold", ["0.7_1.4", "0.9_1.1"])
+def test_bypass_rejection_keeps_the_tokens_the_configured_threshold_keeps(threshold):
+    """token_k1 with rollout_rs_threshold "lower_upper" keeps a token iff lower <= mu/pi <= upper
+    (mu the rollout probability, pi the current one; verl's rollout_corr_helper). Our grpo, given
+    the threshold only through the config, equals drpo's own policy_loss on exactly the tokens that
+    closed form keeps, and the rejected tokens get no gradient; each threshold rejects some
+    tokens and keeps others, a different set for each."""
+    flat, rows = _sequences(seed=9)
+    mask = _padded(flat, rows, "mask") > 0
+    old, adv, logp = _padded(flat, rows, "old"), _padded(flat, rows, "adv"), _padded(flat, rows, "logp")
+    lower, upper = map(float, threshold.split("_"))
+    mu_over_pi = torch.exp(old - logp)
+    keep = mask & (mu_over_pi >= lower) & (mu_over_pi <= upper)
+    assert keep.any() and (mask & ~keep).any()
+    actor = _bypass_actor("grpo", "algorithm.rollout_correction.rollout_rs=token_k1",
+                          f"algorithm.rollout_correction.rollout_rs_threshold='{threshold}'")
+    x = logp.clone().requires_grad_(True)
+    loss, _ = get_policy_loss_fn("grpo")(old_log_prob=old, log_prob=x, advantages=adv, response_mask=mask,
+                                         loss_agg_mode="token-mean", config=actor)
+    (grad,) = torch.autograd.grad(loss, x)
+    ref, _ = policy_loss("grpo", logp, old, adv, keep, **plugin.method_params("grpo", actor))
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-12, atol=1e-12)
+    assert (grad[mask & ~keep] == 0).all() and (grad[keep] != 0).any()
 
 
 @pytest.mark.parametrize(

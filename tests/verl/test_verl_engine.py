@@ -11,8 +11,9 @@ Checked here, against references computed independently of the engine:
 - every mode's accumulated, rank-averaged gradient equals the gradient of the whole mini-batch
   computed at once (one padded forward of a plain copy of the model, one loss call with local
   counts: drpo's `policy_loss`, or verl's own loss function for verl's modes);
-- drpo `grpo` == verl `vanilla`, `drpo_dppo_tv` == `dppo_tv`, `drpo_cispo` == `cispo`: gradients and
-  `actor/pg_loss` as verl aggregates it;
+- drpo `grpo` == verl `vanilla`, `drpo_dppo_tv` == `dppo_tv`, `drpo_dppo_kl` == `dppo_kl`,
+  `drpo_cispo` == `cispo`: gradients and `actor/pg_loss` as verl aggregates it (verl writes its
+  dppo losses as -A*sg(w)*log pi; the plugin reports that value, docs/integrations.md);
 - what verl makes of the count metrics: `actor/drpo/tokens` is a mean over micro-batches and
   ranks, not a total (docs/integrations.md).
 """
@@ -36,7 +37,8 @@ from drpo.objectives import policy_loss
 from engine_worker import AGG_MODES, VERL_PAIRS, actor_config, response_logprobs
 
 WORKER = Path(__file__).with_name("engine_worker.py")
-TIMEOUT_S = 600  # ~1 min per launch on 2 idle cores
+# ~1 min per launch on 2 idle cores; DRPO_ENGINE_TIMEOUT_S raises it on a machine busy with other work
+TIMEOUT_S = float(os.environ.get("DRPO_ENGINE_TIMEOUT_S", 600))
 
 
 def _free_port() -> int:
@@ -124,12 +126,6 @@ def test_every_mode_accumulates_to_the_whole_mini_batch_gradient(engine_run, pla
     assert not bad, bad
 
 
-# verl's dppo_tv and cispo write their loss as -A * sg(w) * log pi (core_algos.py): the same gradient
-# as our -A * w * r surrogate, another value; so only vanilla's logged pg_loss is compared (known
-# difference, docs/integrations.md).
-SAME_LOSS_VALUE = {"vanilla"}
-
-
 def test_drpo_losses_equal_verls_own_in_the_engine(engine_run):
     _, results = engine_run
     for ours, theirs in VERL_PAIRS.items():
@@ -138,8 +134,6 @@ def test_drpo_losses_equal_verls_own_in_the_engine(engine_run):
                 a, b = results[(ours, agg, with_is)], results[(theirs, agg, with_is)]
                 case = (ours, theirs, agg, with_is)
                 assert _close(a["grad"], b["grad"]) < 2e-6, case
-                if theirs not in SAME_LOSS_VALUE:
-                    continue
                 assert _aggregated(a["metrics"], "actor/pg_loss") == pytest.approx(
                     _aggregated(b["metrics"], "actor/pg_loss"), rel=1e-5, abs=1e-7), case
     # the IS weights reach the loss, and the clips act on this batch

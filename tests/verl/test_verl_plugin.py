@@ -135,9 +135,14 @@ def test_registry_loss_equals_policy_loss(method, agg):
     ref_loss, ref_metrics = policy_loss(method, ref_logp, old, adv, mask, agg=agg, **params)
     (ref_grad,) = torch.autograd.grad(ref_loss, ref_logp)
 
-    torch.testing.assert_close(got_loss, ref_loss.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got_grad, ref_grad, rtol=1e-12, atol=1e-12)
     assert ref_grad.abs().sum() > 0
+    rtol = 1e-12
+    if method in ("dppo_tv", "dppo_kl"):  # the value is that of verl's own dppo loss (-A*sg(w)*log pi)
+        ref_loss, _ = get_policy_loss_fn(method)(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
+                                                 loss_agg_mode=agg, config=config)
+        rtol = 1e-7 if agg == "seq-mean-token-mean" else rtol  # verl divides by count + 1e-8
+    torch.testing.assert_close(got_loss, ref_loss.detach(), rtol=rtol, atol=1e-12)
     for key, value in ref_metrics.items():
         if key != "loss":
             assert metrics[plugin.METRIC_PREFIX + key] == pytest.approx(value, rel=1e-12, abs=1e-12)
@@ -284,23 +289,29 @@ def test_rollout_is_weights_multiply_the_per_token_loss():
 
 @pytest.mark.parametrize("method", ["dppo_tv", "dppo_kl", "cispo"])
 @pytest.mark.parametrize("config_kwargs", [{}, dict(clip_ratio_low=0.1, clip_ratio_high=0.15, clip_ratio_c=2.5)])
-def test_gradients_match_verls_own_losses(method, config_kwargs):
+@pytest.mark.parametrize("agg", VERL_AGG)
+@pytest.mark.parametrize("with_is_weights", [False, True])
+def test_loss_and_gradient_match_verls_own_losses(method, config_kwargs, agg, with_is_weights):
     """At verl's default ActorConfig ({}), and at other values of the same keys, our
-    drpo_dppo_tv / drpo_dppo_kl / drpo_cispo give the gradient of verl's dppo_tv / dppo_kl /
-    cispo: same masks, DPPO's truncated ratio sg(min(r, clip_ratio_c)), CISPO's two-sided
-    clip. verl's DPPO loss *value* is -A*sg(min(r, c))*log pi (ours -A*M*min(r, c)), so only
-    CISPO's values agree as well. verl's Binary-KL adds 1e-8 inside its logs, ours is exact:
-    the data keep every token's KL away from the thresholds."""
+    drpo_dppo_tv / drpo_dppo_kl / drpo_cispo give the loss value and the gradient of verl's
+    dppo_tv / dppo_kl / cispo (verl's own functions, same inputs): same masks, DPPO's truncated
+    ratio sg(min(r, clip_ratio_c)), CISPO's two-sided clip; the value is verl's
+    -A*sg(w)*log pi, not drpo's DPPO surrogate -A*M*min(r, c). verl's Binary-KL adds 1e-8 inside
+    its logs, ours is exact: the data keep every token's KL away from the thresholds."""
     old, logp, adv, mask = verl_batch_with_outliers(seed=31)
     config = actor_config(**config_kwargs)
+    config.global_batch_info.update(_global_info(mask))
+    weights = None
+    if with_is_weights:
+        weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(7), dtype=old.dtype) * 2
     loss_ours, grad_ours, metrics = call(
-        get_policy_loss_fn(plugin.VERL_LOSS_NAMES[method]), old, logp, adv, mask, "token-mean", config
+        get_policy_loss_fn(plugin.VERL_LOSS_NAMES[method]), old, logp, adv, mask, agg, config, weights
     )
-    loss_verl, grad_verl, _ = call(get_policy_loss_fn(method), old, logp, adv, mask, "token-mean", config)
-    torch.testing.assert_close(grad_ours, grad_verl, rtol=1e-12, atol=1e-12)
-    assert grad_verl.abs().sum() > 0
-    if method == "cispo":
-        torch.testing.assert_close(loss_ours, loss_verl, rtol=1e-12, atol=1e-12)
+    loss_verl, grad_verl, _ = call(get_policy_loss_fn(method), old, logp, adv, mask, agg, config, weights)
+    rtol = 1e-7 if agg == "seq-mean-token-mean" else 1e-12  # verl divides by count + 1e-8
+    torch.testing.assert_close(grad_ours, grad_verl, rtol=rtol, atol=1e-12)
+    torch.testing.assert_close(loss_ours, loss_verl, rtol=rtol, atol=1e-12)
+    assert grad_verl.abs().sum() > 0 and abs(float(loss_verl)) > 1e-3
     # the test must exercise the masks / clips and the truncation
     r = torch.exp(logp - old)
     assert ((r > config.clip_ratio_c) & mask).any() and ((r < 1 - config.clip_ratio_low) & mask).any()
@@ -308,6 +319,36 @@ def test_gradients_match_verls_own_losses(method, config_kwargs):
         assert metrics["actor/drpo/weight_attenuated_frac"] > 0 and metrics["actor/drpo/weight_amplified_frac"] > 0
     else:  # masked (w = 0) and truncated (0 < w < 1) tokens
         assert metrics["actor/drpo/weight_zero_frac"] > 0 and metrics["actor/drpo/weight_attenuated_frac"] > 0
+
+
+VERL_TWIN = {"grpo": "vanilla", "dppo_tv": "dppo_tv", "dppo_kl": "dppo_kl"}
+
+
+@pytest.mark.parametrize("method", sorted(VERL_TWIN))
+def test_a_config_without_clip_ratio_c_falls_back_as_verls_own_loss(method):
+    """verl's vanilla and dppo losses read clip_ratio_c as `config.get("clip_ratio_c", <fallback>)`;
+    a config without the key (an OmegaConf mapping, where verl's dataclass would have filled in
+    its default) gives our twin verl's own loss and gradient on that same config. The fallback
+    matters on this batch wherever it is not the dataclass default: verl's dppo losses at the
+    dataclass default give another gradient."""
+    from omegaconf import OmegaConf
+
+    old, logp, adv, mask = verl_batch_with_outliers(seed=31)
+    keys = dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, global_batch_info={})
+    config = OmegaConf.create(keys)
+    assert "clip_ratio_c" not in config
+    loss_ours, grad_ours, _ = call(get_policy_loss_fn(plugin.VERL_LOSS_NAMES[method]), old, logp, adv, mask,
+                                   "token-mean", config)
+    loss_verl, grad_verl, _ = call(get_policy_loss_fn(VERL_TWIN[method]), old, logp, adv, mask, "token-mean", config)
+    torch.testing.assert_close(grad_ours, grad_verl, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss_ours, loss_verl, rtol=1e-12, atol=1e-12)
+    dataclass_default = FSDPActorConfig.__dataclass_fields__["clip_ratio_c"].default
+    at_default = OmegaConf.create({**keys, "clip_ratio_c": dataclass_default})
+    _, grad_at_default, _ = call(get_policy_loss_fn(VERL_TWIN[method]), old, logp, adv, mask, "token-mean", at_default)
+    if method.startswith("dppo"):
+        assert (grad_at_default - grad_verl).abs().max() > 1e-3  # verl's dppo fallback (20) is not the default
+    else:
+        torch.testing.assert_close(grad_at_default, grad_verl, rtol=0, atol=0)  # vanilla's fallback is the default
 
 
 # ---------------------------------------------------------------- bad input

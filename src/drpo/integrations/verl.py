@@ -59,6 +59,12 @@ give the mini-batch mean; drpo divides its micro-batch sum by the same count / d
 Known difference: for seq-mean-token-mean verl divides each sequence's sum by
 `count + 1e-8`, drpo by `count` (relative 1e-8/count; below fp32 resolution).
 
+Loss value. A drpo loss mode with a twin among verl's losses (grpo/vanilla, drpo_dppo_tv/dppo_tv,
+drpo_dppo_kl/dppo_kl, drpo_cispo/cispo) returns the twin's value as well as its gradient
+(`actor/pg_loss` as under verl's own loss): verl writes its dppo losses as -A*sg(w)*log pi, so
+those two return that value with drpo's gradient (`_with_verl_value`); the other modes return
+drpo's surrogate.
+
 `rollout_is_weights` (verl's rollout-correction IS weights, [batch, response_len]) multiply
 the per-token loss before aggregation, as verl's own losses do. The diagnostics are those of
 the unweighted tokens, returned per loss call as `actor/drpo/<metric>`; verl's `ppo_loss` wraps
@@ -100,7 +106,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -109,7 +115,7 @@ from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_lo
 from verl.workers.config import PolicyLossConfig
 
 from drpo.integrations import split_drpo_params
-from drpo.objectives import METHODS, get_method, policy_loss
+from drpo.objectives import METHODS, Method, get_method, policy_loss, ratio
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +133,12 @@ VERL_CLIP_KEYS: Mapping[str, Mapping[str, str]] = {
 # verl's fallback for a config without clip_ratio_c: `config.get("clip_ratio_c", 3.0)` in its
 # vanilla loss, 20.0 in its dppo losses.
 _CLIP_RATIO_C_FALLBACK = {"grpo": 3.0, "dppo_tv": 20.0, "dppo_kl": 20.0}
+
+# The drpo methods whose verl twin (`dppo_tv`, `dppo_kl`) writes its loss as -A * sg(M * min(r, c))
+# * log pi: drpo's surrogate M * sg(min(r, c) / r) * r * A has the same gradient, another value;
+# their verl loss reports the twin's value (`_with_verl_value`). grpo's value is vanilla's, and
+# cispo's objective already is verl's form sg(clip(r)) * A * log pi.
+_LOG_PI_VALUE = ("dppo_tv", "dppo_kl")
 
 # drpo method name -> the verl loss_mode it is registered under (filled by register_all).
 VERL_LOSS_NAMES: dict[str, str] = {}
@@ -255,6 +267,29 @@ def _bypass_rejection(config: Any, log_prob: Tensor, old_log_prob: Tensor, mask:
     return mask, metrics
 
 
+def _log_pi_form(m: Method) -> Method:
+    """`m` with objective sg(dJ/dlogp) * log pi (= sg(A * r * w) * log pi): verl's dppo losses' value."""
+
+    def objective(logp, old_logp, adv, **params):
+        slope = adv * ratio(logp, old_logp) * m.weight(logp, old_logp, adv, **params)
+        return slope.detach() * logp, torch.zeros_like(logp)
+
+    return replace(m, name=f"{m.name}_log_pi_value", objective=objective)
+
+
+def _with_verl_value(loss: Tensor, method: str, args: tuple, kwargs: dict) -> Tensor:
+    """`loss` (its gradient, drpo's) carrying the value of verl's own loss for `method`, where
+    verl writes it another way (_LOG_PI_VALUE). The value is the same `policy_loss` call (same
+    tokens dropped, weights, aggregation) on the log-pi form, without metrics, checks or a graph:
+    no host sync. value + (loss - sg(loss)) is exactly value, with exactly loss's gradient."""
+    if method not in _LOG_PI_VALUE:
+        return loss
+    with torch.no_grad():
+        value, _ = policy_loss(_log_pi_form(get_method(method)), *args, **{**kwargs, "nonfinite": "drop",
+                                                                          "with_metrics": False})
+    return value + (loss - loss.detach())
+
+
 def compute_policy_loss(
     method: str,
     old_log_prob: Tensor,
@@ -275,25 +310,18 @@ def compute_policy_loss(
     info = _get(config, "global_batch_info") or {}
     horizon = _horizon(config, info)
     mask, rc_metrics = _bypass_rejection(config, log_prob, old_log_prob, response_mask)
+    args = (log_prob, old_log_prob, advantages, mask)
+    kwargs = dict(agg="token-mean" if loss_agg_mode == "token-sum" else loss_agg_mode, horizon=horizon,
+                  normalizer=_normalizer(loss_agg_mode, info), token_weights=rollout_is_weights, nonfinite=nonfinite,
+                  **params)
     try:
-        loss, metrics = policy_loss(
-            method,
-            log_prob,
-            old_log_prob,
-            advantages,
-            mask,
-            agg="token-mean" if loss_agg_mode == "token-sum" else loss_agg_mode,
-            horizon=horizon,
-            normalizer=_normalizer(loss_agg_mode, info),
-            token_weights=rollout_is_weights,
-            nonfinite=nonfinite,
-            **params,
-        )
+        loss, metrics = policy_loss(method, *args, **kwargs)
     except ValueError as err:
         raise ValueError(
             f"drpo loss {method!r} (verl's log_prob, old_log_prob, rollout_is_weights are drpo's logp, old_logp, "
             f"token_weights): {err}"
         ) from None
+    loss = _with_verl_value(loss, method, args, kwargs)
     dump_in_loss(method, params, config, old_log_prob, log_prob, advantages, mask)
     return loss, {METRIC_PREFIX + k: v for k, v in metrics.items() if k != "loss"} | rc_metrics
 
