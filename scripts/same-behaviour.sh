@@ -28,8 +28,8 @@ for p in sorted(out.rglob("*")):
     if p.name == "metrics.jsonl":
         rows = [{k: v for k, v in json.loads(l).items() if not k.startswith("time/")} for l in p.read_text().splitlines()]
         print(rel, len(rows), h(json.dumps(rows, sort_keys=True).encode()))
-    elif p.name == "log_history.json":  # TRL's own log: drop its runtime keys
-        rows = [{k: v for k, v in r.items() if "runtime" not in k and "per_second" not in k}
+    elif p.name == "log_history.json":  # TRL's own log: drop its wall-clock keys (step_time, train_runtime, ...)
+        rows = [{k: v for k, v in r.items() if "time" not in k and "per_second" not in k}
                 for r in json.loads(p.read_text())]
         print(rel, len(rows), h(json.dumps(rows, sort_keys=True).encode()))
     elif p.suffix == ".parquet":
