@@ -120,15 +120,8 @@ def _masked_extreme(x: Tensor, m: Tensor, largest: bool, empty: float) -> Tensor
     return torch.where(m.any(), v, empty)
 
 
-def diagnostic_tensors(
-    method: Method,
-    params: dict,
-    logp: Tensor,
-    old_logp: Tensor,
-    adv: Tensor,
-    mask: Tensor,
-    penalty: Tensor,
-) -> dict[str, Tensor]:
+def diagnostic_tensors(method: Method, params: dict, logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
+                       penalty: Tensor) -> dict[str, Tensor]:
     """Every metric in METRIC_NAMES but `nonfinite_tokens`, as 0-dim tensors on the inputs'
     device, without a host sync. Inputs are already validated and padded neutrally."""
     lr, r, k3 = token_mismatch(logp, old_logp)

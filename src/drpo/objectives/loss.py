@@ -147,15 +147,9 @@ def _range_checks(logps: list, weights: tuple | None, mask: Tensor, checks: _Che
         checks.add(neg.sum(), lambda: _first_bad(name, w, neg, "must be finite and >= 0, got"))
 
 
-def _prepare_inputs(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor | None,
-    token_weights: Tensor | None = None,
-    nonfinite: str = "raise",
-    token_weights_name: str = "token_weights",
-) -> Prepared:
+def _prepare_inputs(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | None,
+                    token_weights: Tensor | None = None, nonfinite: str = "raise",
+                    token_weights_name: str = "token_weights") -> Prepared:
     """Check (layout on the host now, values as device-side counts for later) and normalize."""
     _check_layout(logp, old_logp, advantages, nonfinite)
     checks = _Checks()
@@ -181,20 +175,12 @@ def _prepare_inputs(
     return Prepared(logp, old_logp, advantages, mask, token_weights, nonfinite_any.sum(), checks)
 
 
-def _prepare(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor | None,
-    *,
-    validate: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Validate (one host transfer) and normalize: (logp, old_logp, adv, mask) as policy_loss
-    uses them, strict about non-finite values."""
+def _prepare(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | None) -> Prepared:
+    """`_prepare_inputs` strict about non-finite values, its value checks read at once (one
+    host transfer)."""
     p = _prepare_inputs(logp, old_logp, advantages, mask)
-    if validate and p.checks.counts:
-        p.checks.raise_failures(torch.stack(p.checks.counts).tolist())
-    return p.logp, p.old_logp, p.advantages, p.mask
+    _to_host(None, p.checks, p.logp.dtype)
+    return p
 
 
 def aggregate(
@@ -245,22 +231,10 @@ def per_token_objective(
     return m.objective(logp, old_logp, advantages, **m.resolve_params(params))
 
 
-def policy_loss(
-    method: str | Method,
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor | None = None,
-    *,
-    agg: str = "token-mean",
-    horizon: int | None = None,
-    normalizer: float | Tensor | None = None,
-    token_weights: Tensor | None = None,
-    validate: bool = True,
-    with_metrics: bool = True,
-    nonfinite: str = "raise",
-    **params: Any,
-) -> tuple[Tensor, dict[str, float]]:
+def policy_loss(method: str | Method, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | None = None,
+                *, agg: str = "token-mean", horizon: int | None = None, normalizer: float | Tensor | None = None,
+                token_weights: Tensor | None = None, validate: bool = True, with_metrics: bool = True,
+                nonfinite: str = "raise", **params: Any) -> tuple[Tensor, dict[str, float]]:
     """The loss (scalar, minimize) of `method` and its diagnostics over response tokens.
 
     logp        [batch, seq] current policy log-probs of the sampled tokens (differentiable)

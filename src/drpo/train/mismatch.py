@@ -127,12 +127,9 @@ def _precisions(text: str) -> list[str]:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "mismatch",
-        help="measure the training-inference mismatch of each rollout precision",
-        description="Sample with an engine in each precision, recompute the sampled tokens' log-probs with the "
-        "trainer's forward and compare: |log pi/mu| per token, the long tail, the response length.",
-    )
+    p = subparsers.add_parser("mismatch", help="measure the training-inference mismatch of each rollout precision",
+                              description="Sample with an engine in each rollout precision, recompute the sampled "
+                              "tokens' log-probs with the trainer's forward, and compare them.")
     p.add_argument("--config", default=None, help="a `drpo train` config (e.g. configs/testbed.yaml): its "
                    "warm-started policy, task prompts, n_samples, max_new_tokens and temperature")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -225,16 +225,11 @@ def setup(cfg: Config, task: Task, device, out_dir: Path | None = None, log=prin
     optimizer, training forward and objective, the sampler, the two engines, the dumper."""
     model, tokenizer, warm = load_model(cfg, task, device, log=log)
     return Run(
-        policy=make_policy(model, cfg),
-        sampler=make_sampler(cfg, task, tokenizer),
-        engine=make_engine(model, cfg.rollout.precision),
-        eval_engine=make_engine(model, cfg.rollout.precision),
-        prompts_per_step=cfg.rollout.prompts_per_step,
-        sync_every=cfg.rollout.sync_every,
-        estimator=cfg.advantage.estimator,
-        dumper=make_dumper(cfg, out_dir) if out_dir is not None else None,
-        dump_after=cfg.dump.after,
-        warm=warm,
+        policy=make_policy(model, cfg), sampler=make_sampler(cfg, task, tokenizer),
+        engine=make_engine(model, cfg.rollout.precision), eval_engine=make_engine(model, cfg.rollout.precision),
+        prompts_per_step=cfg.rollout.prompts_per_step, sync_every=cfg.rollout.sync_every,
+        estimator=cfg.advantage.estimator, dumper=make_dumper(cfg, out_dir) if out_dir is not None else None,
+        dump_after=cfg.dump.after, warm=warm,
     )
 
 
