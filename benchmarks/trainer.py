@@ -6,7 +6,7 @@ training stream), group size G, prompts per step, max new tokens, temperature, A
 same learning rate, one optimizer update per rollout, no evaluation, no checkpoints. An RL
 step is sample -> reward -> advantages -> one optimizer step (-> weight sync for drpo).
 
-drpo's step is the training loop's own step function (`drpo.train.loop.rl_step`, the body of
+drpo's step is the training loop's own step function (`drpo.train.step.rl_step`, the body of
 `drpo train`'s loop); TRL's is one GRPOTrainer optimizer step (generation, reward, loss,
 backward, AdamW), timed between its on_step_begin and on_step_end callbacks, so TRL's logging
 is not counted against it. The two alternate step by step (a drpo step runs right after each
@@ -80,7 +80,8 @@ def make_drpo_stepper(cfg):
     """drpo's training loop, set up as `drpo train` sets it up; returns step(i) -> (wall
     seconds, CPU seconds, generated tokens) for RL step i (1-based)."""
     from drpo.tasks import make_task
-    from drpo.train.loop import RunState, pick_device, rl_step, seed_everything, setup
+    from drpo.train.setup import pick_device, seed_everything, setup
+    from drpo.train.step import RunState, rl_step
 
     state = RunState(generator=seed_everything(cfg.seed, pick_device("cpu")))
     task = make_task(cfg.task, cfg.seed)
@@ -105,7 +106,7 @@ def run_interleaved(cfg, total_steps: int, drpo_step) -> tuple[list[tuple], list
     from trl import GRPOConfig, GRPOTrainer
 
     from drpo.tasks import make_task
-    from drpo.train.loop import load_model, pick_device, seed_everything
+    from drpo.train.setup import load_model, pick_device, seed_everything
 
     seed_everything(cfg.seed, pick_device("cpu"))
     task = make_task(cfg.task, cfg.seed)

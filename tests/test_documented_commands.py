@@ -24,7 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-COMMAND = re.compile(r"^(\.venv/bin/)?(drpo (train|compare|report|inspect|weights)( |$)|python3? (-m drpo|benchmarks/|examples/))"
+COMMAND = re.compile(r"^(\.venv/bin/)?(drpo (train|mismatch|compare|report|inspect|weights)( |$)|python3? (-m drpo|benchmarks/|examples/))"
                      r"|^DRY_RUN=1 bash examples/")
 INLINE = re.compile(r"^(\.venv/bin/)?python (benchmarks|examples)/")
 
@@ -90,8 +90,8 @@ COMMANDS = {
         ["--steps", "1", "--warmup", "0", "--prompts", "2", "--group", "2", "--max-new-tokens", "3", "--no-warmstart",
          "--threads", "1"], r"trainer: steps_per_s_vs_trl=\S+ tokens_per_s_vs_trl=\S+"),
     ".venv/bin/python benchmarks/inspector.py": (["--tokens", "20000", "--dir", "bench-inspect"], r"PASS"),
-    ".venv/bin/python -m drpo.inspect.mismatch --config configs/testbed.yaml --precisions "
-    "fp32,bf16,fp8_e4m3,fp8_e5m2,fp8_e2e --prompts 64 --threads 1": (
+    "drpo mismatch --config configs/testbed.yaml --precisions fp32,bf16,fp8_e4m3,fp8_e5m2,fp8_e2e --prompts 64 "
+    "--threads 1": (
         ["--prompts", "2", "--n-samples", "1", "--max-new-tokens", "4", "--set", "warmstart.steps=10",
          "--set", "warmstart.on_miss=continue"], r"fp8_e2e\s.+"),
 }

@@ -267,22 +267,22 @@ def test_num_threads_is_scoped_and_does_not_change_samples(policy, tok, prompts)
 
 
 def test_precision_mismatch_cli(capsys):
-    from drpo.inspect.mismatch import main
+    from drpo.cli import main
 
-    assert main(["--policy", "tiny", "--precisions", "fp32,fp8_e4m3", "--n-samples", "1", "--max-new-tokens", "4",
+    assert main(["mismatch", "--policy", "tiny", "--precisions", "fp32,fp8_e4m3", "--n-samples", "1", "--max-new-tokens", "4",
                  "--threads", "1"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
     assert set(rows) == {"fp32", "fp8_e4m3"}
     mean = 3  # columns: precision, tail share, resp len, mean|log r|, ...
     assert float(rows["fp32"][mean]) < 1e-5 < float(rows["fp8_e4m3"][mean])
     with pytest.raises(SystemExit):
-        main(["--precisions", "fp16"])
+        main(["mismatch", "--precisions", "fp16"])
 
 
 def test_rollout_depends_on_models_only():
     # The engine is a model-side component: importing it must not pull in the objectives, the
     # trainer or the fused-loss module (the mismatch tool, which joins engine and trainer
-    # forward, lives in inspect/).
+    # forward, lives in train/).
     import subprocess
     import sys
 

@@ -15,7 +15,7 @@ from drpo.logprobs import sequence_logprobs
 from drpo.models import build_tiny_model, fp8_fake_quantize, quantized_forward
 from drpo.models.bpe import task_tokenizer, train_bpe_tokenizer
 from drpo.rollout import generate, make_engine, sync_weights
-from drpo.inspect.mismatch import mismatch_by_mu, token_mismatch_stats
+from drpo.train.mismatch import mismatch_by_mu, token_mismatch_stats
 from drpo.tasks import make_task
 from drpo.tasks.wordproblems import final_count, word_problem_reward
 from drpo.train.config import ConfigError, load_config
@@ -223,10 +223,10 @@ def test_fp8_engine_quantizes_linear_inputs_but_not_the_lm_head(policy):
 def test_mismatch_cli_on_a_config(tmp_path):
     import json
 
-    from drpo.inspect.mismatch import main
+    from drpo.cli import main
 
     out = tmp_path / "m.json"
-    assert main(["--config", str(TESTBED), "--set", "warmstart.enabled=false", "--set", "model.num_layers=1",
+    assert main(["mismatch", "--config", str(TESTBED), "--set", "warmstart.enabled=false", "--set", "model.num_layers=1",
                  "--precisions", "fp32,bf16", "--prompts", "3", "--n-samples", "2", "--max-new-tokens", "8",
                  "--threads", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["precisions"]

@@ -155,7 +155,7 @@ def test_checkpoint_without_sidecar_is_an_unfinished_save_and_ignored(tmp_path):
 
 def test_second_writer_on_a_run_directory_gets_the_lock_holder(tmp_path):
     from drpo.train.files import LOCK_FILE, dir_lock
-    from drpo.train.loop import RunError
+    from drpo.train.setup import RunError
 
     cfg = fast_config(tmp_path, "train.steps=1")
     with dir_lock(tmp_path / "run"):
@@ -171,7 +171,7 @@ def test_second_writer_on_a_run_directory_gets_the_lock_holder(tmp_path):
 
 @pytest.mark.slow
 def test_resume_compares_only_the_keys_set_and_keeps_the_saved_config(tmp_path):
-    from drpo.train.loop import RunError
+    from drpo.train.setup import RunError
 
     cfg = fast_config(tmp_path, "train.steps=2", "train.save_every=1")
     run = tmp_path / "run"

@@ -417,7 +417,7 @@ def test_bad_input_to_the_policy_forward_stays_a_value_error(tmp_path):
     from train_helpers import fast_config
 
     from drpo.tasks import make_task
-    from drpo.train.loop import load_model, make_policy
+    from drpo.train.setup import load_model, make_policy
 
     cfg = fast_config(tmp_path, "warmstart.enabled=false")
     model, _, _ = load_model(cfg, make_task(cfg.task, cfg.seed), torch.device("cpu"), log=lambda _: None)

@@ -10,8 +10,9 @@ import torch
 from drpo.objectives import METRIC_NAMES
 from drpo.rollout import make_engine, sync_weights
 from drpo.tasks import make_task
-from drpo.train.loop import load_model, make_policy, make_sampler, train
+from drpo.train.loop import train
 from drpo.train.metrics import METRICS, PLOT_KEYS, TIMING_KEYS, read_metrics
+from drpo.train.setup import load_model, make_policy, make_sampler
 from train_helpers import fast_config
 
 # A policy warm-started to ~50% on 1-digit sums (a few seconds): rewards vary within groups.
@@ -100,7 +101,7 @@ def test_run_outputs_and_logged_keys(tmp_path):
 
 
 def test_existing_run_dir_needs_resume(tmp_path):
-    from drpo.train.loop import RunError
+    from drpo.train.setup import RunError
 
     cfg = fast_config(tmp_path, "train.steps=1")
     train(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
@@ -211,7 +212,7 @@ def test_local_hf_model_directory(tmp_path):
 
 
 def test_objective_metrics_of_micro_batches_sum_counts_and_keep_extremes():
-    from drpo.train.loop import reduce_objective_metrics
+    from drpo.train.step import reduce_objective_metrics
 
     rows = [
         {"tokens": 10.0, "nonfinite_tokens": 1.0, "ratio_min": 0.9, "ratio_max": 1.2, "ratio_mean": 1.0},

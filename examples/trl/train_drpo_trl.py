@@ -33,7 +33,7 @@ from datasets import Dataset
 from drpo.integrations.trl import DRPOConfig, DRPOGRPOTrainer
 from drpo.tasks import make_task
 from drpo.train.config import Config
-from drpo.train.loop import load_model, pick_device
+from drpo.train.setup import load_model, pick_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:

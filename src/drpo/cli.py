@@ -11,6 +11,7 @@ import sys
 SUBCOMMANDS = {
     "weights": "drpo.objectives.figure",
     "train": "drpo.train.cli",
+    "mismatch": "drpo.train.mismatch",
     "compare": "drpo.study.cli_compare",
     "report": "drpo.study.cli_report",
     "inspect": "drpo.inspect.cli",
@@ -20,7 +21,7 @@ SUBCOMMANDS = {
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drpo",
-        description="DRPO and the trust-region objectives it is compared with: train, compare, report, inspect rollouts, plot weights.",
+        description="DRPO and the trust-region objectives it is compared with: train, measure the mismatch, compare, report, inspect rollouts, plot weights.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

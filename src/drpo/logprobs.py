@@ -177,11 +177,11 @@ def fused_policy_loss(
     resolved = m.resolve_params(params)
     # Validate the small tensors exactly as policy_loss does (logp itself is not known yet).
     probe = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
-    _, old_c, adv_c, mask_b = _prepare(probe, old_logp, advantages, mask)
-    coef = _aggregation_coefficients(mask_b, agg, horizon).to(old_c.dtype)
+    p = _prepare(probe, old_logp, advantages, mask)
+    coef = _aggregation_coefficients(p.mask, agg, horizon).to(p.old_logp.dtype)
     h2, t2 = _flatten(hidden, targets)
     loss, logp = _FusedPolicyLoss.apply(
-        h2, weight, t2, old_c.reshape(-1), adv_c.reshape(-1), coef.reshape(-1), mask_b.reshape(-1),
+        h2, weight, t2, p.old_logp.reshape(-1), p.advantages.reshape(-1), coef.reshape(-1), p.mask.reshape(-1),
         m, resolved, float(temperature), chunk_size, vocab_chunk_size, torch.is_grad_enabled(),
     )
     metrics: dict[str, float] = {}

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from drpo.inspect.dump import DumpError, iter_tokens, read_metadata
-from drpo.objectives import METHODS, get_method, ratio
-from drpo.objectives.diagnostics import LONG_TAIL_MU
+from drpo.objectives import METHODS, get_method
+from drpo.objectives.diagnostics import LONG_TAIL_MU, WEIGHT_CATEGORIES, grad_mass, token_mismatch, weight_categories
 
 # Behaviour-probability buckets: mu <= 0.01 (the long tail), 0.01-0.1, 0.1-0.5, > 0.5.
 BUCKET_EDGES = (LONG_TAIL_MU, 0.1, 0.5)
@@ -41,8 +41,7 @@ TOP_DISAGREEMENTS = 20
 CONTEXT = 8  # tokens of context each side of a disagreement
 
 # Per (variant, bucket) sums; the report divides them.
-METHOD_SUMS = ("tokens", "pos", "neg", "out_pos", "out_neg", "carries", "zero", "attenuated", "corrective",
-               "amplified", "kept_num", "kept_den")
+METHOD_SUMS = ("tokens", "pos", "neg", "out_pos", "out_neg", "carries", *WEIGHT_CATEGORIES, "kept_num", "kept_den")
 # Per bucket sums of the train/inference log-ratio (before - rollout) and the long tail.
 BATCH_SUMS = ("tokens", "mm_tokens", "lr_sum", "lr_sq", "abs_lr", "k3", "unscored", "rdev", "rdev_sq")
 REGRESSION_SUMS = ("n", "x", "y", "xx", "xy", "yy")  # log r against the rollout log-prob
@@ -177,16 +176,16 @@ class Analysis:
         bucket = bucket_of(mu_np)
         adv_np = b.advantage[sel]
         logp, anchor, adv = (torch.from_numpy(np.ascontiguousarray(x)) for x in (logp_np, anchor_np, adv_np))
-        r = ratio(logp, anchor)
+        r = token_mismatch(logp, anchor).ratio
         pos, neg, carries = adv > 0, adv < 0, adv != 0
-        ar = (adv * r).abs()
         weights = []
         for v, variant in enumerate(self.variants):
             m = METHODS[variant.method]
             w = m.weight(logp, anchor, adv, **variant.params)
             out = m.boundary(logp, anchor, adv, **variant.params) if m.boundary is not None else torch.zeros_like(pos)
-            cols = (torch.ones_like(adv), pos, neg, out & pos, out & neg, carries, carries & (w == 0),
-                    carries & (w > 0) & (w < 1), carries & (w < 0), carries & (w > 1), (ar * w).abs(), ar)
+            category = weight_categories(w)
+            cols = (torch.ones_like(adv), pos, neg, out & pos, out & neg, carries,
+                    *(carries & category[c] for c in WEIGHT_CATEGORIES), *grad_mass(adv, r, w))
             for k, c in enumerate(cols):  # in METHOD_SUMS order
                 acc.methods[v, :, k] += _bincount(bucket, c.to(torch.float64).numpy())
             weights.append(w)
@@ -194,10 +193,10 @@ class Analysis:
         sums = {"tokens": np.ones(bucket.size), "unscored": unscored.astype(float)}
         if b.logp_rollout is not None:
             scored = (~unscored).astype(float)
-            lr = np.clip(np.where(unscored, 0.0, b.logp_before[sel] - anchor_np), -20, 20)
+            before, rollout = (torch.from_numpy(np.where(unscored, 0.0, x)) for x in (b.logp_before[sel], anchor_np))
+            lr, rt, k3 = (x.numpy() for x in token_mismatch(before, rollout))  # unscored tokens: log r = 0
             sums |= {"mm_tokens": scored, "lr_sum": lr * scored, "lr_sq": lr * lr * scored, "abs_lr": np.abs(lr) * scored,
-                     "k3": (np.exp(lr) - 1 - lr) * scored, "rdev": np.expm1(lr) * scored,
-                     "rdev_sq": np.expm1(lr) ** 2 * scored}
+                     "k3": k3 * scored, "rdev": (rt - 1) * scored, "rdev_sq": (rt - 1) ** 2 * scored}
             x, y = anchor_np[~unscored], lr[~unscored]
             acc.regression += [x.size, x.sum(), y.sum(), (x * x).sum(), (x * y).sum(), (y * y).sum()]
         for key, values in sums.items():

@@ -6,12 +6,11 @@ autograd objective, its closed-form gradient weight, its boundary and diagnostic
 """
 
 from drpo.objectives import methods as _methods  # noqa: F401  (registers the built-ins)
-from drpo.objectives.diagnostics import METRIC_NAMES, diagnostic_tensors, diagnostics
+from drpo.objectives.diagnostics import METRIC_NAMES, diagnostic_tensors
 from drpo.objectives.loss import (
     AGG_MODES,
     NONFINITE_MODES,
     aggregate,
-    check_token_weights,
     gradient_weight,
     logp_gradient,
     per_token_objective,
@@ -29,9 +28,7 @@ __all__ = [
     "Method",
     "aggregate",
     "binary_kl",
-    "check_token_weights",
     "diagnostic_tensors",
-    "diagnostics",
     "get_method",
     "gradient_weight",
     "list_methods",

@@ -31,16 +31,21 @@ tokens the loss used (response tokens, less the dropped non-finite ones).
 
 Everything is computed on the inputs' device as 0-dim tensors (`diagnostic_tensors`, no host
 sync); `policy_loss` moves them to the host in its one batched transfer.
+
+The per-token measurements behind them are defined once here, for the trainer, the inspector
+and the mismatch tool alike: `token_mismatch` (log r, r, k3), `weight_categories` and
+`grad_mass` (the kept gradient mass's per-token terms).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from drpo.objectives.methods import ratio
+from drpo.objectives.methods import log_ratio
 from drpo.objectives.registry import Method
 
 LONG_TAIL_MU = 0.01
@@ -71,6 +76,36 @@ METRIC_NAMES = (
 )
 
 
+class TokenMismatch(NamedTuple):
+    """Per-token mismatch of pi (the policy's log-probs) against mu (the anchor's)."""
+
+    log_ratio: Tensor  # log r = log pi - log mu, clamped to +-LOG_RATIO_CLAMP as the objectives see it
+    ratio: Tensor  # r = pi / mu
+    k3: Tensor  # r - 1 - log r >= 0, per-token estimate of KL(mu || pi)
+
+
+def token_mismatch(logp: Tensor, old_logp: Tensor) -> TokenMismatch:
+    lr = log_ratio(logp, old_logp)
+    r = torch.exp(lr)
+    return TokenMismatch(lr, r, r - 1 - lr)
+
+
+# A token's gradient weight is w == 0 (zeroed), 0 < w < 1 (attenuated), w < 0 (corrective), w > 1 (amplified).
+WEIGHT_CATEGORIES = ("zero", "attenuated", "corrective", "amplified")
+
+
+def weight_categories(w: Tensor) -> dict[str, Tensor]:
+    """Which category of WEIGHT_CATEGORIES each token's gradient weight falls in (bool masks)."""
+    return {"zero": w == 0, "attenuated": (w > 0) & (w < 1), "corrective": w < 0, "amplified": w > 1}
+
+
+def grad_mass(adv: Tensor, r: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per token (|A r w|, |A r|): the gradient magnitude the weight keeps and the unweighted
+    one; kept_grad_mass is the ratio of their sums (1.0 when the second sums to 0)."""
+    ar = (adv * r).abs()
+    return (ar * w).abs(), ar
+
+
 def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
     mf = m.to(x.dtype)
     return (x * mf).sum() / mf.sum().clamp(min=1.0)
@@ -85,19 +120,11 @@ def _masked_extreme(x: Tensor, m: Tensor, largest: bool, empty: float) -> Tensor
     return torch.where(m.any(), v, empty)
 
 
-def diagnostic_tensors(
-    method: Method,
-    params: dict,
-    logp: Tensor,
-    old_logp: Tensor,
-    adv: Tensor,
-    mask: Tensor,
-    penalty: Tensor,
-) -> dict[str, Tensor]:
+def diagnostic_tensors(method: Method, params: dict, logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
+                       penalty: Tensor) -> dict[str, Tensor]:
     """Every metric in METRIC_NAMES but `nonfinite_tokens`, as 0-dim tensors on the inputs'
     device, without a host sync. Inputs are already validated and padded neutrally."""
-    lr = torch.clamp(logp - old_logp, -20.0, 20.0)
-    r = ratio(logp, old_logp)
+    lr, r, k3 = token_mismatch(logp, old_logp)
     pi, mu = logp.exp(), old_logp.exp()
     tv = (pi - mu).abs()
     w = method.weight(logp, old_logp, adv, **params)
@@ -107,8 +134,9 @@ def diagnostic_tensors(
         out = method.boundary(logp, old_logp, adv, **params) & mask
     else:
         out = torch.zeros_like(mask)
-    kept_den = torch.where(mask, (adv * r).abs(), 0.0).sum()
-    kept_num = torch.where(mask, (adv * r * w).abs(), 0.0).sum()
+    kept, unweighted = grad_mass(adv, r, w)
+    kept_num, kept_den = torch.where(mask, kept, 0.0).sum(), torch.where(mask, unweighted, 0.0).sum()
+    category = weight_categories(w)
 
     def frac(sel: Tensor, within: Tensor) -> Tensor:
         return sel.sum().to(r.dtype) / within.sum().clamp(min=1).to(r.dtype)
@@ -119,7 +147,7 @@ def diagnostic_tensors(
         "ratio_min": _masked_extreme(r, mask, False, 1.0),
         "ratio_max": _masked_extreme(r, mask, True, 1.0),
         "abs_log_ratio": _masked_mean(lr.abs(), mask),
-        "k3_kl": _masked_mean(r - 1 - lr, mask),
+        "k3_kl": _masked_mean(k3, mask),
         "tv_mean": _masked_mean(tv, mask),
         "tv_max": _masked_extreme(tv, mask, True, 0.0),
         "beyond_boundary_pos_frac": frac(out & pos, pos),
@@ -127,29 +155,10 @@ def diagnostic_tensors(
         "weight_mean": torch.where(carries.any(), _masked_mean(w, carries), 1.0),
         "weight_min": _masked_extreme(w, carries, False, 1.0),
         "weight_max": _masked_extreme(w, carries, True, 1.0),
-        "weight_zero_frac": frac(carries & (w == 0), carries),
-        "weight_attenuated_frac": frac(carries & (w > 0) & (w < 1), carries),
-        "weight_corrective_frac": frac(carries & (w < 0), carries),
-        "weight_amplified_frac": frac(carries & (w > 1), carries),
+        **{f"weight_{c}_frac": frac(carries & category[c], carries) for c in WEIGHT_CATEGORIES},
         "surrogate": _masked_mean(r * adv, mask),
         "regularizer": _masked_mean(penalty, mask),
         "long_tail_frac": frac(mask & (mu <= LONG_TAIL_MU), mask),
         "kept_grad_mass": torch.where(kept_den > 0, kept_num / torch.where(kept_den > 0, kept_den, 1.0), 1.0),
     }
 
-
-def diagnostics(
-    method: Method,
-    params: dict,
-    logp: Tensor,
-    old_logp: Tensor,
-    adv: Tensor,
-    mask: Tensor,
-    penalty: Tensor,
-) -> dict[str, float]:
-    """`diagnostic_tensors` moved to the host in one transfer (`nonfinite_tokens` is 0: the
-    inputs here are already clean)."""
-    values = diagnostic_tensors(method, params, logp, old_logp, adv, mask, penalty)
-    values["nonfinite_tokens"] = torch.zeros_like(values["tokens"])
-    host = torch.stack([values[k].reshape(()) for k in METRIC_NAMES]).tolist()
-    return dict(zip(METRIC_NAMES, host))

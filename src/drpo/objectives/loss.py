@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -52,19 +52,22 @@ def _first_bad(name: str, x: Tensor, bad: Tensor, what: str) -> str:
     return f"`{name}` {what} {x[idx].item()} at response position {idx}"
 
 
-def _prepare_inputs(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor | None,
-    token_weights: Tensor | None = None,
-    nonfinite: str = "raise",
-    token_weights_name: str = "token_weights",
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor, _Checks]:
-    """Check shapes and types (host metadata, no sync) and normalize: returns fp32/fp64
-    (logp, old_logp, adv, mask, weights) with every position outside the loss set to neutral
-    values (pi = mu = 1, A = 0, weight 0), so garbage there cannot leak into the loss or its
-    gradient; the count of non-finite response tokens; and the value checks, not yet read."""
+class Prepared(NamedTuple):
+    """`policy_loss`'s inputs, checked and normalized: fp32 (fp64 for fp64 inputs), every
+    position outside the loss at neutral values (pi = mu = 1, A = 0, weight 0) so garbage
+    there cannot leak into the loss or its gradient."""
+
+    logp: Tensor
+    old_logp: Tensor
+    advantages: Tensor  # [batch, seq]
+    mask: Tensor  # bool: the tokens the loss uses (response tokens, less the dropped ones)
+    token_weights: Tensor | None
+    nonfinite: Tensor  # count of non-finite (or > 0) response tokens; dropped with nonfinite="drop"
+    checks: _Checks  # the value checks, not yet read
+
+
+def _check_layout(logp: Tensor, old_logp: Tensor, advantages: Tensor, nonfinite: str) -> None:
+    """Types and shapes (host metadata, no sync)."""
     _check_tensor("logp", logp)
     _check_tensor("old_logp", old_logp)
     _check_tensor("advantages", advantages)
@@ -79,16 +82,22 @@ def _prepare_inputs(
             raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
     if old_logp.shape != logp.shape:
         raise ValueError(f"`old_logp` shape {tuple(old_logp.shape)} does not match `logp` shape {tuple(logp.shape)}")
-    checks = _Checks()
+
+
+def _bool_mask(mask: Tensor | None, logp: Tensor, checks: _Checks) -> Tensor:
     if mask is None:
-        mask = torch.ones_like(logp, dtype=torch.bool)
+        return torch.ones_like(logp, dtype=torch.bool)
     _check_tensor("mask", mask)
     if mask.shape != logp.shape:
         raise ValueError(f"`mask` shape {tuple(mask.shape)} does not match `logp` shape {tuple(logp.shape)}")
     if mask.dtype != torch.bool:
         checks.add(((mask != 0) & (mask != 1)).sum(), lambda: "`mask` must hold only 0/1 (or bool) values")
         mask = mask != 0
-    batch, seq = logp.shape
+    return mask
+
+
+def _advantages_2d(advantages: Tensor, batch: int, seq: int) -> Tensor:
+    """[batch] -> [batch, 1]; refuses what does not broadcast per sequence or per token."""
     if advantages.dim() == 1 and advantages.shape[0] == batch:
         advantages = advantages[:, None]
     if advantages.dim() != 2 or advantages.shape[0] != batch or advantages.shape[1] not in (1, seq):
@@ -96,82 +105,82 @@ def _prepare_inputs(
             f"`advantages` must be shaped [batch], [batch, 1] or [batch, seq] = [{batch}, {seq}], "
             f"got shape {tuple(advantages.shape)}"
         )
-    dtype = _compute_dtype(logp, old_logp, advantages)
-    logp = logp.to(dtype)
-    old_logp = old_logp.detach().to(dtype)
-    advantages = advantages.detach().to(dtype).expand(batch, seq)
-    named = [("logp", logp), ("old_logp", old_logp), ("advantages", advantages)]
-    if token_weights is not None:
-        _check_tensor(token_weights_name, token_weights)
-        try:
-            token_weights = torch.broadcast_to(token_weights.detach(), mask.shape).to(dtype)
-        except RuntimeError:
-            raise ValueError(
-                f"`{token_weights_name}` shape {tuple(token_weights.shape)} does not broadcast to {tuple(mask.shape)}"
-            ) from None
-        named.append((token_weights_name, token_weights))
+    return advantages
+
+
+def _broadcast_weights(token_weights: Tensor, mask: Tensor, dtype: torch.dtype, name: str) -> Tensor:
+    _check_tensor(name, token_weights)
+    try:
+        return torch.broadcast_to(token_weights.detach(), mask.shape).to(dtype)
+    except RuntimeError:
+        raise ValueError(f"`{name}` shape {tuple(token_weights.shape)} does not broadcast to {tuple(mask.shape)}") from None
+
+
+def _nonfinite_tokens(named: list, mask: Tensor, nonfinite: str, checks: _Checks) -> tuple[Tensor, Tensor]:
+    """(the mask less the dropped tokens, the non-finite ones): with "raise" each named input's
+    non-finite values are a check; with "drop" they, and log-probs above 0 beyond fp
+    rounding (as invalid), leave the mask."""
     nonfinite_any = torch.zeros_like(mask)
     for name, x in named:
         bad = mask & ~torch.isfinite(x.detach())
         nonfinite_any = nonfinite_any | bad
         if nonfinite == "raise":
             checks.add(bad.sum(), lambda name=name, x=x, bad=bad: _first_bad(name, x, bad, "has a non-finite value"))
-    if nonfinite == "drop":  # a log-prob above 0 (beyond fp rounding) is as invalid: dropped and counted too
+    if nonfinite == "drop":
         for _, x in named[:2]:
             nonfinite_any = nonfinite_any | (mask & (x.detach() > POSITIVE_LOGP_TOL))
         mask = mask & ~nonfinite_any
-    for name, x in named[:2]:
+    return mask, nonfinite_any
+
+
+def _range_checks(logps: list, weights: tuple | None, mask: Tensor, checks: _Checks) -> None:
+    """Log-probs <= 0 (beyond fp rounding); token weights >= 0."""
+    for name, x in logps:
         worst = torch.where(mask, x.detach(), -1.0).amax()
         checks.add(
             (worst > POSITIVE_LOGP_TOL).sum(),
             lambda name=name, worst=worst: f"`{name}` must be log-probabilities (<= 0), got a value of {worst.item():.4g}",
         )
+    if weights is not None:
+        name, w = weights
+        neg = mask & (w < 0)
+        checks.add(neg.sum(), lambda: _first_bad(name, w, neg, "must be finite and >= 0, got"))
+
+
+def _prepare_inputs(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | None,
+                    token_weights: Tensor | None = None, nonfinite: str = "raise",
+                    token_weights_name: str = "token_weights") -> Prepared:
+    """Check (layout on the host now, values as device-side counts for later) and normalize."""
+    _check_layout(logp, old_logp, advantages, nonfinite)
+    checks = _Checks()
+    mask = _bool_mask(mask, logp, checks)
+    batch, seq = logp.shape
+    advantages = _advantages_2d(advantages, batch, seq)
+    dtype = _compute_dtype(logp, old_logp, advantages)
+    logp = logp.to(dtype)
+    old_logp = old_logp.detach().to(dtype)
+    advantages = advantages.detach().to(dtype).expand(batch, seq)
+    named = [("logp", logp), ("old_logp", old_logp), ("advantages", advantages)]
     if token_weights is not None:
-        neg = mask & (token_weights < 0)
-        checks.add(
-            neg.sum(),
-            lambda: _first_bad(token_weights_name, token_weights, neg, "must be finite and >= 0, got"),
-        )
+        token_weights = _broadcast_weights(token_weights, mask, dtype, token_weights_name)
+        named.append((token_weights_name, token_weights))
+    mask, nonfinite_any = _nonfinite_tokens(named, mask, nonfinite, checks)
+    _range_checks(named[:2], named[3] if token_weights is not None else None, mask, checks)
     # Neutral values outside the loss. The clamp removes fp rounding above 0.
     logp = torch.where(mask, logp, 0.0).clamp(max=0.0)
     old_logp = torch.where(mask, old_logp, 0.0).clamp(max=0.0)
     advantages = torch.where(mask, advantages, 0.0)
     if token_weights is not None:
         token_weights = torch.where(mask, token_weights, 0.0)
-    return logp, old_logp, advantages, mask, token_weights, nonfinite_any.sum(), checks
+    return Prepared(logp, old_logp, advantages, mask, token_weights, nonfinite_any.sum(), checks)
 
 
-def _prepare(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor | None,
-    *,
-    validate: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Validate (one host transfer) and normalize: (logp, old_logp, adv, mask) as policy_loss
-    uses them, strict about non-finite values."""
-    logp, old_logp, advantages, mask, _, _, checks = _prepare_inputs(logp, old_logp, advantages, mask)
-    if validate and checks.counts:
-        checks.raise_failures(torch.stack(checks.counts).tolist())
-    return logp, old_logp, advantages, mask
-
-
-def check_token_weights(weights: Tensor, mask: Tensor, name: str = "token_weights") -> Tensor:
-    """Per-token loss weights (e.g. verl's rollout IS weights, TRL's vLLM IS ratio) broadcast to
-    `mask`'s [batch, seq] shape, detached; finite and >= 0 on response tokens. A standalone
-    check (one host sync); `policy_loss` checks its `token_weights` in its own transfer."""
-    _check_tensor(name, weights)
-    try:
-        w = torch.broadcast_to(weights.detach(), mask.shape)
-    except RuntimeError:
-        raise ValueError(f"`{name}` shape {tuple(weights.shape)} does not broadcast to {tuple(mask.shape)}") from None
-    on = mask != 0
-    bad = on & ~(torch.isfinite(w) & (w >= 0))
-    if bad.any():
-        idx = tuple(bad.nonzero()[0].tolist())
-        raise ValueError(f"`{name}` must be finite and >= 0, got {w[idx].item()} at position {idx}")
-    return w
+def _prepare(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | None) -> Prepared:
+    """`_prepare_inputs` strict about non-finite values, its value checks read at once (one
+    host transfer)."""
+    p = _prepare_inputs(logp, old_logp, advantages, mask)
+    _to_host(None, p.checks, p.logp.dtype)
+    return p
 
 
 def aggregate(
@@ -222,22 +231,10 @@ def per_token_objective(
     return m.objective(logp, old_logp, advantages, **m.resolve_params(params))
 
 
-def policy_loss(
-    method: str | Method,
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor | None = None,
-    *,
-    agg: str = "token-mean",
-    horizon: int | None = None,
-    normalizer: float | Tensor | None = None,
-    token_weights: Tensor | None = None,
-    validate: bool = True,
-    with_metrics: bool = True,
-    nonfinite: str = "raise",
-    **params: Any,
-) -> tuple[Tensor, dict[str, float]]:
+def policy_loss(method: str | Method, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | None = None,
+                *, agg: str = "token-mean", horizon: int | None = None, normalizer: float | Tensor | None = None,
+                token_weights: Tensor | None = None, validate: bool = True, with_metrics: bool = True,
+                nonfinite: str = "raise", **params: Any) -> tuple[Tensor, dict[str, float]]:
     """The loss (scalar, minimize) of `method` and its diagnostics over response tokens.
 
     logp        [batch, seq] current policy log-probs of the sampled tokens (differentiable)
@@ -268,31 +265,35 @@ def policy_loss(
     """
     m = get_method(method)
     resolved = m.resolve_params(params)
-    logp_c, old_c, adv_c, mask, weights, n_nonfinite, checks = _prepare_inputs(
-        logp, old_logp, advantages, mask, token_weights, nonfinite
-    )
-    j, penalty = m.objective(logp_c, old_c, adv_c, **resolved)
-    per_token = -j if weights is None else -j * weights.to(j.dtype)
-    loss = aggregate(per_token, mask, agg, horizon=horizon, normalizer=normalizer)
+    p = _prepare_inputs(logp, old_logp, advantages, mask, token_weights, nonfinite)
+    j, penalty = m.objective(p.logp, p.old_logp, p.advantages, **resolved)
+    per_token = -j if p.token_weights is None else -j * p.token_weights.to(j.dtype)
+    loss = aggregate(per_token, p.mask, agg, horizon=horizon, normalizer=normalizer)
+    values = _metric_tensors(m, resolved, p, penalty, loss) if with_metrics else None
     check = validate and (with_metrics or nonfinite == "raise")
-    parts: list[Tensor] = []
-    if with_metrics:
-        with torch.no_grad():
-            values = diagnostic_tensors(m, resolved, logp_c.detach(), old_c, adv_c, mask, penalty)
-        values["nonfinite_tokens"] = n_nonfinite
-        values["loss"] = loss.detach()
-        names = [*METRIC_NAMES, "loss"]
-        parts = [values[k].to(j.dtype).reshape(()) for k in names]
-    if check:
-        parts += [c.to(j.dtype).reshape(()) for c in checks.counts]
-    metrics: dict[str, float] = {}
-    if parts:
-        host = torch.stack(parts).tolist()  # the call's one device-to-host transfer
-        if check:
-            checks.raise_failures(host[len(host) - len(checks.counts):])
-        if with_metrics:
-            metrics = dict(zip(names, host))
-    return loss, metrics
+    return loss, _to_host(values, p.checks if check else None, j.dtype)
+
+
+def _metric_tensors(m: Method, resolved: dict, p: Prepared, penalty: Tensor, loss: Tensor) -> dict[str, Tensor]:
+    """`policy_loss`'s metrics, still on the device, in the order of METRIC_NAMES then `loss`."""
+    with torch.no_grad():
+        values = diagnostic_tensors(m, resolved, p.logp.detach(), p.old_logp, p.advantages, p.mask, penalty)
+    values["nonfinite_tokens"] = p.nonfinite
+    values["loss"] = loss.detach()
+    return {k: values[k] for k in (*METRIC_NAMES, "loss")}
+
+
+def _to_host(values: dict[str, Tensor] | None, checks: _Checks | None, dtype: torch.dtype) -> dict[str, float]:
+    """The metrics and the checks' counts in one device-to-host transfer (none when there is
+    neither); raises the first failed check."""
+    parts = [] if values is None else [v.to(dtype).reshape(()) for v in values.values()]
+    counts = [] if checks is None else [c.to(dtype).reshape(()) for c in checks.counts]
+    if not parts and not counts:
+        return {}
+    host = torch.stack(parts + counts).tolist()  # the call's one device-to-host transfer
+    if checks is not None:
+        checks.raise_failures(host[len(parts):])
+    return {} if values is None else dict(zip(values, host[: len(parts)]))
 
 
 def gradient_weight(method: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, **params: Any) -> Tensor:

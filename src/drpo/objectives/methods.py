@@ -49,11 +49,6 @@ def tv_shift(logp: Tensor, old_logp: Tensor) -> Tensor:
     return (logp.detach().exp() - old_logp.exp())
 
 
-def _log1mexp(x: Tensor) -> Tensor:
-    # log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012).
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
 # 1/k! for k = 2..12: expm1(v) - v = v^2 * sum_k v^(k-2)/k!, truncation < 2e-10 relative on |v| < 1.
 _EXPM1_MINUS_X = tuple(1.0 / math.factorial(k) for k in range(2, 13))
 

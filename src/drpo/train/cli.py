@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     except LockHeldError as err:
         print(f"drpo train: {err}", file=sys.stderr)
         return 2
-    from drpo.train.loop import RunError, train  # heavy imports only once the config is valid
+    from drpo.train.loop import train  # heavy imports only once the config is valid
+    from drpo.train.setup import RunError
 
     try:
         summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress,

@@ -1,12 +1,12 @@
-"""Training-inference mismatch of each rollout precision: sample with an engine in that
-precision, recompute the sampled tokens' log-probs with the trainer's forward (fp32; the
-fp8-quantized forward under fp8_e2e), and compare. Also reports what sets the regime: the
-long-tail share (sampled tokens with behaviour probability mu <= 0.01), the response length,
-and the mismatch on long-tail tokens against the rest.
+"""`drpo mismatch`: the training-inference mismatch of each rollout precision. Samples with an
+engine in that precision, recomputes the sampled tokens' log-probs with the trainer's forward
+(fp32; the fp8-quantized forward under fp8_e2e), and compares. Also reports what sets the
+regime: the long-tail share (sampled tokens with behaviour probability mu <= 0.01), the
+response length, and the mismatch on long-tail tokens against the rest.
 
-    .venv/bin/python -m drpo.inspect.mismatch --config configs/testbed.yaml   # the testbed policy
-    .venv/bin/python -m drpo.inspect.mismatch --policy tiny
-    .venv/bin/python -m drpo.inspect.mismatch --policy smollm2 --threads 1
+    drpo mismatch --config configs/testbed.yaml   # the testbed policy
+    drpo mismatch --policy tiny
+    drpo mismatch --policy smollm2 --threads 1
 """
 
 from __future__ import annotations
@@ -20,12 +20,18 @@ import time
 import torch
 from tqdm import tqdm
 
-from drpo.models import PRECISIONS, encode_prompt, load_policy, quantized_forward
+from drpo.models import encode_prompt, load_policy, quantized_forward
 from drpo.models.logprobs import sequence_logprobs
-from drpo.objectives.diagnostics import LONG_TAIL_MU
+from drpo.objectives.diagnostics import LONG_TAIL_MU, token_mismatch
+from drpo.precisions import PRECISIONS
 from drpo.rollout.engine import generate, make_engine
+from drpo.train.files import atomic_write
 
 DEFAULT_QUESTIONS = ("What is 17+25?", "What is 3*4?", "Compute 120-45.", "What is 9+10?")
+
+
+def _abs_log_ratio(train_logp, behaviour_logp, mask) -> torch.Tensor:
+    return token_mismatch(train_logp, behaviour_logp).log_ratio[mask].abs().double()
 
 
 def token_mismatch_stats(train_logp, behaviour_logp, response_mask, long_tail: float = LONG_TAIL_MU) -> dict:
@@ -33,7 +39,7 @@ def token_mismatch_stats(train_logp, behaviour_logp, response_mask, long_tail: f
     share (mu <= long_tail), mean on long-tail tokens and on the rest (nan if none),
     mean response length."""
     mask = response_mask.bool()
-    diff = (train_logp - behaviour_logp)[mask].abs().double()
+    diff = _abs_log_ratio(train_logp, behaviour_logp, mask)
     tail = behaviour_logp[mask] <= math.log(long_tail)
     n_tail = int(tail.sum())
     return {
@@ -57,7 +63,7 @@ def mismatch_by_mu(train_logp, behaviour_logp, response_mask, edges=MU_EDGES) ->
     bin's share of the response tokens and mean (nan if empty). Shows where a mean comes
     from: near-certain tokens carry almost none."""
     mask = response_mask.bool()
-    diff = (train_logp - behaviour_logp)[mask].abs().double()
+    diff = _abs_log_ratio(train_logp, behaviour_logp, mask)
     mu = behaviour_logp[mask].double().exp()
     bounds = (-math.inf, *edges, math.inf)
     rows = []
@@ -100,7 +106,7 @@ def _testbed(config: str, overrides: list[str], n_prompts: int):
     from drpo.tasks import make_task
     from drpo.train.batching import encode_prompts
     from drpo.train.config import load_config
-    from drpo.train.loop import load_model
+    from drpo.train.setup import load_model
 
     cfg = load_config(config, overrides)
     if cfg.train.threads:
@@ -112,14 +118,24 @@ def _testbed(config: str, overrides: list[str], n_prompts: int):
     return policy.eval(), tokenizer, prompts, cfg.rollout
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _precisions(text: str) -> list[str]:
+    precisions = [x for x in text.split(",") if x]
+    unknown = [x for x in precisions if x not in PRECISIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
+    return precisions
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("mismatch", help="measure the training-inference mismatch of each rollout precision",
+                              description="Sample with an engine in each rollout precision, recompute the sampled "
+                              "tokens' log-probs with the trainer's forward, and compare them.")
     p.add_argument("--config", default=None, help="a `drpo train` config (e.g. configs/testbed.yaml): its "
                    "warm-started policy, task prompts, n_samples, max_new_tokens and temperature")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="with --config: a config override, as for drpo train (e.g. seed=1)")
     p.add_argument("--policy", default="tiny", help="without --config: 'tiny', 'smollm2' or a local HF directory")
-    p.add_argument("--precisions", default="fp32,bf16,fp8_e4m3,fp8_e5m2")
+    p.add_argument("--precisions", type=_precisions, default="fp32,bf16,fp8_e4m3,fp8_e5m2")
     p.add_argument("--prompts", type=int, default=64, help="with --config: number of training prompts")
     p.add_argument("--n-samples", type=int, default=None, help="default: the config's, else 4")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's, else 24")
@@ -129,11 +145,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--by-mu", action="store_true", help="also print the mismatch by the sampled tokens' "
                    "behaviour probability mu (share of tokens and mean |log pi/mu| per bin)")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
-    args = p.parse_args(argv)
-    precisions = [x for x in args.precisions.split(",") if x]
-    unknown = [x for x in precisions if x not in PRECISIONS]
-    if unknown:
-        p.error(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
+    p.set_defaults(run=run)
+    return p
+
+
+def _print_by_mu(rows: dict) -> None:
+    print("mismatch by behaviour probability mu: share of tokens / mean |log pi/mu|")
+    print(f"{'precision':<10} " + " ".join(f"{'mu %g-%g' % (b['mu_from'], b['mu_to']):>18}"
+                                         for b in next(iter(rows.values()))["by_mu"]))
+    for precision, m in rows.items():
+        print(f"{precision:<10} " + " ".join(f"{b['share']:>8.3f} /{b['mean_abs_log_ratio']:>9.2e}"
+                                             for b in m["by_mu"]))
+
+
+def run(args: argparse.Namespace) -> int:
     if args.config:
         policy, tokenizer, prompts, ro = _testbed(args.config, args.set, args.prompts)
         source = f"config={args.config}" + "".join(f" --set {item}" for item in args.set)
@@ -149,31 +174,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'precision':<10} {'tail share':>10} {'resp len':>8} {'mean|log r|':>11} {'max|log r|':>10} "
           f"{'tail mean':>9} {'rest mean':>9} {'tail/rest':>9} {'tokens':>7} {'sample s':>8}")
     rows = {}
-    for precision in tqdm(precisions, desc="precisions", file=sys.stderr):
-        m = precision_mismatch(policy, prompts, precision, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id, n_samples=n_samples, max_new_tokens=max_new,
-                               temperature=temperature, seed=args.seed, num_threads=args.threads)
-        rows[precision] = m
+    for precision in tqdm(args.precisions, desc="precisions", file=sys.stderr):
+        m = rows[precision] = precision_mismatch(
+            policy, prompts, precision, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            n_samples=n_samples, max_new_tokens=max_new, temperature=temperature, seed=args.seed,
+            num_threads=args.threads)
         ratio = m["long_tail_mean"] / m["rest_mean"] if m["rest_mean"] > 0 else float("nan")
         tqdm.write(f"{precision:<10} {m['long_tail_share']:>10.3f} {m['response_length']:>8.1f} "
                    f"{m['mean_abs_log_ratio']:>11.3e} {m['max_abs_log_ratio']:>10.3e} {m['long_tail_mean']:>9.3e} "
                    f"{m['rest_mean']:>9.3e} {ratio:>9.2f} {m['tokens']:>7d} {m['sample_seconds']:>8.2f}",
                    file=sys.stdout)
     if args.by_mu:
-        print("mismatch by behaviour probability mu: share of tokens / mean |log pi/mu|")
-        print(f"{'precision':<10} " + " ".join(f"{'mu %g-%g' % (b['mu_from'], b['mu_to']):>18}"
-                                             for b in next(iter(rows.values()))["by_mu"]))
-        for precision, m in rows.items():
-            print(f"{precision:<10} " + " ".join(f"{b['share']:>8.3f} /{b['mean_abs_log_ratio']:>9.2e}"
-                                                 for b in m["by_mu"]))
+        _print_by_mu(rows)
     if args.json:
-        from drpo.train.files import atomic_write  # the CLI's output only: the engine never imports train/
-
         atomic_write(args.json, json.dumps({"source": source, "n_samples": n_samples, "max_new_tokens": max_new,
                                             "temperature": temperature, "seed": args.seed, "precisions": rows},
                                            indent=2), "mismatch")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
