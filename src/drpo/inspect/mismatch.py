@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{precision:<10} " + " ".join(f"{b['share']:>8.3f} /{b['mean_abs_log_ratio']:>9.2e}"
                                                  for b in m["by_mu"]))
     if args.json:
-        from drpo.train.files import atomic_write  # the CLI's output only: the engine never imports train/
+        from drpo.files import atomic_write  # the CLI's output only: the engine never imports train/
 
         atomic_write(args.json, json.dumps({"source": source, "n_samples": n_samples, "max_new_tokens": max_new,
                                             "temperature": temperature, "seed": args.seed, "precisions": rows},

@@ -35,7 +35,7 @@ from drpo.tasks import Example, Task, check_examples, make_task
 from drpo.train.batching import decode_completions, encode_prompts
 from drpo.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from drpo.train.config import Config, ConfigError, resume_config, to_yaml
-from drpo.train.files import DiskFullError, LockHeldError, atomic_write, dir_lock, sweep_temp_files
+from drpo.files import DiskFullError, LockHeldError, atomic_write, dir_lock, sweep_temp_files
 from drpo.train.metrics import MetricsLogger, combine, plot_curves, read_metrics, truncate_metrics
 from drpo.train.schedule import lr_factor
 from drpo.train.warmstart import warm_start
@@ -378,7 +378,7 @@ def make_dumper(cfg: Config, out_dir: Path):
     """The `drpo inspect` dump writer of this run, or None (cfg.dump.every == 0)."""
     if not cfg.dump.every:
         return None
-    from drpo.inspect.dump import DumpWriter
+    from drpo.dumps import DumpWriter
 
     r = cfg.rollout
     meta = {
@@ -574,7 +574,7 @@ def run_locked(cfg: Config, task: Task, device, out_dir: Path, *, resume: bool, 
         truncate_metrics(out_dir / "metrics.jsonl", -1)
         log("no checkpoint found: starting from scratch")
     if resume and run.dumper is not None:  # the redone steps are dumped again, once
-        from drpo.inspect.dump import drop_steps_after
+        from drpo.dumps import drop_steps_after
 
         drop_steps_after(run.dumper.directory, state.step)
     logger = MetricsLogger(out_dir, purge_step=state.step + 1 if found else 0 if resume else None)
