@@ -355,10 +355,9 @@ def _flatten(path: str, rb, offset: int, present: Sequence[str], context: bool) 
     pos = np.arange(mask.size) - np.repeat(starts, lengths)
     values = {name: _column_values(path, rb, name, lengths, offset, mask, row_of, pos) if name in present else None
               for name in ("logp_rollout", "logp_before", "logp_after", "advantage", "entropy", "token_ids")}
-    seq_tokens = None
-    if context and values["token_ids"] is not None:
-        # per row, the token ids with non-response positions as -1 (context stays in the response)
-        seq_tokens = np.split(np.where(mask, values["token_ids"], -1), np.cumsum(lengths)[:-1])
+    # per row, the token ids with non-response positions as -1 (context stays in the response)
+    seq_tokens = (np.split(np.where(mask, values["token_ids"], -1), np.cumsum(lengths)[:-1])
+                  if context and values["token_ids"] is not None else None)
     pick = lambda a: None if a is None else a[mask]  # noqa: E731
     return TokenBatch(
         path=path,

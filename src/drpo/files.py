@@ -223,13 +223,11 @@ def file_lock(path: str | os.PathLike, *, busy: str | None = None):
         os.close(fd)
 
 
-@contextmanager
 def dir_lock(directory: str | os.PathLike, what: str = "run directory"):
-    """Hold `directory`'s lock (DIR/drpo.lock) for the duration; a second holder gets
-    LockHeldError at once, naming the lock file and the holder's pid."""
+    """`with dir_lock(DIR):` holds DIR/drpo.lock; a second holder gets LockHeldError at once,
+    naming the lock file and the holder's pid."""
     directory = Path(directory)
-    with file_lock(directory / LOCK_FILE, busy=f"{what} {directory} is in use by another drpo process") as path:
-        yield path
+    return file_lock(directory / LOCK_FILE, busy=f"{what} {directory} is in use by another drpo process")
 
 
 # ---------------------------------------------------------------- JSON
@@ -239,7 +237,7 @@ def jsonable(x, nonfinite=None):
     """`x` for json.dumps: NaN and infinities (which JSON lacks) become `nonfinite(x)`, or
     None (null) when nonfinite is None; numpy and torch scalars become Python numbers; mapping
     keys become strings."""
-    if hasattr(x, "item") and not isinstance(x, (dict, list, tuple)):
+    if hasattr(x, "item"):  # numpy or torch scalar
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
         return None if nonfinite is None else nonfinite(x)

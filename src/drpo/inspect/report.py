@@ -243,12 +243,11 @@ def _sanity_lines(result: dict, title: str) -> list[str]:
     """The title and the sanity header: what was dumped, what is analysed, the sampling check."""
     total = result["total"]
     md = [f"# {title}", "", "## Sanity header", ""]
-    metas = [f["metadata"] for f in result["files"]]
     for f in result["files"]:
         m = f["metadata"]
         md.append(f"- `{f['path']}`: source {m.get('source')}, model {m.get('model')}, trained with "
                   f"`{m.get('method')}` {json.dumps(m.get('params'))}, sampling {json.dumps(m.get('sampling'))}")
-    cols = metas[0].get("columns", {}) if metas else {}
+    cols = result["files"][0]["metadata"].get("columns", {}) if result["files"] else {}
     for name, meaning in cols.items():
         md.append(f"- `{name}`: {meaning}")
     md += [
