@@ -29,7 +29,9 @@ run: install
 # The test suite (CI runs exactly this).
 test: test-main test-verl
 
+# lint-imports first: the layering contracts in pyproject.toml ([tool.importlinter]).
 test-main: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest tests --ignore=tests/verl -q
 
 test-verl: install

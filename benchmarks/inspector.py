@@ -26,7 +26,7 @@ SEQ, STEPS = 1024, 8
 
 
 def write_dump(directory: Path, tokens: int, seed: int = 0) -> Path:
-    from drpo.inspect.dump import DumpWriter
+    from drpo.dumps import DumpWriter
 
     rng = np.random.default_rng(seed)
     rows = max(1, -(-tokens // SEQ))  # at least `tokens`

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from drpo.cli import main
+from drpo.dumps import META_KEY, DumpError, DumpWriter, iter_tokens
 from drpo.inspect.analysis import BUCKETS, analyze, bucket_of, make_variants
-from drpo.inspect.dump import META_KEY, DumpError, DumpWriter, iter_tokens
 from inspect_reference import compare, reference
 from train_helpers import fast_args
 
@@ -195,8 +195,8 @@ def _good_table(n=3, seq=4):
 )
 def test_bad_dumps_name_file_row_and_column(tmp_path, capsys, make, meta, expected):
     path = _write_raw(tmp_path / "bad.parquet", make(_good_table()), meta)
-    with pytest.raises(DumpError) as err:
-        list(iter_tokens(path))
+    with pytest.raises(DumpError) as err:  # the reader's checks and the analysis's (the method) alike
+        analyze([path], make_variants(["drpo"]))
     msg = str(err.value)
     assert str(path) in msg
     for part in expected:

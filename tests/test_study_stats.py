@@ -75,18 +75,27 @@ def test_run_stats_read_the_runs_summary_and_cell_by_hand():
         stats.run_stats("x", "s", "v", 0, [{"step": 1, "reward/mean": 0.5}], None, 1.0)
 
 
+def at_t(t: float, n: int) -> np.ndarray:
+    """n per-seed values whose one-sample t-statistic is exactly t (and standard error 1)."""
+    z = np.arange(n) - (n - 1) / 2
+    return t + z / (z.std(ddof=1) / math.sqrt(n))
+
+
 @pytest.mark.parametrize("df, q, ref", [(1, 0.975, 12.7062047), (2, 0.975, 4.3026527), (4, 0.975, 2.7764451),
                                         (4, 0.95, 2.1318468), (5, 0.99, 3.3649300), (9, 0.975, 2.2621572),
                                         (4, 0.8, 0.9409646)])
-def test_t_quantiles_match_tables(df, q, ref):
-    assert stats.t_quantile(q, df) == pytest.approx(ref, abs=1e-6)
+def test_confidence_intervals_use_the_tabulated_t_quantiles(df, q, ref):
+    res = stats.paired_t(at_t(0.0, df + 1))
+    lo, hi = res.ci(2 * q - 1)
+    assert float(res.se) == pytest.approx(1.0)
+    assert float(hi) == pytest.approx(ref, abs=1e-6) and float(lo) == pytest.approx(-ref, abs=1e-6)
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 10])
-def test_t_tail_matches_numpys_sampler(df):
+def test_p_values_match_numpys_t_sampler(df):
     draws = np.abs(np.random.default_rng(df).standard_t(df, 400_000))
     for t in (0.5, 1.0, 2.0, 3.0):
-        assert stats.t_two_sided(t, df) == pytest.approx((draws >= t).mean(), abs=3e-3)
+        assert float(stats.paired_t(at_t(t, df + 1)).p) == pytest.approx((draws >= t).mean(), abs=3e-3)
 
 
 def test_paired_t_by_hand():
@@ -95,7 +104,8 @@ def test_paired_t_by_hand():
     t = mean / (sd / math.sqrt(5))
     res = stats.paired_t(x)
     assert float(res.mean) == pytest.approx(mean) and float(res.se) == pytest.approx(sd / math.sqrt(5))
-    assert float(res.p) == pytest.approx(float(stats.t_two_sided(t, 4)))
+    theta = math.atan(t / 2)  # df = 4 in closed form: P(|T| >= t) = 1 - sin(theta) (1 + cos^2(theta) / 2)
+    assert float(res.p) == pytest.approx(1 - math.sin(theta) * (1 + math.cos(theta) ** 2 / 2))
     assert float(res.p_greater) == pytest.approx(float(res.p) / 2)
     assert float(res.p_less) == pytest.approx(1 - float(res.p) / 2)
     lo, hi = res.ci()

@@ -154,7 +154,7 @@ def test_checkpoint_without_sidecar_is_an_unfinished_save_and_ignored(tmp_path):
 
 
 def test_second_writer_on_a_run_directory_gets_the_lock_holder(tmp_path):
-    from drpo.train.files import LOCK_FILE, dir_lock
+    from drpo.files import LOCK_FILE, dir_lock
     from drpo.train.setup import RunError
 
     cfg = fast_config(tmp_path, "train.steps=1")
@@ -210,7 +210,7 @@ def test_append_to_a_full_disk_keeps_the_log_whole(tmp_path):
     # A study's provenance/timing logs: the second append hits a full disk; the error names
     # the file and the log keeps exactly its first line (the failed append is cut back off).
     log = tmp_path / "timing.jsonl"
-    code = ("import sys; from drpo.train.files import append_to\n"
+    code = ("import sys; from drpo.files import append_to\n"
             "append_to(sys.argv[1], '{\"a\": 1}', 'timing')\n"
             "append_to(sys.argv[1], '{\"b\": \"' + 'x' * 4000 + '\"}', 'timing')\n")
     env = {**os.environ, "DRPO_FAULT_AT": "timing.write:2:full"}

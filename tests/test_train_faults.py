@@ -5,7 +5,7 @@ nothing; a second writer on a run directory is refused; `drpo compare` killed mi
 restarted finishes the study; a policy whose numbers overflow ends the run as diverged (exit 3,
 a collapse in the study), a config error stays a failure (exit 2).
 
-Faults are injected through DRPO_FAULT_AT (drpo.train.files): the process SIGKILLs itself at
+Faults are injected through DRPO_FAULT_AT (drpo.files): the process SIGKILLs itself at
 the named point, or lowers RLIMIT_FSIZE so the kernel refuses that write (EFBIG). Each run is
 a real `drpo train` (drpo.cli.main) in its own process, forked from a server that imported
 drpo once (a fresh interpreter costs ~10 s on the shared 2-core box).
@@ -26,8 +26,8 @@ import pytest
 import torch
 import yaml
 
+from drpo.files import LOCK_FILE
 from drpo.train.checkpoint import list_checkpoints, load_checkpoint
-from drpo.train.files import LOCK_FILE
 from drpo.train.metrics import TIMING_KEYS, read_metrics
 
 pytestmark = pytest.mark.slow

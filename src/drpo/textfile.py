@@ -1,5 +1,6 @@
-"""Users' text files (datasets, configs, grids) decoded as UTF-8, or an error naming the file,
-the line, the column and the byte: Python's own UnicodeDecodeError names none of them."""
+"""Text users give us. Files (datasets, configs, grids) decoded as UTF-8, or an error naming
+the file, the line, the column and the byte: Python's own UnicodeDecodeError names none of
+them. And the command lines' KEY=VALUE arguments (`--set`, `--param`), split in one way."""
 
 from __future__ import annotations
 
@@ -24,3 +25,15 @@ def decode_utf8(data: bytes, path: str | os.PathLike, first_line: int = 1) -> st
 def read_utf8(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         return decode_utf8(f.read(), path)
+
+
+def split_assignment(item: str, expects: str, *, ok=lambda key, value: bool(key),
+                     error: type[Exception] = ValueError) -> tuple[str, str]:
+    """'KEY=VALUE' -> (KEY without surrounding spaces, VALUE as given), or `error` naming what
+    the argument `expects` and the argument itself when there is no '=' or `ok(KEY, VALUE)` is
+    false. Each caller converts VALUE its own way."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not ok(key, value):
+        raise error(f"{expects}, got {item!r}")
+    return key, value

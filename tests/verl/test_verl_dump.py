@@ -16,7 +16,7 @@ from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 from verl.workers.utils.losses import ppo_loss
 
 from drpo.cli import main
-from drpo.inspect.dump import DumpWriter
+from drpo.dumps import DumpWriter
 from drpo.integrations import verl as plugin
 from inspect_reference import compare, reference
 from test_verl_callsite import _padded, _sequences, _verl_data, verl_actor

@@ -19,9 +19,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from drpo.inspect.dump import DumpError, iter_tokens, read_metadata
+from drpo.dumps import DumpError, iter_tokens, read_metadata
 from drpo.objectives import METHODS, get_method
 from drpo.objectives.diagnostics import LONG_TAIL_MU, WEIGHT_CATEGORIES, grad_mass, token_mismatch, weight_categories
+from drpo.textfile import split_assignment
 
 # Behaviour-probability buckets: mu <= 0.01 (the long tail), 0.01-0.1, 0.1-0.5, > 0.5.
 BUCKET_EDGES = (LONG_TAIL_MU, 0.1, 0.5)
@@ -56,10 +57,9 @@ class Variant:
 
 def parse_param(spec: str) -> tuple[str, str, list[float | bool]]:
     """'drpo.delta=0.05,0.15' -> ('drpo', 'delta', [0.05, 0.15])."""
-    key, sep, raw = spec.partition("=")
-    method, dot, name = key.partition(".")
-    if not sep or not dot or not method or not name or not raw:
-        raise ValueError(f"--param expects METHOD.NAME=V1,V2,..., got {spec!r}")
+    key, raw = split_assignment(spec, "--param expects METHOD.NAME=V1,V2,...",
+                                ok=lambda key, raw: all(key.partition(".")[::2]) and bool(raw))  # METHOD, NAME, values
+    method, _, name = key.partition(".")
     get_method(method)
     values: list[float | bool] = []
     for item in raw.split(","):
@@ -126,6 +126,17 @@ def _bincount(idx: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     return np.bincount(idx, weights=weights, minlength=len(BUCKETS))[: len(BUCKETS)]
 
 
+def _check_method(path: str, meta: dict) -> None:
+    """The method a dump was trained with is one the report can name and draw."""
+    method = meta.get("method")
+    if method is not None and method not in METHODS:
+        raise DumpError(
+            f"{path}: metadata 'method' = {method!r} is not a registered method (all rows, column metadata.method); "
+            f"registered: {', '.join(sorted(METHODS))}. Pass the module that registers it: drpo inspect --import "
+            "MODULE"
+        )
+
+
 class Analysis:
     """Feed it dump files (`add_file`), then read `result()`."""
 
@@ -144,6 +155,7 @@ class Analysis:
 
     def add_file(self, path: str, *, batch_rows: int = 512) -> None:
         meta = read_metadata(path)
+        _check_method(str(path), meta)
         self.files.append({"path": str(path), "metadata": meta})
         for batch in iter_tokens(path, batch_rows=batch_rows, context=True):
             self._add(batch)

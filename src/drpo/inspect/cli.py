@@ -74,7 +74,7 @@ def load_tokenizer(name: str | None):
 
 def run(args: argparse.Namespace) -> int:
     from drpo.inspect.analysis import analyze, make_variants
-    from drpo.inspect.dump import DumpError, read_metadata
+    from drpo.dumps import DumpError, read_metadata
     from drpo.inspect.report import write_report
 
     try:

@@ -11,9 +11,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from drpo.files import atomic_write, jsonable, save_figure
 from drpo.inspect.analysis import ALL, BUCKETS, Analysis, Variant
 from drpo.objectives import METHODS, loose_threshold_note
-from drpo.train.files import atomic_write, save_figure
+from drpo.pages import table, write_page
 
 CATEGORIES = ("zeroed_frac", "attenuated_frac", "corrective_frac", "amplified_frac")
 
@@ -28,18 +29,14 @@ def _num(x, digits=4) -> str:
     return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.3e}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def method_table(stats: dict, bucket: str = ALL) -> list[str]:
     rows = []
     for label, per in stats["methods"].items():
         s = per[bucket]
         rows.append([f"`{label}`", str(s["tokens"]), _pct(s["beyond_boundary_pos_frac"]), _pct(s["beyond_boundary_neg_frac"]),
                      *(_pct(s[c]) for c in CATEGORIES), f"{s['kept_grad_mass']:.4f}"])
-    return _table(["method", "tokens", "beyond, A>0", "beyond, A<0", "zeroed", "attenuated", "corrective", "amplified",
-                   "kept grad mass"], rows)
+    return table(["method", "tokens", "beyond, A>0", "beyond, A<0", "zeroed", "attenuated", "corrective", "amplified",
+                  "kept grad mass"], rows)
 
 
 def batch_table(stats: dict) -> list[str]:
@@ -49,7 +46,7 @@ def batch_table(stats: dict) -> list[str]:
         share = 1.0 if name == ALL else stats["bucket_share"][name]
         rows.append([name, str(m["tokens"]), _pct(share), _num(m.get("mean_log_ratio")), _num(m.get("std_err"), 2),
                      _num(m.get("mean_abs_log_ratio")), _num(m.get("k3_kl")), str(m["unscored_tokens"])])
-    return _table(["mu bucket", "tokens", "share", "mean log r", "std err", "mean abs log r", "k3 KL", "unscored"], rows)
+    return table(["mu bucket", "tokens", "share", "mean log r", "std err", "mean abs log r", "k3 KL", "unscored"], rows)
 
 
 # ------------------------------------------------------------------ figures
@@ -225,32 +222,32 @@ def disagreement_rows(result: dict, tokenizer) -> list[list[str]]:
     return rows
 
 
-def write_report(result: dict, analysis: Analysis, out: Path, *, tokenizer=None, title: str = "drpo inspect") -> dict:
-    """Writes report.md, report.html, report.json and the figures into `out`; returns the paths."""
-    from drpo.study.report import render_html
-
-    out.mkdir(parents=True, exist_ok=True)
-    total = result["total"]
+def _figures(result: dict, analysis: Analysis, out: Path) -> dict[str, str]:
+    """The figures drawn into `out`, by name: file name."""
     samples = analysis.samples()
-    last = max(samples) if samples else None
     figs = {}
-    if last is not None:
+    if samples:
+        last = max(samples)
         token_figure(samples[last], analysis.variants, last, "/".join(result["policy"]), "/".join(result["anchor"]),
                      out / "tokens_vs_boundaries.png")
         figs["tokens"] = "tokens_vs_boundaries.png"
-    bucket_figure(total, out / "buckets.png")
+    bucket_figure(result["total"], out / "buckets.png")
     figs["buckets"] = "buckets.png"
     if len(result["steps"]) > 1:
         trend_figure(result, out / "trends.png")
         figs["trends"] = "trends.png"
+    return figs
 
+
+def _sanity_lines(result: dict, title: str) -> list[str]:
+    """The title and the sanity header: what was dumped, what is analysed, the sampling check."""
+    total = result["total"]
     md = [f"# {title}", "", "## Sanity header", ""]
-    metas = [f["metadata"] for f in result["files"]]
     for f in result["files"]:
         m = f["metadata"]
         md.append(f"- `{f['path']}`: source {m.get('source')}, model {m.get('model')}, trained with "
                   f"`{m.get('method')}` {json.dumps(m.get('params'))}, sampling {json.dumps(m.get('sampling'))}")
-    cols = metas[0].get("columns", {}) if metas else {}
+    cols = result["files"][0]["metadata"].get("columns", {}) if result["files"] else {}
     for name, meaning in cols.items():
         md.append(f"- `{name}`: {meaning}")
     md += [
@@ -269,48 +266,62 @@ def write_report(result: dict, analysis: Analysis, out: Path, *, tokenizer=None,
                   f"errors: {'see the warnings' if san['flags'] else 'none raised'}")
     if san["flags"]:
         md += ["", "**Warnings:**", ""] + [f"- {x}" for x in san["flags"]]
-    md += ["", "## The batch: long tail and train/inference mismatch (all steps)", "",
-           f"Long-tail share (mu <= 0.01): **{_pct(total['long_tail_share'])}** of response tokens. "
-           "Mismatch: log r = train-side log-prob before the update minus the rollout log-prob.", "",
-           *batch_table(total), "", f"![long tail and mismatch by bucket]({figs['buckets']})", "",
-           "## What each trust region would do (all steps)", "",
-           "Fractions beyond the boundary are of the tokens with that advantage sign; the weight categories (w = 0 "
-           "zeroed, 0 < w < 1 attenuated, w < 0 corrective, w > 1 amplified) are of tokens with A != 0; kept "
-           "gradient mass = sum|A r w| / sum|A r|.", "", *method_table(total), ""]
-    loose = [f"- `{v.label}`: {note}" for v in analysis.variants if (note := loose_threshold_note(v.method, v.params))]
+    return md
+
+
+def _batch_lines(result: dict, variants: Sequence[Variant], figs: dict[str, str]) -> list[str]:
+    """All steps together: the long tail and mismatch, then each method's categories per bucket."""
+    total = result["total"]
+    md = ["", "## The batch: long tail and train/inference mismatch (all steps)", "",
+          f"Long-tail share (mu <= 0.01): **{_pct(total['long_tail_share'])}** of response tokens. "
+          "Mismatch: log r = train-side log-prob before the update minus the rollout log-prob.", "",
+          *batch_table(total), "", f"![long tail and mismatch by bucket]({figs['buckets']})", "",
+          "## What each trust region would do (all steps)", "",
+          "Fractions beyond the boundary are of the tokens with that advantage sign; the weight categories (w = 0 "
+          "zeroed, 0 < w < 1 attenuated, w < 0 corrective, w > 1 amplified) are of tokens with A != 0; kept "
+          "gradient mass = sum|A r w| / sum|A r|.", "", *method_table(total), ""]
+    loose = [f"- `{v.label}`: {note}" for v in variants if (note := loose_threshold_note(v.method, v.params))]
     if loose:
         md += ["**Thresholds that bind no token:**", "", *loose, ""]
     for b in BUCKETS:
         md += [f"### mu bucket {b} ({_pct(total['bucket_share'][b])} of tokens)", "", *method_table(total, b), ""]
+    return md
+
+
+def _token_lines(result: dict, analysis: Analysis, figs: dict[str, str], tokenizer) -> list[str]:
+    """Single tokens: the sample against the boundaries, then where the methods disagree most."""
+    md = []
     if "tokens" in figs:
+        samples = analysis.samples()
+        last = max(samples)
         md += ["## Tokens against each boundary", "", f"Step {last}, up to {len(samples[last])} tokens sampled uniformly.",
                "", f"![tokens against each method's boundary]({figs['tokens']})", ""]
     md += ["## Where the methods disagree most", "",
            "Tokens with the largest spread of gradient weight w across the methods (context: the response around it, "
            "the token in brackets).", ""]
     rows = disagreement_rows(result, tokenizer)
-    md += _table(["step", "row", "pos", "mu", "pi", "A", "lowest w", "highest w", "context"], rows) if rows else ["(one method: none)"]
-    md += ["", "## Across steps", ""]
+    md += table(["step", "row", "pos", "mu", "pi", "A", "lowest w", "highest w", "context"], rows) if rows else ["(one method: none)"]
+    return md
+
+
+def _steps_lines(result: dict, figs: dict[str, str]) -> list[str]:
+    """Per step: tokens, the long tail, the mismatch and each method's kept gradient mass."""
+    md = ["", "## Across steps", ""]
     if "trends" in figs:
         md += [f"![trends across steps]({figs['trends']})", ""]
-    labels = list(total["methods"])
-    md += _table(["step", "tokens", "long tail", "mean abs log r", *[f"kept `{x}`" for x in labels]], [
+    labels = list(result["total"]["methods"])
+    md += table(["step", "tokens", "long tail", "mean abs log r", *[f"kept `{x}`" for x in labels]], [
         [s, str(p["tokens"]), _pct(p["long_tail_share"]), _num(p["mismatch"][ALL].get("mean_abs_log_ratio")),
          *[f"{p['methods'][x][ALL]['kept_grad_mass']:.4f}" for x in labels]] for s, p in result["steps"].items()])
-    text = "\n".join(md) + "\n"
-    atomic_write(out / "report.md", text, "report")
-    atomic_write(out / "report.html", render_html(text, out, title), "report")
-    atomic_write(out / "report.json", json.dumps(_json(result), indent=1), "report")
-    return {"markdown": out / "report.md", "html": out / "report.html", "json": out / "report.json", **{k: out / v for k, v in figs.items()}}
+    return md
 
 
-def _json(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, (np.floating, np.integer)):
-        return _json(x.item())
-    if isinstance(x, dict):
-        return {str(k): _json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json(v) for v in x]
-    return x
+def write_report(result: dict, analysis: Analysis, out: Path, *, tokenizer=None, title: str = "drpo inspect") -> dict:
+    """Writes report.md, report.html, report.json and the figures into `out`; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    figs = _figures(result, analysis, out)
+    md = [*_sanity_lines(result, title), *_batch_lines(result, analysis.variants, figs),
+          *_token_lines(result, analysis, figs, tokenizer), *_steps_lines(result, figs)]
+    paths = write_page(out, "\n".join(md) + "\n", title)
+    atomic_write(out / "report.json", json.dumps(jsonable(result), indent=1), "report")
+    return {**paths, "json": out / "report.json", **{k: out / v for k, v in figs.items()}}

@@ -217,7 +217,7 @@ class DRPOGRPOTrainer(GRPOTrainer):
         self.drpo_params = get_method(config.drpo_method).resolve_params(params)
         self._dumper = None
         if config.drpo_dump_dir:
-            from drpo.inspect.dump import DumpWriter
+            from drpo.dumps import DumpWriter
 
             self._dumper = DumpWriter(config.drpo_dump_dir, every=config.drpo_dump_every, metadata=self._dump_metadata())
 

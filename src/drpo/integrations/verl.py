@@ -353,7 +353,7 @@ def dump_in_loss(method: str, params: dict, config: Any, old_log_prob: Tensor, l
     settings = _dump_settings(config)
     if settings is None:
         return
-    from drpo.inspect.dump import DumpWriter
+    from drpo.dumps import DumpWriter
 
     directory, every = settings
     bypass = bool(_get(_get(_get(config, "policy_loss"), "rollout_correction"), "bypass_mode", False))
@@ -422,7 +422,7 @@ def install_driver_dump(directory: str, every: int = 1) -> None:
       `compute_advantage`, so the dump sees the advantages the actor trains on)."""
     from verl.trainer.ppo import ray_trainer
 
-    from drpo.inspect.dump import DumpWriter
+    from drpo.dumps import DumpWriter
 
     if getattr(ray_trainer.compute_advantage, "drpo_dump", False):
         return

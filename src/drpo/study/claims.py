@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
+import scipy.stats
 
 from drpo.objectives import get_method
 from drpo.precisions import PRECISIONS
-from drpo.study.stats import ALPHA, CellStats, binom_upper, holm, log_slope, mde, paired_t, sign_test, tost
+from drpo.study.stats import ALPHA, CellStats, holm, log_slope, mde, paired_t, sign_test, tost
 
 MARGIN = 0.05  # equivalence margin, accuracy points (fraction correct)
 METRICS = ("final", "auc")
@@ -167,7 +168,7 @@ def _collapse_claim(c: Claim, ix: _Index, settings: Sequence[str]) -> Claim:
         _describe(c, pairs, m, "drpo")
         test, a = collapse_test(pairs, m, "drpo")
         tests.append(test)
-        rates.append(binom_upper(len(a) - int(a.sum()), len(a)))  # P(X <= k) under collapse rate 1/2
+        rates.append(float(scipy.stats.binom.cdf(int(a.sum()), len(a), 0.5)))  # P(X <= k) at collapse rate 1/2
     if tests:
         reject = finish(tests)
         c.tests = tests

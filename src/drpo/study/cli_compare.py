@@ -13,12 +13,12 @@ import shlex
 import sys
 from pathlib import Path
 
-import yaml
-
+from drpo.files import dir_lock
 from drpo.study.grid import Grid, expand, load_grid, parse_grid
 from drpo.study.presets import PRESETS, get_preset
 from drpo.study.runner import base_config, default_workers, is_finished, run_dir, run_grid
-from drpo.train.files import dir_lock
+from drpo.textfile import split_assignment
+from drpo.train.config import override_value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -63,10 +63,8 @@ def select(grid: Grid, *, overrides: list[str], seeds: int | None, methods: str 
     """The grid narrowed/extended by the command-line options, re-validated."""
     data = grid.model_dump(mode="json")
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        data["base"][key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        key, raw = split_assignment(item, "--set expects KEY=VALUE")
+        data["base"][key] = override_value(key, raw)  # as `drpo train --set` parses it
     if seeds is not None:
         if seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {seeds}")

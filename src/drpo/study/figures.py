@@ -20,8 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from drpo.files import save_figure  # noqa: E402
 from drpo.study.stats import MISMATCH, series  # noqa: E402
-from drpo.train.files import save_figure  # noqa: E402
 from drpo.train.metrics import declared  # noqa: E402
 
 BEYOND = declared("objective/beyond_boundary_pos_frac", "objective/beyond_boundary_neg_frac")

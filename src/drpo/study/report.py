@@ -9,24 +9,22 @@ the grid appears: finished and diverged runs in the tables, the others listed as
 
 from __future__ import annotations
 
-import base64
 import csv
 import io
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import markdown
 import yaml
 
+from drpo.files import atomic_write, jsonable
+from drpo.pages import table, write_page
 from drpo.study import figures
 from drpo.study.claims import MARGIN, Claim, check_claims, design_note
 from drpo.study.runner import LOG, RECORD, SUMMARY, TIMING
 from drpo.study.stats import ALPHA, COLLAPSE_FRAC, COLLAPSE_WINDOW, CellStats, RunStats, cell_stats, run_stats
-from drpo.train.files import atomic_write
 from drpo.train.metrics import read_metrics
 
 
@@ -229,8 +227,7 @@ def compute_rows(study: Study, tables: Tables) -> list[list[str]]:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(r) + " |" for r in rows), ""]
+    return [*table(header, rows), ""]  # each of this page's tables ends its section
 
 
 def render_markdown(study: Study, tables: Tables, figs: dict[str, Path], out: Path, *, collapse_frac: float,
@@ -274,33 +271,6 @@ def render_markdown(study: Study, tables: Tables, figs: dict[str, Path], out: Pa
     return "\n".join(lines)
 
 
-STYLE = ("body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}"
-         "table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}th,td{border:1px solid #ccc;"
-         "padding:3px 8px}th{background:#f3f3f3}img{max-width:100%}pre{background:#f6f6f6;padding:.6em}")
-
-
-def render_html(md: str, out: Path, title: str) -> str:
-    """The Markdown report as one self-contained page: figures inlined as data URIs."""
-    def inline(m: re.Match) -> str:
-        data = base64.b64encode((out / m.group(2)).read_bytes()).decode("ascii")
-        return f"![{m.group(1)}](data:image/png;base64,{data})"
-
-    body = markdown.markdown(re.sub(r"!\[([^\]]*)\]\(([^)]+\.png)\)", inline, md),
-                             extensions=["tables", "fenced_code"])
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>"
-            f"</head><body>\n{body}\n</body></html>\n")
-
-
-def _json(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json(v) for v in x]
-    return x
-
-
 def _cell_json(c: CellStats) -> dict:
     return {"setting": c.setting, "variant": c.variant, "n": c.n, "collapsed": c.collapsed,
             **{m: c.mean_sd(m) for m in ("initial", "final", "best", "auc", "gain")},
@@ -330,12 +300,9 @@ def write_report(root: str | Path, out: str | Path | None = None, *, collapse_fr
                                        out / "figures") if groups else ({}, {})
     claims = check_claims(tables.cells, study.grid)
     md = render_markdown(study, tables, figs, out, collapse_frac=collapse_frac, command=command, claims=claims)
-    paths = {"markdown": out / "report.md", "html": out / "report.html", "json": out / "summary.json",
-             "csv": out / "summary.csv", **{f"figure:{k}": v for k, v in figs.items()}}
-    atomic_write(paths["markdown"], md, "report")
-    atomic_write(paths["html"], render_html(md, out, f"Comparison study: {study.grid.get('name', study.root.name)}"),
-                 "report")
-    atomic_write(paths["json"], json.dumps(_json({
+    paths = {**write_page(out, md, f"Comparison study: {study.grid.get('name', study.root.name)}"),
+             "json": out / "summary.json", "csv": out / "summary.csv", **{f"figure:{k}": v for k, v in figs.items()}}
+    atomic_write(paths["json"], json.dumps(jsonable({
         "grid": study.grid.get("name"),
         "collapse_frac": collapse_frac,
         "collapse_window": COLLAPSE_WINDOW,
@@ -348,9 +315,9 @@ def write_report(root: str | Path, out: str | Path | None = None, *, collapse_fr
         "figures_drawn": drawn,
         "claims": [asdict(c) for c in claims],
     }), indent=2) + "\n", "report")
-    table = io.StringIO(newline="")
-    w = csv.writer(table)
+    rows = io.StringIO(newline="")
+    w = csv.writer(rows)
     w.writerow(["setting", *TABLE_HEADER])
     w.writerows([setting, *cell_row(c)] for setting, cells in tables.cells.items() for c in cells)
-    atomic_write(paths["csv"], table.getvalue(), "report")
+    atomic_write(paths["csv"], rows.getvalue(), "report")
     return paths

@@ -34,8 +34,8 @@ from typing import Sequence
 import yaml
 from tqdm.auto import tqdm
 
+from drpo.files import append_to, atomic_write
 from drpo.study.grid import Grid, RunSpec, format_value
-from drpo.train.files import append_to, atomic_write
 
 SUMMARY = "summary.json"
 RECORD = "study_run.json"
@@ -242,6 +242,43 @@ def _settle(active: _Active, out: Path, rc: int, interrupted: bool = False) -> t
     return status, reason
 
 
+def _count(outcome: Outcome, run_id: str, status: str, reason: str | None) -> None:
+    """An ended run into the outcome; a divergence or failure said at once."""
+    if status == "finished":
+        outcome.finished.append(run_id)
+    elif status == "diverged":
+        outcome.diverged.append(run_id)
+        tqdm.write(f"run {run_id} diverged (non-finite loss or weights); kept as a result", file=sys.stderr)
+    else:
+        outcome.failed.append((run_id, reason))
+        tqdm.write(f"run {run_id} failed: {reason}", file=sys.stderr)
+
+
+def _reap(active: list[_Active], out: Path, outcome: Outcome, bar) -> None:
+    """Settle the runs whose process has ended, removing them from `active`."""
+    for a in list(active):
+        rc = a.proc.poll()
+        if rc is None:
+            continue
+        active.remove(a)
+        _count(outcome, a.spec.run_id, *_settle(a, out, rc))
+        bar.update(1)
+        bar.set_postfix(failed=len(outcome.failed), refresh=False)
+
+
+def _stop(active: list[_Active], out: Path) -> None:
+    """Interrupted: stop the children, leave their records resumable."""
+    for a in active:
+        a.proc.terminate()
+    for a in active:
+        try:
+            a.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            a.proc.kill()
+            a.proc.wait()
+        _settle(a, out, a.proc.returncode if a.proc.returncode is not None else -1, interrupted=True)
+
+
 def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: int | None = None,
              threads_per_run: int = 1, config: str | None = None, python: str = sys.executable,
              poll_s: float = 0.2, progress: bool = True) -> Outcome:
@@ -272,33 +309,9 @@ def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: i
             while pending and len(active) < workers:
                 active.append(_launch(pending.pop(0), out, config, threads_per_run, python))
             time.sleep(poll_s)
-            for a in list(active):
-                rc = a.proc.poll()
-                if rc is None:
-                    continue
-                active.remove(a)
-                status, reason = _settle(a, out, rc)
-                if status == "finished":
-                    outcome.finished.append(a.spec.run_id)
-                elif status == "diverged":
-                    outcome.diverged.append(a.spec.run_id)
-                    tqdm.write(f"run {a.spec.run_id} diverged (non-finite loss or weights); kept as a result",
-                               file=sys.stderr)
-                else:
-                    outcome.failed.append((a.spec.run_id, reason))
-                    tqdm.write(f"run {a.spec.run_id} failed: {reason}", file=sys.stderr)
-                bar.update(1)
-                bar.set_postfix(failed=len(outcome.failed), refresh=False)
+            _reap(active, out, outcome, bar)
     finally:
-        for a in active:  # interrupted: stop the children, leave their records resumable
-            a.proc.terminate()
-        for a in active:
-            try:
-                a.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                a.proc.kill()
-                a.proc.wait()
-            _settle(a, out, a.proc.returncode if a.proc.returncode is not None else -1, interrupted=True)
+        _stop(active, out)
         bar.close()
         append_to(out / TIMING, json.dumps({  # the study's own wall-clock, one line per invocation
             "started": started, "elapsed_s": time.monotonic() - t0, "workers": workers,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+import scipy.stats
 
 from drpo.train.metrics import declared
 
@@ -196,46 +197,6 @@ def cell_stats(runs: Sequence[RunStats]) -> CellStats:
 # ---------------------------------------------------------------- tests
 
 
-def t_two_sided(t, df: int) -> np.ndarray:
-    """P(|T| >= |t|) for Student's t with integer df, in closed form (Abramowitz & Stegun 26.7.3-4)."""
-    if df < 1:
-        raise ValueError(f"t test: needs df >= 1, got {df}")
-    theta = np.arctan(np.abs(np.asarray(t, dtype=float)) / math.sqrt(df))
-    s, c2 = np.sin(theta), np.cos(theta) ** 2
-    if df % 2:  # odd: (2/pi)(theta + sin cos (1 + 2/3 cos^2 + ...))
-        term, total = np.ones_like(theta), np.ones_like(theta)
-        for k in range(1, (df - 1) // 2):
-            term = term * c2 * (2 * k) / (2 * k + 1)
-            total = total + term
-        inside = 2 / math.pi * (theta + (s * np.sqrt(c2) * total if df > 1 else 0.0))
-    else:  # even: sin (1 + 1/2 cos^2 + 1.3/2.4 cos^4 + ...)
-        term, total = np.ones_like(theta), np.ones_like(theta)
-        for k in range(1, df // 2):
-            term = term * c2 * (2 * k - 1) / (2 * k)
-            total = total + term
-        inside = s * total
-    return np.clip(1.0 - inside, 0.0, 1.0)
-
-
-def t_upper(t, df: int) -> np.ndarray:
-    """P(T >= t)."""
-    t = np.asarray(t, dtype=float)
-    half = t_two_sided(t, df) / 2
-    return np.where(t >= 0, half, 1.0 - half)
-
-
-@functools.lru_cache(maxsize=None)
-def t_quantile(q: float, df: int) -> float:
-    """The q-quantile of Student's t (bisection on the closed-form tail)."""
-    if not 0 < q < 1:
-        raise ValueError(f"t_quantile: q must be in (0, 1), got {q}")
-    lo, hi = -1e3, 1e3
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if 1.0 - float(t_upper(mid, df)) < q else (lo, mid)
-    return (lo + hi) / 2
-
-
 @dataclass(frozen=True)
 class TTest:
     """A one-sample t-test on per-seed values (differences, gains or slopes); arrays when the
@@ -249,7 +210,7 @@ class TTest:
     p_less: np.ndarray  # one-sided, H0: mean >= 0
 
     def ci(self, level: float = 1 - ALPHA) -> tuple[np.ndarray, np.ndarray]:
-        h = t_quantile(1 - (1 - level) / 2, self.n - 1) * self.se
+        h = scipy.stats.t.ppf(1 - (1 - level) / 2, self.n - 1) * self.se
         return self.mean - h, self.mean + h
 
 
@@ -263,12 +224,12 @@ def paired_t(x, shift: float = 0.0) -> TTest:
     mean = x.mean(-1)
     se = x.std(-1, ddof=1) / math.sqrt(n)
     d = mean - shift
-    # zero spread: an exact difference is decisive, an exact tie is not
-    t = np.where(se > 0, d / np.where(se > 0, se, 1.0), np.sign(np.round(d, 12)) * 1e12)
-    two = t_two_sided(t, n - 1)
-    greater = np.where(t >= 0, two / 2, 1 - two / 2)
-    less = np.where(t <= 0, two / 2, 1 - two / 2)
-    return TTest(mean, se, n, two, greater, less)
+    # zero spread (to 12 decimals: float rounding is no spread): an exact difference is decisive
+    # (t = +-inf), an exact tie is not (t = 0)
+    spread, tie = np.round(se, 12) > 0, np.sign(np.round(d, 12))
+    t = np.where(spread, d / np.where(spread, se, 1.0), np.where(tie == 0, 0.0, np.copysign(np.inf, tie)))
+    greater, less = scipy.stats.t.sf(t, n - 1), scipy.stats.t.cdf(t, n - 1)
+    return TTest(mean, se, n, np.minimum(1.0, 2 * np.minimum(greater, less)), greater, less)
 
 
 def tost(x, margin: float) -> np.ndarray:
@@ -290,31 +251,21 @@ def holm(p) -> np.ndarray:
     return out
 
 
-def binom_upper(k: int, n: int) -> float:
-    """P(X >= k) for X ~ Binomial(n, 1/2)."""
-    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n if n else 1.0
-
-
 def sign_test(a_collapsed: Sequence[float], b_collapsed: Sequence[float]) -> tuple[int, int, float]:
     """(a-only, b-only, p): exact one-sided test that A's runs collapse more often than B's
     seed-paired runs. Only discordant pairs count; each is a fair coin under the null."""
     a, b = np.asarray(a_collapsed, bool), np.asarray(b_collapsed, bool)
     only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
-    return only_a, only_b, binom_upper(only_a, only_a + only_b)
+    return only_a, only_b, float(scipy.stats.binom.sf(only_a - 1, only_a + only_b, 0.5))
 
 
 def t_power(effect: float, n: int, level: float) -> float:
     """Power of the two-sided one-sample t-test at `level` on n seeds when the true mean is
-    `effect` standard deviations: P(|T'| > c) for noncentral T' = (Z + effect sqrt(n)) /
-    sqrt(V / df), integrated over V ~ chi2(df) numerically."""
+    `effect` standard deviations: P(|T'| > c) for T' noncentral t with df n - 1 and
+    noncentrality effect sqrt(n)."""
     df, lam = n - 1, effect * math.sqrt(n)
-    c = t_quantile(1 - level / 2, df)
-    v = np.linspace(1e-6, df + 60 * math.sqrt(2 * df) + 60, 4001)
-    log_pdf = (df / 2 - 1) * np.log(v) - v / 2 - (df / 2) * math.log(2) - math.lgamma(df / 2)
-    cut = c * np.sqrt(v / df)
-    phi = np.vectorize(lambda z: 0.5 * math.erfc(-z / math.sqrt(2)))  # standard normal CDF
-    reject = (1 - phi(cut - lam)) + phi(-cut - lam)
-    return float(np.trapezoid(reject * np.exp(log_pdf), v))
+    c = scipy.stats.t.ppf(1 - level / 2, df)
+    return float(scipy.stats.nct.sf(c, df, lam) + scipy.stats.nct.cdf(-c, df, lam))
 
 
 def mde(n: int, sd: float, k: int = 1, alpha: float = ALPHA, power: float = POWER) -> float:

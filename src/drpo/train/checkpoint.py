@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically (drpo.train.files) with a SHA-256 sidecar, so a truncated
+"""Checkpoints: written atomically (drpo.files) with a SHA-256 sidecar, so a truncated
 or corrupt file is detected on load and the previous good one is used instead."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from drpo.train.files import atomic_write, atomic_writer, die, fault, sweep_temp_files
+from drpo.files import atomic_write, atomic_writer, die, fault, sweep_temp_files
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 

@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from drpo.files import LOCK_FILE, LockHeldError, dir_lock
 from drpo.tasks.jsonl import DatasetError
 from drpo.train.checkpoint import CheckpointError
 from drpo.train.config import ConfigError, load_config
-from drpo.train.files import LOCK_FILE, LockHeldError, dir_lock
 
 DIVERGED_EXIT = 3  # exit code of a run whose loss, gradients, weights or activations went non-finite
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from drpo.objectives import AGG_MODES, get_method
 from drpo.precisions import Precision
-from drpo.textfile import NotUTF8Error, read_utf8
+from drpo.textfile import NotUTF8Error, read_utf8, split_assignment
 from drpo.train.schedule import Schedule
 
 AggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -231,17 +231,19 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """'a.b.c=value' -> (['a','b','c'], value parsed as YAML: numbers, bools, null, lists)."""
-    key, sep, raw = item.partition("=")
-    path = key.strip().split(".")
-    if not sep or not all(path):
-        raise ConfigError(f"--set expects key=value with a dotted key, got {item!r}")
+def override_value(key: str, raw: str) -> Any:
+    """The value of `--set KEY=RAW`, parsed as YAML: numbers, bools, null, lists ('' when empty)."""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        return yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {err}") from None
-    return path, value
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], the value as `override_value` parses it)."""
+    key, raw = split_assignment(item, "--set expects key=value with a dotted key", error=ConfigError,
+                                ok=lambda key, _: all(key.split(".")))
+    return key.split("."), override_value(key, raw)
 
 
 def apply_override(tree: dict, path: list[str], value: Any) -> None:

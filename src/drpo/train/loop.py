@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from drpo.files import DiskFullError, LockHeldError, atomic_write, dir_lock
 from drpo.objectives import loose_threshold_note
 from drpo.rollout import sync_weights
 from drpo.tasks import Task, make_task
 from drpo.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from drpo.train.config import Config
-from drpo.train.files import DiskFullError, LockHeldError, atomic_write, dir_lock
 from drpo.train.metrics import MetricsLogger, combine, plot_curves, read_metrics, truncate_metrics
 from drpo.train.setup import Policy, Run, RunError, Sampler, pick_device, prepare_out_dir, saved_config, seed_everything, setup
 from drpo.train.step import RunState, rl_step
@@ -89,7 +89,7 @@ def resume_run(run: Run, state: RunState, out_dir: Path, log) -> bool:
         truncate_metrics(out_dir / "metrics.jsonl", -1)
         log("no checkpoint found: starting from scratch")
     if run.dumper is not None:
-        from drpo.inspect.dump import drop_steps_after
+        from drpo.dumps import drop_steps_after
 
         drop_steps_after(run.dumper.directory, state.step)
     return bool(found)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from drpo.train.files import append_line, atomic_write, save_figure
+from drpo.files import append_line, atomic_write, jsonable, save_figure
 
 # ---------------------------------------------------------------- the contract
 
@@ -109,13 +109,6 @@ PLOT_KEYS = (
 )
 
 
-def _clean(value: Any) -> Any:
-    """JSON has no inf/nan: write them as strings so the line stays valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
@@ -167,7 +160,7 @@ class MetricsLogger:
 
     def log(self, row: dict[str, Any]) -> None:
         step = int(row["step"])
-        append_line(self._fd, json.dumps({k: _clean(v) for k, v in row.items()}), self.path, "metrics")
+        append_line(self._fd, json.dumps(jsonable(row, nonfinite=str)), self.path, "metrics")
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -20,12 +20,12 @@ import time
 import torch
 from tqdm import tqdm
 
+from drpo.files import atomic_write
 from drpo.models import encode_prompt, load_policy, quantized_forward
 from drpo.models.logprobs import sequence_logprobs
 from drpo.objectives.diagnostics import LONG_TAIL_MU, token_mismatch
 from drpo.precisions import PRECISIONS
 from drpo.rollout.engine import generate, make_engine
-from drpo.train.files import atomic_write
 
 DEFAULT_QUESTIONS = ("What is 17+25?", "What is 3*4?", "Compute 120-45.", "What is 9+10?")
 

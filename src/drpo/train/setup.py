@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from drpo.files import atomic_write, sweep_temp_files
 from drpo.models import build_tiny_model, encode_prompt, load_policy, make_char_tokenizer, quantized_forward
 from drpo.models.bpe import task_tokenizer
 from drpo.models.logprobs import NonFiniteError, sequence_logprobs
@@ -22,7 +23,6 @@ from drpo.rollout import Rollout, RolloutEngine, SamplingParams, generate, make_
 from drpo.tasks import Example, Task, check_examples
 from drpo.train.batching import decode_completions, encode_prompts
 from drpo.train.config import Config, ConfigError, resume_config, to_yaml
-from drpo.train.files import atomic_write, sweep_temp_files
 from drpo.train.schedule import lr_factor
 from drpo.train.warmstart import warm_start
 
@@ -182,7 +182,7 @@ def make_dumper(cfg: Config, out_dir: Path):
     """The `drpo inspect` dump writer of this run, or None (cfg.dump.every == 0)."""
     if not cfg.dump.every:
         return None
-    from drpo.inspect.dump import DumpWriter
+    from drpo.dumps import DumpWriter
 
     r = cfg.rollout
     meta = {

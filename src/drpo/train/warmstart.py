@@ -6,21 +6,19 @@ miss: it stops the run (warmstart.on_miss=error) and is never served as a succes
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import transformers
 from tqdm.auto import tqdm
 
+from drpo.files import atomic_writer, file_lock
 from drpo.models.logprobs import sequence_logprobs
 from drpo.tasks import Task
 from drpo.train.batching import decode_completions, encode_prompts, supervised_batch
-from drpo.train.files import atomic_writer
 from drpo.train.schedule import lr_factor
 
 CACHE_VERSION = 3  # bump when the warm-start procedure changes
@@ -62,17 +60,6 @@ def cache_key(cfg, device_type: str = "cpu", data: str = "") -> str:
         "data": data,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
-
-
-@contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def sft_loss(model, tokenizer, task: Task, indices: range, template: str) -> torch.Tensor:
@@ -175,7 +162,7 @@ def warm_start(model, tokenizer, task: Task, cfg, log=print) -> dict:
     device = next(model.parameters()).device
     data = examples_digest(task, tokenizer, cfg.task.prompt_template)
     path = cache_dir / "warmstart" / f"{cache_key(cfg, device.type, data)}.pt"
-    with _file_lock(path.with_suffix(".lock")):
+    with file_lock(path.with_suffix(".lock")):  # waits: a concurrent run may be training this one
         blob = None
         if path.is_file():
             try:

@@ -25,7 +25,7 @@ verl loss, verl driver, TRL), model, method and its parameters, sampling setting
 for that source. Writers never communicate: each process writes its own shard
 (`dump-<source>-rank<r>-pid<p>-<k>.parquet`, one row group per write; a writer closed
 and written to again starts shard k + 1). A shard is written as a hidden temp file and
-renamed into place, fsynced, by `close()` (drpo.train.files.atomic_writer): a process killed
+renamed into place, fsynced, by `close()` (drpo.files.atomic_writer): a process killed
 mid-shard leaves only `.dump-....parquet.tmp.<pid>`, which readers skip, never a shard
 without its footer.
 """
@@ -33,7 +33,6 @@ without its footer.
 from __future__ import annotations
 
 import json
-import math
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from drpo.files import atomic_writer, jsonable, sweep_temp_files
 
 FORMAT_VERSION = 1
 META_KEY = b"drpo.dump"
@@ -172,14 +173,12 @@ class DumpWriter:
             schema=schema(),
         )
         if self._writer is None:  # a new shard; one closed before is never overwritten
-            from drpo.train.files import atomic_writer
-
             self.directory.mkdir(parents=True, exist_ok=True)
             k = 1
             while (self.directory / f"{self._stem}-{k:04d}.parquet").exists():
                 k += 1
             self.path = self.directory / f"{self._stem}-{k:04d}.parquet"
-            meta = {META_KEY: json.dumps(self.metadata, default=_json_default).encode()}
+            meta = {META_KEY: json.dumps(jsonable(self.metadata, nonfinite=str), default=str).encode()}
             self._shard = ExitStack()
             f = self._shard.enter_context(atomic_writer(self.path, "dump"))
             self._writer = pq.ParquetWriter(f, schema().with_metadata(meta))
@@ -205,8 +204,6 @@ def drop_steps_after(directory: str | os.PathLike, step: int) -> list[Path]:
     temp files of killed writers), so each step is dumped once, by the attempt whose metrics the
     run keeps. Returns the shards removed. drpo train writes one step per shard; a shard with
     steps on both sides is an error naming it (rewriting someone else's file is not ours to do)."""
-    from drpo.train.files import sweep_temp_files
-
     _, pq = _pa()
     directory = Path(directory)
     if not directory.is_dir():
@@ -229,14 +226,6 @@ def _list_array(pa, rows: list, type_):
     flat = np.concatenate(rows) if rows else np.zeros(0)
     offsets = np.arange(len(rows) + 1, dtype=np.int32) * (rows[0].shape[0] if rows else 0)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=type_.value_type)).cast(type_)
-
-
-def _json_default(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if hasattr(x, "item"):
-        return x.item()
-    return str(x)
 
 
 # ------------------------------------------------------------------ reading
@@ -278,25 +267,12 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def _check_method(path: str, meta: dict) -> None:
-    from drpo.objectives import METHODS
-
-    method = meta.get("method")
-    if method is not None and method not in METHODS:
-        raise DumpError(
-            f"{path}: metadata 'method' = {method!r} is not a registered method (all rows, column metadata.method); "
-            f"registered: {', '.join(sorted(METHODS))}. Pass the module that registers it: drpo inspect --import "
-            "MODULE"
-        )
-
-
 def iter_tokens(path: str | os.PathLike, *, batch_rows: int = 512, context: bool = False) -> Iterator[TokenBatch]:
     """Stream `path` one row group at a time (at most `batch_rows` rows of it at once, so
     memory is bounded by batch_rows x response length), validated, as flattened tokens."""
     pa, pq = _pa()
     path = str(path)
-    meta = read_metadata(path)
-    _check_method(path, meta)
+    read_metadata(path)
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows!r}")
     pf = pq.ParquetFile(path)
@@ -326,69 +302,74 @@ def _list_arrays(path: str, rb, name: str, lengths: np.ndarray, offset: int, dty
     return flat.astype(dtype, copy=False), valid
 
 
-def _flatten(path: str, rb, offset: int, present: Sequence[str], context: bool) -> TokenBatch:
-    import pyarrow.compute as pc
-
-    n = rb.num_rows
-    for name in ("step", "sample_id", "group_id", "response_mask", "logp_before", "advantage"):
+def _check_required(path: str, rb, offset: int) -> None:
+    for name in REQUIRED:
         nulls = np.nonzero(rb.column(name).is_null().to_numpy(zero_copy_only=False))[0]
         if nulls.size:
             raise DumpError(f"{path}: row {offset + int(nulls[0])}, column {name!r}: null in a required column")
+
+
+def _int_column(rb, name: str) -> np.ndarray:
+    return np.asarray(rb.column(name).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _check_floats(path: str, name: str, flat: np.ndarray, mask: np.ndarray, row_of, pos, offset: int) -> None:
+    """Response positions hold finite values (NaN where NAN_ALLOWED) and log-probs <= 0."""
+    v = flat[mask]
+    bad = ~np.isfinite(v) if name not in NAN_ALLOWED else np.isinf(v)
+    if name == "logp_rollout" or name.startswith("logp_"):
+        bad |= v > 1e-4  # a log-probability above 0
+    if bad.any():
+        i = int(np.nonzero(mask)[0][np.nonzero(bad)[0][0]])
+        what = "NaN/inf where not allowed" if not np.isfinite(flat[i]) else "a log-prob > 0"
+        raise DumpError(f"{path}: row {offset + int(row_of[i])}, column {name!r}, position {int(pos[i])}: "
+                        f"{float(flat[i])!r} ({what})")
+
+
+def _column_values(path: str, rb, name: str, lengths, offset: int, mask, row_of, pos) -> np.ndarray | None:
+    """One list column flattened over all positions (validated), or None when it is all null."""
+    flat, valid = _list_arrays(path, rb, name, lengths, offset, np.int64 if name == "token_ids" else np.float64)
+    if not valid.any():
+        return None
+    if not valid.all():  # partly null optional column: treat per row like "absent"
+        if name not in NAN_ALLOWED:
+            r = int(np.nonzero(~valid)[0][0])
+            raise DumpError(f"{path}: row {offset + r}, column {name!r}: null in some rows but not others")
+        full = np.full(mask.size, np.nan)
+        full[valid[row_of]] = flat
+        flat = full
+    if name in FLOAT_COLUMNS:
+        _check_floats(path, name, flat, mask, row_of, pos, offset)
+    return flat
+
+
+def _flatten(path: str, rb, offset: int, present: Sequence[str], context: bool) -> TokenBatch:
+    import pyarrow.compute as pc
+
+    _check_required(path, rb, offset)
     mask_col = rb.column("response_mask")
     lengths = np.asarray(pc.list_value_length(mask_col).to_numpy(zero_copy_only=False), dtype=np.int64)
     mask = mask_col.flatten().to_numpy(zero_copy_only=False).astype(bool)
-    row_of = np.repeat(np.arange(n), lengths)
+    row_of = np.repeat(np.arange(rb.num_rows), lengths)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     pos = np.arange(mask.size) - np.repeat(starts, lengths)
-
-    values: dict[str, np.ndarray | None] = {}
-    for name in ("logp_rollout", "logp_before", "logp_after", "advantage", "entropy", "token_ids"):
-        if name not in present:
-            values[name] = None
-            continue
-        flat, valid = _list_arrays(path, rb, name, lengths, offset, np.int64 if name == "token_ids" else np.float64)
-        if not valid.any():
-            values[name] = None
-            continue
-        if not valid.all():  # partly null optional column: treat per row like "absent"
-            if name in ("logp_rollout", "entropy"):
-                full = np.full(mask.size, np.nan)
-                full[valid[row_of]] = flat
-                flat = full
-            else:
-                r = int(np.nonzero(~valid)[0][0])
-                raise DumpError(f"{path}: row {offset + r}, column {name!r}: null in some rows but not others")
-        if name in FLOAT_COLUMNS:
-            v = flat[mask]
-            bad = ~np.isfinite(v) if name not in NAN_ALLOWED else np.isinf(v)
-            if name == "logp_rollout" or name.startswith("logp_"):
-                bad |= v > 1e-4  # a log-probability above 0
-            if bad.any():
-                i = int(np.nonzero(mask)[0][np.nonzero(bad)[0][0]])
-                what = "NaN/inf where not allowed" if not np.isfinite(flat[i]) else "a log-prob > 0"
-                raise DumpError(f"{path}: row {offset + int(row_of[i])}, column {name!r}, position {int(pos[i])}: "
-                                f"{float(flat[i])!r} ({what})")
-        values[name] = flat
-    step = np.asarray(rb.column("step").to_numpy(zero_copy_only=False), dtype=np.int64)
-    sample = np.asarray(rb.column("sample_id").to_numpy(zero_copy_only=False), dtype=np.int64)
-    group = np.asarray(rb.column("group_id").to_numpy(zero_copy_only=False), dtype=np.int64)
-    keep = mask
-    seq_tokens = None
-    if context and values["token_ids"] is not None:
-        # per row, the token ids with non-response positions as -1 (context stays in the response)
-        seq_tokens = np.split(np.where(mask, values["token_ids"], -1), np.cumsum(lengths)[:-1])
-    pick = lambda a: None if a is None else a[keep]  # noqa: E731
+    values = {name: _column_values(path, rb, name, lengths, offset, mask, row_of, pos) if name in present else None
+              for name in ("logp_rollout", "logp_before", "logp_after", "advantage", "entropy", "token_ids")}
+    # per row, the token ids with non-response positions as -1 (context stays in the response)
+    seq_tokens = (np.split(np.where(mask, values["token_ids"], -1), np.cumsum(lengths)[:-1])
+                  if context and values["token_ids"] is not None else None)
+    pick = lambda a: None if a is None else a[mask]  # noqa: E731
     return TokenBatch(
         path=path,
-        step=step[row_of][keep],
-        row=(row_of + offset)[keep],
-        pos=pos[keep],
-        sample_id=sample[row_of][keep],
-        group_id=group[row_of][keep],
+        step=_int_column(rb, "step")[row_of][mask],
+        row=(row_of + offset)[mask],
+        pos=pos[mask],
+        sample_id=_int_column(rb, "sample_id")[row_of][mask],
+        group_id=_int_column(rb, "group_id")[row_of][mask],
         logp_rollout=pick(values["logp_rollout"]),
-        logp_before=values["logp_before"][keep],
+        logp_before=values["logp_before"][mask],
         logp_after=pick(values["logp_after"]),
-        advantage=values["advantage"][keep],
+        advantage=values["advantage"][mask],
         token_ids=pick(values["token_ids"]),
         seq_tokens=seq_tokens,
         row_offset=offset,

@@ -5,8 +5,9 @@
   partial one;
 - `append_line` / `append_to`: one fsynced line appended to a log; a failed append is cut
   back off, so the log never keeps a torn line;
-- `dir_lock`: an flock on DIR/drpo.lock holding the owner's pid, so two writers never share
-  a run (or study) directory;
+- `file_lock` / `dir_lock`: an flock holding the owner's pid: waited for (the shared warm-start
+  cache), or refused at once (DIR/drpo.lock: two writers never share a run or study directory);
+- `jsonable`: a value for JSON, which has no NaN or infinity;
 - a full disk (ENOSPC, EFBIG, EDQUOT) raised as `DiskFullError` naming the file.
 
 Fault injection (the fault tests, tests/test_train_faults.py): DRPO_FAULT_AT=POINT:N[:MODE]
@@ -22,6 +23,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import io
+import math
 import os
 import resource
 import signal
@@ -197,24 +199,20 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def dir_lock(directory: str | os.PathLike, what: str = "run directory"):
-    """Hold an exclusive lock on `directory` (created if needed) for the duration; a second
-    holder gets LockHeldError at once, naming the lock file and the holder's pid. The kernel
-    releases the lock when the holder exits, however it dies."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_FILE
+def file_lock(path: str | os.PathLike, *, busy: str | None = None):
+    """Hold an exclusive flock on `path` (created, with its folder) for the block, the holder's
+    pid written in it. busy=None waits for the lock; otherwise a held lock raises LockHeldError
+    at once: `busy`, the holder's pid and the lock file. The kernel releases the lock when the
+    holder exits, however it dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise LockHeldError(
-            f"{what} {directory} is in use by another drpo process (pid {holder}, lock file {path}); "
-            "wait for it to finish or stop it"
-        ) from None
-    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if busy is None else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise LockHeldError(f"{busy} (pid {holder}, lock file {path}); wait for it to finish or stop it") from None
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -223,3 +221,28 @@ def dir_lock(directory: str | os.PathLike, what: str = "run directory"):
         yield path
     finally:
         os.close(fd)
+
+
+def dir_lock(directory: str | os.PathLike, what: str = "run directory"):
+    """`with dir_lock(DIR):` holds DIR/drpo.lock; a second holder gets LockHeldError at once,
+    naming the lock file and the holder's pid."""
+    directory = Path(directory)
+    return file_lock(directory / LOCK_FILE, busy=f"{what} {directory} is in use by another drpo process")
+
+
+# ---------------------------------------------------------------- JSON
+
+
+def jsonable(x, nonfinite=None):
+    """`x` for json.dumps: NaN and infinities (which JSON lacks) become `nonfinite(x)`, or
+    None (null) when nonfinite is None; numpy and torch scalars become Python numbers; mapping
+    keys become strings."""
+    if hasattr(x, "item"):  # numpy or torch scalar
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if nonfinite is None else nonfinite(x)
+    if isinstance(x, dict):
+        return {str(k): jsonable(v, nonfinite) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v, nonfinite) for v in x]
+    return x
