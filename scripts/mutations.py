@@ -54,8 +54,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str], str]] = {
     "trl-entropy-over-padding": (
         "src/drpo/integrations/trl.py", "entropy = (totals[0] / totals[1].clamp(min=1.0)).to(torch.float64)",
         "entropy = entropies.detach().double().mean()", ["tests/test_integration_trl_dropin.py", "-k", "entropy"], PY),
-    "one-sided-p": ("src/drpo/study/stats.py", "return TTest(mean, se, n, two, greater, less)",
-                    "return TTest(mean, se, n, two / 2, greater, less)",
+    "one-sided-p": ("src/drpo/study/stats.py", "return TTest(mean, se, n, np.minimum(1.0, 2 * np.minimum(greater, less)), greater, less)",
+                    "return TTest(mean, se, n, np.minimum(greater, less), greater, less)",
                     ["tests/test_study_claims.py", "tests/test_study_power.py"], PY),
     "no-adv-wrong-delta": ("src/drpo/study/claims.py", ' and p["delta"] == params["delta"]), None)', '), None)',
                            ["tests/test_study_claims.py"], PY),
