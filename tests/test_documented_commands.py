@@ -167,6 +167,12 @@ def test_the_extraction_sees_blocks_continuations_and_inline_commands():
                                          ".venv/bin/python benchmarks/x.py --n 1"]
 
 
+# The commands run in the docs' order in one sandbox, as a user runs them one after another: a
+# `--resume` continues the run before it, `drpo inspect` reads the dumps written before it, `drpo
+# report` the study run before it. So this module keeps its order when `make test` shuffles the rest.
+pytestmark = pytest.mark.random_order(disabled=True)
+
+
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
     box = tmp_path_factory.mktemp("docs-commands")
