@@ -35,12 +35,12 @@ test: test-main test-verl
 TEST_ORDER_SEED ?= 2606
 test-main: install
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest tests --ignore=tests/verl -q -p random_order --random-order-bucket=module \
+	$(BIN)/python -m pytest tests --ignore=tests/integrations/verl -q -p random_order --random-order-bucket=module \
 		--random-order-seed=$(TEST_ORDER_SEED)
 
 test-verl: install
 	bash scripts/setup-verl-venv.sh
-	.venv-verl/bin/python -m pytest -q tests/verl
+	.venv-verl/bin/python -m pytest -q tests/integrations/verl
 
 bench: install
 	$(BIN)/python benchmarks/objectives.py

@@ -102,7 +102,7 @@ EOF
 step_pytest_cuda() {
   # Only the files that mark tests `cuda` (collecting the whole suite costs a minute of CPU).
   local files
-  files=$(grep -l --include='test_*.py' -r 'mark\.cuda' tests | grep -v '^tests/verl/') || return 1
+  files=$(grep -l --include='test_*.py' -r 'mark\.cuda' tests | grep -v '^tests/integrations/verl/') || return 1
   # shellcheck disable=SC2086
   "$PY" -m pytest -m cuda $files -q -rfEs -p no:cacheprovider --junitxml="$WORK/pytest.xml"
 }

@@ -8,7 +8,7 @@ import torch
 
 try:
     from hypothesis import settings
-except ImportError:  # the verl venv runs tests/verl without Hypothesis
+except ImportError:  # the verl venv runs tests/integrations/verl without Hypothesis
     settings = None
 
 if settings is not None:

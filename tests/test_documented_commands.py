@@ -111,8 +111,8 @@ NOT_RUN = {
         "reads the 140-run study and rewrites the committed report; the same code path as `drpo report results/paper-mini`",
     ".venv/bin/python benchmarks/objectives.py --device cuda": "needs a CUDA GPU",
     "DRY_RUN=1 bash examples/verl/run_drpo_qwen3_4b_dapo_math.sh":
-        "needs verl (its own venv): tests/verl/test_verl_plugin.py runs it there",
-    "drpo train --out R $S --resume &": "a shell sketch ($S, a run killed earlier); tests/test_train_faults.py runs "
+        "needs verl (its own venv): tests/integrations/verl/test_verl_plugin.py runs it there",
+    "drpo train --out R $S --resume &": "a shell sketch ($S, a run killed earlier); tests/train/test_train_faults.py runs "
                                         "the second --resume on a live run",
     "drpo train --out R $S --resume": "as `drpo train --out R $S --resume &`",
 }

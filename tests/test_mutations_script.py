@@ -34,3 +34,24 @@ def test_a_stale_mutation_is_named_before_any_test_runs(tmp_path, capsys):
     assert mutations.main(["absent", "trl-is-ratio"]) == 2  # stops before running trl-is-ratio's tests
     err = capsys.readouterr().err
     assert "mutation 'absent'" in err and "src/moved.py" in err and "trl-is-ratio" not in err
+
+
+def test_a_mutation_naming_a_moved_test_file_is_named(tmp_path, capsys):
+    mutations = _script()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "m.py").write_text("x = 1\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_here.py").write_text("")
+    mutations.MUTATIONS.update({
+        "test-moved": ("src/m.py", "x = 1", "x = 2", ["tests/test_here.py", "tests/test_gone.py::test_x", "-k",
+                                                        "tests/not_a_path"], mutations.PY),
+        "test-here": ("src/m.py", "x = 1", "x = 2", ["tests/test_here.py::test_x", "-k", "x"], mutations.PY),
+    })
+    assert mutations.tested_paths(mutations.MUTATIONS["test-moved"][3]) == ["tests/test_here.py", "tests/test_gone.py"]
+    assert "tests/test_gone.py do not exist" in mutations.stale("test-moved", tmp_path)
+    assert mutations.stale("test-here", tmp_path) is None
+    del mutations.MUTATIONS["test-here"]
+    mutations.MUTATIONS["test-moved"] = ("src/drpo/objectives/methods.py", "", "", ["tests/test_gone.py"], mutations.PY)
+    assert mutations.main(["--check"]) == 2  # on this tree: its own mutations pass, the moved test is named
+    err = capsys.readouterr().err
+    assert err.strip() == "mutation 'test-moved': its tests tests/test_gone.py do not exist (moved?); re-point them"

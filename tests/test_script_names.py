@@ -22,7 +22,7 @@ def importable_names(folder: Path) -> set[str]:
 
 
 def script_folders() -> list[Path]:
-    """Every folder a script or test is run from (each subfolder too: tests/verl, examples/trl)."""
+    """Every folder a script or test is run from (each subfolder too: tests/integrations/verl, examples/trl)."""
     folders = []
     for top in SCRIPT_DIRS:
         folders += [p for p in [ROOT / top, *(ROOT / top).rglob("*")] if p.is_dir() and "__pycache__" not in p.parts]

@@ -10,7 +10,7 @@
 - `jsonable`: a value for JSON, which has no NaN or infinity;
 - a full disk (ENOSPC, EFBIG, EDQUOT) raised as `DiskFullError` naming the file.
 
-Fault injection (the fault tests, tests/test_train_faults.py): DRPO_FAULT_AT=POINT:N[:MODE]
+Fault injection (the fault tests, tests/train/test_train_faults.py): DRPO_FAULT_AT=POINT:N[:MODE]
 makes the N-th pass through POINT in this process SIGKILL itself (MODE kill, the default:
 after half of the bytes of the write reached the file for `.write` points) or fill the disk
 (MODE full: RLIMIT_FSIZE lowered so the kernel refuses the write with EFBIG). Points are

@@ -1,7 +1,7 @@
 """Statistics of a comparison study: per-run numbers, per-cell aggregates and the seed-paired
 tests the claims use (definitions and rules: docs/study.md). Pure functions over plain numbers,
 so every value in the report can be checked by hand; the tests work over leading axes so whole
-studies can be simulated (tests/test_study_power.py)."""
+studies can be simulated (tests/study/test_study_power.py)."""
 
 from __future__ import annotations
 

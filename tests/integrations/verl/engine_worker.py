@@ -1,4 +1,4 @@
-"""One process of the verl engine test (tests/verl/test_verl_engine.py), launched by torchrun.
+"""One process of the verl engine test (tests/integrations/verl/test_verl_engine.py), launched by torchrun.
 
 verl's real `FSDPEngineWithLMHead` (FSDP2 on a tiny random Llama, gloo, CPU) is built by its
 own `__init__` and `initialize()`; each case then runs the engine's own
@@ -16,7 +16,7 @@ Rank 0 writes, per case, the accumulated gradient (every parameter, full tensors
 rank's per-micro-batch metrics; and, once, the whole mini-batch (padded) with the model path
 so the test can compute the gradient of the whole mini-batch at once.
 
-    torchrun --nproc_per_node 2 tests/verl/engine_worker.py OUT
+    torchrun --nproc_per_node 2 tests/integrations/verl/engine_worker.py OUT
     ENGINE_MODES=grpo,vanilla torchrun ...   # only these loss modes (to rerun a subset by hand)
 """
 

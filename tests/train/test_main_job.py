@@ -18,7 +18,7 @@ import pytest
 from drpo.train.config import load_config
 from drpo.train.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 80
 MARGIN = 0.10
 

@@ -164,7 +164,7 @@ def test_threshold_rule():
     assert false_claims_within_alpha(claims.claim_threshold, {"contradicts"}, trend=MARGIN)
 
 
-if __name__ == "__main__":  # the table in docs/study.md: python tests/test_study_power.py [REPS]
+if __name__ == "__main__":  # the table in docs/study.md: python tests/study/test_study_power.py [REPS]
     import sys
 
     REPS = int(sys.argv[1]) if len(sys.argv) > 1 else 2000

@@ -96,7 +96,7 @@ def test_presets_cover_the_issue_grid():
     assert get_preset("quick").config is None  # the toy regime, stated key by key
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

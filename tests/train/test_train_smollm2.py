@@ -10,7 +10,7 @@ from drpo.train.config import load_config
 from drpo.train.loop import train
 from drpo.train.metrics import read_metrics
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smollm2.yaml"
 
 
 @pytest.mark.slow

@@ -1,11 +1,11 @@
-"""One process of the multi-process TRL comparison (tests/test_integration_trl_multiprocess.py).
+"""One process of the multi-process TRL comparison (tests/integrations/trl/test_integration_trl_multiprocess.py).
 
 Launched by torchrun (gloo, CPU): every rank trains the listed runs one after another, each
 from the same freshly built tiny model, data and seed, with TRL's own `GRPOTrainer` or with
 `DRPOGRPOTrainer`. Rank 0 writes each run's `log_history` and final weights; every rank writes
 the drpo metrics of each of its own loss calls before they are reduced over processes.
 
-    torchrun --nproc_per_node 2 tests/trl_multiprocess_worker.py OUT trl:dapo drpo-grpo:dapo ...
+    torchrun --nproc_per_node 2 tests/integrations/trl/trl_multiprocess_worker.py OUT trl:dapo drpo-grpo:dapo ...
 """
 
 from __future__ import annotations

@@ -387,7 +387,7 @@ def test_launch_script_config_passes_verls_validation():
     from omegaconf import OmegaConf
     from verl.utils.config import validate_config
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     script = os.path.join(root, "examples", "verl", "run_drpo_qwen3_4b_dapo_math.sh")
     env = {**os.environ, "DRY_RUN": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)

@@ -2,7 +2,7 @@
 
 torchrun starts 2 CPU processes (gloo, `use_cpu=True`); each trains, one after another, TRL's
 `GRPOTrainer` and `DRPOGRPOTrainer(drpo_method="grpo")` from the same tiny model, data and seed
-(tests/trl_multiprocess_worker.py: 4 optimizer steps, gradient accumulation 2, num_iterations 2)
+(tests/integrations/trl/trl_multiprocess_worker.py: 4 optimizer steps, gradient accumulation 2, num_iterations 2)
 for loss_type dapo and bnpo, then DRPOGRPOTrainer(drpo_method="drpo"). The reference is TRL's own
 run: per-step loss, grad norm, entropy and final weights must be equal. In one process the
 `/ num_processes` of dapo's normaliser is 1, so only a job like this one can see it wrong.

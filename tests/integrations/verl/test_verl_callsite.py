@@ -89,7 +89,7 @@ def test_drpo_params_win_over_verl_keys():
 
 
 def test_readme_table_states_the_same_values():
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     with open(os.path.join(root, "README.md")) as f:
         readme = f.read()
     table = readme[readme.index("| verl `loss_mode` |") :]

@@ -46,7 +46,7 @@ def test_set_delta_override():
 def test_shipped_presets_validate():
     from pathlib import Path
 
-    presets = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+    presets = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
     assert presets, "no presets in configs/"
     for p in presets:
         load_config(p)
@@ -146,7 +146,7 @@ def test_config_files_hold_only_what_differs_from_the_defaults(name):
 
     from drpo.train.config import Config, load_yaml
 
-    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
     tree = load_yaml(path)
     cfg = load_config(path)  # it also validates
     defaults = Config().model_dump(mode="json")
@@ -175,7 +175,7 @@ def test_trainer_doc_states_the_typed_defaults():
     from drpo.train.config import Config
 
     defaults = Config().model_dump(mode="json")
-    text = (Path(__file__).resolve().parents[1] / "docs" / "trainer.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "trainer.md").read_text()
     body = text.split("## Config keys", 1)[1].split("\n## ", 1)[0]
     checked = 0
     for section, table in re.findall(r"### (?:`(\w+)`|top level)[^\n]*\n(.*?)(?=\n### |\Z)", body, re.S):

@@ -1,7 +1,7 @@
 """These tests need the real verl package, which pins transformers<5.11 and so lives in its
 own venv:
 
-    scripts/setup-verl-venv.sh && .venv-verl/bin/pytest tests/verl
+    scripts/setup-verl-venv.sh && .venv-verl/bin/pytest tests/integrations/verl
 
 In the main venv (no verl) this folder collects nothing, so the main `pytest` run stays
 green; CI runs the folder explicitly in the verl venv, where a broken verl install collects

@@ -1,6 +1,6 @@
 """drpo's losses inside verl's real engine loop, on 1 and on 2 processes.
 
-tests/verl/engine_worker.py (run by torchrun, gloo, CPU) builds verl 0.9.1's own
+tests/integrations/verl/engine_worker.py (run by torchrun, gloo, CPU) builds verl 0.9.1's own
 `FSDPEngineWithLMHead` (FSDP2, a tiny random Llama) and runs its `forward_backward_batch` with
 verl's worker loss `ppo_loss` for every registered drpo loss mode and verl's vanilla, dppo_tv and
 cispo, every `loss_agg_mode`, with and without `rollout_is_weights`, with dynamic batch size (2-4 micro-batches per rank). The only patches are the CPU device (see the worker's docstring:
