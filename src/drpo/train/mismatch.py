@@ -20,7 +20,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from drpo.files import atomic_write
+from drpo.files import atomic_write, jsonable
 from drpo.models import encode_prompt, load_policy, quantized_forward
 from drpo.models.logprobs import sequence_logprobs
 from drpo.objectives.diagnostics import LONG_TAIL_MU, token_mismatch
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     if args.by_mu:
         _print_by_mu(rows)
     if args.json:
-        atomic_write(args.json, json.dumps({"source": source, "n_samples": n_samples, "max_new_tokens": max_new,
-                                            "temperature": temperature, "seed": args.seed, "precisions": rows},
-                                           indent=2), "mismatch")
+        table = {"source": source, "n_samples": n_samples, "max_new_tokens": max_new, "temperature": temperature,
+                 "seed": args.seed, "precisions": rows}
+        atomic_write(args.json, json.dumps(jsonable(table, nonfinite=str), indent=2), "mismatch")
     return 0
