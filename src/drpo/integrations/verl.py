@@ -62,7 +62,7 @@ Known difference: for seq-mean-token-mean verl divides each sequence's sum by
 Loss value. A drpo loss mode with a twin among verl's losses (grpo/vanilla, drpo_dppo_tv/dppo_tv,
 drpo_dppo_kl/dppo_kl, drpo_cispo/cispo) returns the twin's value as well as its gradient
 (`actor/pg_loss` as under verl's own loss): verl writes its dppo losses as -A*sg(w)*log pi, so
-those two return that value with drpo's gradient (`_with_verl_value`); the other modes return
+those two return that value with drpo's gradient (`_verl_value_form`); the other modes return
 drpo's surrogate.
 
 `rollout_is_weights` (verl's rollout-correction IS weights, [batch, response_len]) multiply
@@ -136,7 +136,7 @@ _CLIP_RATIO_C_FALLBACK = {"grpo": 3.0, "dppo_tv": 20.0, "dppo_kl": 20.0}
 
 # The drpo methods whose verl twin (`dppo_tv`, `dppo_kl`) writes its loss as -A * sg(M * min(r, c))
 # * log pi: drpo's surrogate M * sg(min(r, c) / r) * r * A has the same gradient, another value;
-# their verl loss reports the twin's value (`_with_verl_value`). grpo's value is vanilla's, and
+# their verl loss reports the twin's value (`_verl_value_form`). grpo's value is vanilla's, and
 # cispo's objective already is verl's form sg(clip(r)) * A * log pi.
 _LOG_PI_VALUE = ("dppo_tv", "dppo_kl")
 
@@ -267,27 +267,19 @@ def _bypass_rejection(config: Any, log_prob: Tensor, old_log_prob: Tensor, mask:
     return mask, metrics
 
 
-def _log_pi_form(m: Method) -> Method:
-    """`m` with objective sg(dJ/dlogp) * log pi (= sg(A * r * w) * log pi): verl's dppo losses' value."""
+def _verl_value_form(m: Method) -> Method:
+    """`m` valued as verl writes its dppo losses: per token sg(dJ/dlogp * log pi), with
+    dJ/dlogp = A * r * w, plus J - sg(J), which is exactly 0 and carries exactly J's gradient.
+    So the one policy_loss call gives verl's value over the same tokens, IS weights and
+    aggregation as drpo's gradient, and drpo's diagnostics (weight, boundary are m's)."""
 
     def objective(logp, old_logp, adv, **params):
-        slope = adv * ratio(logp, old_logp) * m.weight(logp, old_logp, adv, **params)
-        return slope.detach() * logp, torch.zeros_like(logp)
+        j, penalty = m.objective(logp, old_logp, adv, **params)
+        with torch.no_grad():
+            value = adv * ratio(logp, old_logp) * m.weight(logp, old_logp, adv, **params) * logp
+        return value + (j - j.detach()), penalty
 
-    return replace(m, name=f"{m.name}_log_pi_value", objective=objective)
-
-
-def _with_verl_value(loss: Tensor, method: str, args: tuple, kwargs: dict) -> Tensor:
-    """`loss` (its gradient, drpo's) carrying the value of verl's own loss for `method`, where
-    verl writes it another way (_LOG_PI_VALUE). The value is the same `policy_loss` call (same
-    tokens dropped, weights, aggregation) on the log-pi form, without metrics, checks or a graph:
-    no host sync. value + (loss - sg(loss)) is exactly value, with exactly loss's gradient."""
-    if method not in _LOG_PI_VALUE:
-        return loss
-    with torch.no_grad():
-        value, _ = policy_loss(_log_pi_form(get_method(method)), *args, **{**kwargs, "nonfinite": "drop",
-                                                                          "with_metrics": False})
-    return value + (loss - loss.detach())
+    return replace(m, objective=objective)
 
 
 def compute_policy_loss(
@@ -310,18 +302,17 @@ def compute_policy_loss(
     info = _get(config, "global_batch_info") or {}
     horizon = _horizon(config, info)
     mask, rc_metrics = _bypass_rejection(config, log_prob, old_log_prob, response_mask)
-    args = (log_prob, old_log_prob, advantages, mask)
-    kwargs = dict(agg="token-mean" if loss_agg_mode == "token-sum" else loss_agg_mode, horizon=horizon,
-                  normalizer=_normalizer(loss_agg_mode, info), token_weights=rollout_is_weights, nonfinite=nonfinite,
-                  **params)
+    m = _verl_value_form(get_method(method)) if method in _LOG_PI_VALUE else method
     try:
-        loss, metrics = policy_loss(method, *args, **kwargs)
+        loss, metrics = policy_loss(m, log_prob, old_log_prob, advantages, mask, horizon=horizon,
+                                    agg="token-mean" if loss_agg_mode == "token-sum" else loss_agg_mode,
+                                    normalizer=_normalizer(loss_agg_mode, info), token_weights=rollout_is_weights,
+                                    nonfinite=nonfinite, **params)
     except ValueError as err:
         raise ValueError(
             f"drpo loss {method!r} (verl's log_prob, old_log_prob, rollout_is_weights are drpo's logp, old_logp, "
             f"token_weights): {err}"
         ) from None
-    loss = _with_verl_value(loss, method, args, kwargs)
     dump_in_loss(method, params, config, old_log_prob, log_prob, advantages, mask)
     return loss, {METRIC_PREFIX + k: v for k, v in metrics.items() if k != "loss"} | rc_metrics
 
