@@ -80,7 +80,8 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str], str]] = {
                            "    (lambda *a, **k: None)(rows, out_dir / \"curves.png\"",
                            ["tests/test_durability.py", "tests/train/test_main_job.py"], PY),
     "main-job-no-summary": ("src/drpo/train/loop.py",
-                            '    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2), "summary")\n', "",
+                            '    atomic_write(out_dir / "summary.json", json.dumps(jsonable(summary, nonfinite=str), indent=2), '
+                            '"summary")\n', "",
                             ["tests/test_durability.py", "tests/train/test_main_job.py"], PY),
     "main-job-exit-code": ("src/drpo/train/cli.py", "outputs in {args.out}\"\n    )\n    return 0",
                            "outputs in {args.out}\"\n    )\n    return 1", ["tests/train/test_main_job.py"], PY),

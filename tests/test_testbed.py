@@ -220,6 +220,10 @@ def test_fp8_engine_quantizes_linear_inputs_but_not_the_lm_head(policy):
     assert not any(getattr(m, "_forward_pre_hooks", None) for m in policy.modules())
 
 
+def _no_bare_constant(name):
+    raise AssertionError(f"bare {name} in the JSON (not valid JSON)")
+
+
 def test_mismatch_cli_on_a_config(tmp_path):
     import json
 
@@ -229,8 +233,9 @@ def test_mismatch_cli_on_a_config(tmp_path):
     assert main(["mismatch", "--config", str(TESTBED), "--set", "warmstart.enabled=false", "--set", "model.num_layers=1",
                  "--precisions", "fp32,bf16", "--prompts", "3", "--n-samples", "2", "--max-new-tokens", "8",
                  "--threads", "1", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["precisions"]
+    rows = json.loads(out.read_text(), parse_constant=_no_bare_constant)["precisions"]  # valid JSON: no bare NaN
     assert rows["fp32"]["mean_abs_log_ratio"] < 1e-5 < rows["bf16"]["mean_abs_log_ratio"]
+    assert "nan" in [b["mean_abs_log_ratio"] for b in rows["fp32"]["by_mu"]]  # an empty bin: written as "nan"
     for row in rows.values():
         assert 0 <= row["long_tail_share"] <= 1 and 1 <= row["response_length"] <= 8
         assert row["tokens"] == pytest.approx(row["response_length"] * 3 * 2)

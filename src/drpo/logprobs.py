@@ -18,37 +18,15 @@ import torch
 from torch import Tensor
 
 from drpo.models.logprobs import (  # noqa: F401  (re-exported: the public log-prob API)
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_VOCAB_CHUNK_SIZE,
-    _accumulate_grads,
-    _buffer,
-    _check_chunk,
-    _check_finite,
-    _check_inputs,
-    _common,
-    _flatten,
-    _logits_into,
-    _OnlineSoftmax,
-    _tiles,
-    backbone,
-    lm_head_weight,
-    position_ids_from_mask,
-    sequence_logprobs,
-    token_logprobs,
+    DEFAULT_CHUNK_SIZE, DEFAULT_VOCAB_CHUNK_SIZE, _accumulate_grads, _buffer, _check_chunk, _check_finite,
+    _check_inputs, _common, _flatten, _logits_into, _OnlineSoftmax, _tiles, backbone, lm_head_weight,
+    position_ids_from_mask, sequence_logprobs, token_logprobs,
 )
 from drpo.objectives import aggregate, get_method, policy_loss
 from drpo.objectives.loss import _prepare
 
-__all__ = [
-    "DEFAULT_CHUNK_SIZE",
-    "DEFAULT_VOCAB_CHUNK_SIZE",
-    "backbone",
-    "fused_policy_loss",
-    "lm_head_weight",
-    "position_ids_from_mask",
-    "sequence_logprobs",
-    "token_logprobs",
-]
+__all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_VOCAB_CHUNK_SIZE", "backbone", "fused_policy_loss", "lm_head_weight",
+           "position_ids_from_mask", "sequence_logprobs", "token_logprobs"]
 
 
 # ----------------------------------------------------------------------------- fused loss
@@ -124,9 +102,8 @@ def _scaled(grad: Tensor, g_loss: Tensor) -> Tensor:
     return grad if bool(g_loss == 1) else grad * g_loss.to(grad.dtype)
 
 
-def _chunk_loss_and_grad(
-    logp: Tensor, old: Tensor, adv: Tensor, coef: Tensor, mask: Tensor, method, params: dict
-) -> tuple[Tensor, Tensor]:
+def _chunk_loss_and_grad(logp: Tensor, old: Tensor, adv: Tensor, coef: Tensor, mask: Tensor, method,
+                         params: dict) -> tuple[Tensor, Tensor]:
     """sum_t c_t * (-J_t) over one chunk and its gradient w.r.t. the chunk's logp, with the
     same neutral padding as `policy_loss` (padding positions get no gradient)."""
     with torch.enable_grad():
@@ -141,23 +118,11 @@ def _chunk_loss_and_grad(
     return chunk_loss.detach().double(), g
 
 
-def fused_policy_loss(
-    method: str,
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor | None,
-    *,
-    temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    agg: str = "token-mean",
-    horizon: int | None = None,
-    with_metrics: bool = True,
-    vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
-    **params: Any,
-) -> tuple[Tensor, dict[str, float]]:
+def fused_policy_loss(method: str, hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: Tensor,
+                      advantages: Tensor, mask: Tensor | None, *, temperature: float = 1.0,
+                      chunk_size: int = DEFAULT_CHUNK_SIZE, agg: str = "token-mean", horizon: int | None = None,
+                      with_metrics: bool = True, vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
+                      **params: Any) -> tuple[Tensor, dict[str, float]]:
     """`policy_loss(method, token_logprobs(hidden, weight, targets), old_logp, advantages, mask, ...)`
     without ever holding the full logits, and with one logits pass (the loss gradient is
     computed chunk by chunk during the forward, as Liger-Kernel's fused losses do).

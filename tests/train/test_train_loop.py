@@ -100,6 +100,21 @@ def test_run_outputs_and_logged_keys(tmp_path):
     assert summary["steps"] == 2
 
 
+def _no_bare_constant(name):
+    raise AssertionError(f"bare {name} in the JSON (not valid JSON)")
+
+
+def test_summary_json_is_valid_json_with_nonfinite_values(tmp_path, monkeypatch):
+    import drpo.train.loop as loop
+
+    summarize = loop.summarize
+    monkeypatch.setattr(loop, "summarize", lambda *a, **k: {**summarize(*a, **k), "mean_mismatch": math.nan,
+                                                            "rollout_tokens_per_s": math.inf})
+    train(fast_config(tmp_path, "train.steps=1"), tmp_path / "run", progress=False, log=lambda *_: None)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=_no_bare_constant)
+    assert summary["mean_mismatch"] == "nan" and summary["rollout_tokens_per_s"] == "inf"  # as metrics.jsonl writes them
+
+
 def test_existing_run_dir_needs_resume(tmp_path):
     from drpo.train.setup import RunError
 

@@ -5,57 +5,18 @@
     trainer = DRPOGRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=ds)
     trainer.train()
 
-The subclass overrides `_compute_loss(model, inputs)`, TRL 1.16's extension point; TRL's
-generation, rewards, group advantages, batching, accelerate/DeepSpeed and logging are kept,
-and so is everything around TRL's own per-token loss:
-  - the forward: TRL's helper with every model input TRL's `_compute_loss` passes
-    (multimodal tensors, tool masks), logits divided by the sampling temperature;
-  - the normalisation: TRL's `loss_type` ("dapo", TRL's default; "bnpo", "dr_grpo", "grpo"),
-    with TRL's gradient-accumulation scaling;
-  - the MoE router load-balancing loss, added as TRL adds it (`router_aux_loss_coef`);
-  - TRL's vLLM importance-sampling correction (see the anchor).
-With drpo_method="grpo" and the same clip range the loss equals GRPOTrainer's.
-
-Anchor (`drpo_anchor`):
-  "rollout"  the sampling engine's log-probs (`inputs["sampling_per_token_logps"]`, which
-             TRL provides when generating with vLLM): the paper's default, mu = rollout
-             policy. The ratio pi/mu then already is the train/inference correction, so TRL's
-             `importance_sampling_ratio` is not multiplied in; its rejections are: in the
-             "*_mask" modes tokens/sequences whose ratio TRL zeroed get weight 0. The
-             "*_truncate" modes have no counterpart here and are refused with this anchor.
-  "old"      TRL's train-side `old_per_token_logps` (computed when num_iterations > 1,
-             generation and optimizer steps are misaligned, or vLLM IS correction is on;
-             else the current log-probs detached, i.e. on-policy). With vLLM, TRL's
-             `importance_sampling_ratio` multiplies each token's loss, as in GRPOTrainer.
-  "auto"     (default) "rollout" when TRL provides rollout log-probs, else "old".
-Tokens whose rollout log-prob vLLM could not return (NaN) use the "old" anchor instead, as
-TRL trains them (IS ratio 1); their share is logged as `drpo/anchor_fallback_frac`.
-
-Non-finite inputs. As TRL's own loss carries on past them, a response token whose current
-or anchor log-prob, advantage or IS weight is still NaN/inf is dropped from the loss (no
-contribution, no gradient, out of the local counts; TRL's `num_items_in_batch`, B and
-`max_completion_length` stay as TRL computed them) and counted in `drpo/nonfinite_tokens`,
-with no extra host sync (`policy_loss(..., nonfinite="drop")`). `drpo_params={"strict": True}`
-raises instead, naming the argument (`strict` is not passed to the method).
-
-GRPOConfig fields the drpo objective would ignore (TRL's clip `epsilon`/`epsilon_high`/
-`delta`, `beta`, entropy terms, off-policy masking, sequence-level IS, loss types that are
-TRL objectives rather than normalisations) are refused by `DRPOConfig` with what to set
-instead. A field counts as set when it differs from GRPOConfig's own default.
-
-Logged through TRL's metrics (`trainer.state.log_history`, TensorBoard/W&B via report_to):
-every drpo diagnostic as `drpo/<name>` (see `drpo.objectives.METRIC_NAMES`), `drpo/loss`
-(before the accumulation scaling, like TRL's `policy_loss`), `drpo/anchor_is_rollout`,
-`drpo/anchor_fallback_frac`, and TRL's `entropy` and `aux_loss` (MoE). Each loss call's value
-is reduced over processes as TRL reduces its own metrics (`metric_reduction`: token counts
-summed, `*_min`/`*_max` by min/max, the rest averaged), then TRL averages over the calls of the
-logging window; so `drpo/tokens` is the response tokens of one micro-batch over all processes.
-
-Rollout dumps for `drpo inspect` (opt-in): `drpo_dump_dir="dumps"` (and `drpo_dump_every=N`
-optimizer steps) writes each training micro-batch `_compute_loss` sees, one Parquet shard per
-process: the batch `_generate_and_score_completions` returned (completion ids and mask, TRL's
-advantages, `sampling_per_token_logps` as the rollout log-probs, `old_per_token_logps`) plus
-our current log-probs and TRL's entropies. See docs/inspect.md.
+The subclass overrides only `_compute_loss(model, inputs)`, TRL 1.16's extension point, and
+keeps what surrounds TRL's per-token loss: TRL's forward (every model input TRL's `_compute_loss`
+passes: multimodal tensors, tool masks; logits over the sampling temperature), its `loss_type`
+normalisation ("dapo", "bnpo", "dr_grpo", "grpo") with its gradient-accumulation scaling, the MoE
+router aux loss and its vLLM importance-sampling correction. With drpo_method="grpo" and the same
+clip range the loss equals GRPOTrainer's. The contract in full, in docs/integrations.md ("Use with
+TRL"): the anchor (`drpo_anchor`: "rollout" = vLLM's `sampling_per_token_logps`, the paper's mu;
+"old" = TRL's `old_per_token_logps`; "auto"), the GRPOConfig fields refused because the drpo loss
+would ignore them or add a term outside it, non-finite tokens (dropped and counted in
+`drpo/nonfinite_tokens`, as TRL's loss carries on past them; `drpo_params={"strict": True}`
+raises), and the metrics (`drpo/<name>`, reduced over processes as TRL reduces its own). The
+opt-in rollout dumps for `drpo inspect` (`drpo_dump_dir`, `drpo_dump_every`): docs/inspect.md.
 """
 
 from __future__ import annotations
@@ -77,18 +38,8 @@ STRICT_NAME = "`drpo_params['strict']`"
 # TRL loss types that are normalisations of a per-token loss; TRL's others are objectives.
 LOSS_TYPES = ("dapo", "bnpo", "dr_grpo", "grpo")
 # Model inputs TRL 1.16's `_compute_loss` hands to `_get_per_token_logps_and_entropies`.
-FORWARD_INPUTS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
+FORWARD_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                  "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 # drpo diagnostics that count tokens (summed over processes when logged).
 COUNT_METRICS = ("tokens", "nonfinite_tokens")
 _GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
@@ -283,14 +234,8 @@ class DRPOGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model,
-            input_ids,
-            attention_mask,
-            completion_ids.size(1),
-            compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled,
-            **{name: inputs.get(name) for name in FORWARD_INPUTS},
-        )
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled, **{name: inputs.get(name) for name in FORWARD_INPUTS})
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         return logps, entropies, aux_loss, mask
 
@@ -341,18 +286,9 @@ class DRPOGRPOTrainer(GRPOTrainer):
             if mode == "train":  # already spans the accumulation window
                 normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
                 accumulation = 1.0
-        loss, diag = policy_loss(
-            self.args.drpo_method,
-            logps,
-            anchor,
-            inputs["advantages"],
-            mask,
-            agg=agg,
-            normalizer=normalizer,
-            token_weights=weights,
-            nonfinite=self.nonfinite,
-            **self.drpo_params,
-        )
+        loss, diag = policy_loss(self.args.drpo_method, logps, anchor, inputs["advantages"], mask, agg=agg,
+                                 normalizer=normalizer, token_weights=weights, nonfinite=self.nonfinite,
+                                 **self.drpo_params)
         return loss / accumulation, diag
 
     def _log_metrics(self, mode: str, metrics: dict[str, Any], entropies: Tensor, mask: Tensor) -> None:

@@ -1,109 +1,45 @@
-"""Every drpo method as a verl policy loss (verl >= 0.9.1).
+"""Every drpo method as a verl policy loss (verl >= 0.9.1). The contract in full, with what was
+checked against verl's own losses: docs/integrations.md ("Use with verl").
 
-Importing this module registers each method in `drpo.objectives.METHODS` into verl's
-policy-loss registry (`verl.trainer.ppo.core_algos.register_policy_loss`), so a verl run
-selects one with
+Importing this module registers each method in `drpo.objectives.METHODS` into verl's policy-loss
+registry, so `actor_rollout_ref.actor.policy_loss.loss_mode=drpo` selects one. verl imports it in
+every process that does `import verl` (driver and Ray workers) through the entry point
+`drpo = "drpo.integrations.verl"` in the group `verl.plugins` (or with
+`VERL_USE_EXTERNAL_MODULES=drpo.integrations.verl`). verl swallows plugin import errors (it logs
+them at DEBUG), so check with `python -c "import verl; from verl.trainer.ppo.core_algos import
+get_policy_loss_fn; get_policy_loss_fn('drpo')"`.
 
-    actor_rollout_ref.actor.policy_loss.loss_mode=drpo
-
-verl imports the module in every process that does `import verl` (driver and Ray workers)
-through the setuptools entry point `drpo = "drpo.integrations.verl"` in the group
-`verl.plugins`, which `pip install drpo[verl]` installs; `VERL_USE_EXTERNAL_MODULES=
-drpo.integrations.verl` does the same without the entry point. verl swallows plugin import
-errors (it logs them at DEBUG), so check with `python -c "import verl; from
-verl.trainer.ppo.core_algos import get_policy_loss_fn; get_policy_loss_fn('drpo')"`.
-
-Names. A method keeps its drpo name unless verl already ships a loss under it; then it is
-registered as `drpo_<name>` and verl's own loss is left untouched. With verl 0.9.1:
-
-    drpo, mask_drpo, spo, pg_is, grpo       -> same name
-    dppo_tv, dppo_kl, cispo (verl has them) -> drpo_dppo_tv, drpo_dppo_kl, drpo_cispo
-
-`VERL_LOSS_NAMES` maps drpo method -> verl loss_mode after import.
-
-Parameters, read from verl's actor config (`actor_rollout_ref.actor`), later wins:
-  1. the method's drpo defaults (`METHODS[name].params`; DRPO's delta is 12.5);
-  2. verl's actor keys, for the methods whose parameter is the same quantity, read exactly
-     as verl's own vanilla / cispo / dppo_* losses read them (`clip_ratio_low` and
-     `clip_ratio_high` each fall back to `clip_ratio`; `clip_ratio_c` to 3.0 for vanilla and
-     20.0 for dppo_* where the config lacks it), so a verl user gets verl's numbers:
-         grpo      eps_low <- clip_ratio_low, eps_high <- clip_ratio_high,
-                   dual_clip <- clip_ratio_c                     (verl's `vanilla`)
-         cispo     eps_low <- clip_ratio_low, eps_high <- clip_ratio_high   (verl's `cispo`)
-         dppo_tv, dppo_kl   delta_low <- clip_ratio_low, delta_high <- clip_ratio_high,
-                   ratio_cap <- clip_ratio_c                     (verl's `dppo_tv`/`dppo_kl`)
-     drpo, mask_drpo, spo and pg_is read no verl key.
-     At verl's default ActorConfig (clip_ratio = clip_ratio_low = clip_ratio_high = 0.2,
-     clip_ratio_c = 3.0) that is: grpo eps 0.2/0.2, dual_clip 3; cispo eps 0.2/0.2;
-     drpo_dppo_tv and drpo_dppo_kl delta 0.2/0.2 (not drpo's 0.15 / 0.05), ratio_cap 3;
-     drpo delta 12.5; spo eps 12.5. Set drpo's values with `drpo_params`.
-  3. `policy_loss.drpo_params` (a dict, e.g. `{delta: 0.15, advantage_weighted: false}`).
-     verl's PolicyLossConfig rejects unknown keys, so set `policy_loss._target_=
-     drpo.integrations.verl.DRPOPolicyLossConfig` (a PolicyLossConfig subclass with that one
-     extra field) to pass it from the command line. The key `strict` (bool, default false)
-     is not a method parameter: see non-finite inputs.
-
-Non-finite inputs. As verl's own losses carry on past a -inf/NaN log-prob, a response token
-with a non-finite log_prob, old_log_prob, advantage or rollout IS weight, or a log-prob > 1e-4,
-is dropped from the loss (no contribution, no gradient) and counted in
-`actor/drpo/nonfinite_tokens`, with no extra host sync (`policy_loss(..., nonfinite="drop")`).
-`drpo_params: {strict: true}` raises instead, naming the argument.
-
-Aggregation. `loss_agg_mode` maps 1:1 to `drpo.objectives.aggregate` (token-mean,
-seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm; `token-sum` is the sum
-times dp_size, as verl's). The horizon of seq-mean-token-sum-norm is verl's
-`loss_scale_factor` when set, else the padded response length, as in verl's `agg_loss`. verl
-normalizes each micro-batch by the *global* mini-batch (its `config.global_batch_info`:
-dp_size, batch_num_tokens, global_batch_size) so gradient accumulation and data parallelism
-give the mini-batch mean; drpo divides its micro-batch sum by the same count / dp_size.
-Known difference: for seq-mean-token-mean verl divides each sequence's sum by
-`count + 1e-8`, drpo by `count` (relative 1e-8/count; below fp32 resolution).
-
-Loss value. A drpo loss mode with a twin among verl's losses (grpo/vanilla, drpo_dppo_tv/dppo_tv,
-drpo_dppo_kl/dppo_kl, drpo_cispo/cispo) returns the twin's value as well as its gradient
-(`actor/pg_loss` as under verl's own loss): verl writes its dppo losses as -A*sg(w)*log pi, so
-those two return that value with drpo's gradient (`_with_verl_value`); the other modes return
-drpo's surrogate.
-
-`rollout_is_weights` (verl's rollout-correction IS weights, [batch, response_len]) multiply
-the per-token loss before aggregation, as verl's own losses do. The diagnostics are those of
-the unweighted tokens, returned per loss call as `actor/drpo/<metric>`; verl's `ppo_loss` wraps
-every loss metric as a mean, so what verl logs is the mean over micro-batches and data-parallel
-ranks, counts included: `actor/drpo/tokens` and `actor/drpo/nonfinite_tokens` are tokens per
-micro-batch per rank (times micro-batches x dp_size for the mini-batch total), not totals.
-
-Rollout correction in bypass mode. With `algorithm.rollout_correction.bypass_mode=true` verl
-uses the rollout log-probs as old_log_prob and computes no rollout correction in the trainer;
-the workers keep our loss_mode in both trainers (the legacy trainer writes `bypass_mode` into
-`policy_loss.loss_mode` only in the driver's copy of the config, after the workers were built,
-`verl/trainer/ppo/ray_trainer.py`). verl's bypass loss applies the rejection sampling of `policy_loss.rollout_correction`
-inside the loss; so does this plugin when that config has `bypass_mode: true` and a
-`rollout_rs`: the rejection mask is verl's own (`compute_rollout_correction_and_rejection_mask`,
-current log-probs against the rollout ones), and its `rollout_corr/*` metrics are returned.
-`rollout_is` (the ratio is already pi/mu_rollout: IS weights would count it twice) and
-`loss_type: reinforce` are refused with an error naming the key. verl does not copy
-`algorithm.rollout_correction` into the actor config: pass
-`+actor_rollout_ref.actor.policy_loss.rollout_correction=${algorithm.rollout_correction}`
-(the example script does); without it a drpo loss_mode with bypass mode and `rollout_rs` is
-refused on the driver, in verl's `validate_config` (`install_config_check`).
-
-Rollout dumps for `drpo inspect` (opt-in; docs/inspect.md), two hooks that change nothing in
-training and use no collective (each process writes its own Parquet shards):
-  - driver: with `DRPO_VERL_DUMP_DIR=DIR` (and `DRPO_VERL_DUMP_EVERY=N`) in the driver's
-    environment, the batch verl holds once advantages are computed (the legacy trainer's
-    `compute_advantage`, the v1 trainer's `compute_advantage_for_multi_trajectories`, wrapped
-    on import) is dumped: response mask, old and rollout log-probs, advantages, groups from
-    uids, and the response tokens where the batch has them (not in v1's advantage step).
-  - workers: `policy_loss.drpo_dump: {dir: DIR, every: N}` (on DRPOPolicyLossConfig) dumps
-    every N-th loss call of each worker: the current policy's log-probs with the anchor and
-    advantages verl passes (the loss is not told the training step, so `step` counts the
-    worker's loss calls). Reading the tensors to the host is the only added sync, on dump calls.
-Each dump is closed at once (a complete shard per dumped batch): Ray ends workers without exit
-hooks.
+- Names: a method keeps its drpo name unless verl ships a loss under it (verl 0.9.1: dppo_tv,
+  dppo_kl, cispo), then it is `drpo_<name>`; `VERL_LOSS_NAMES` maps drpo method -> loss_mode.
+- Parameters, later wins: drpo's defaults; verl's actor keys where a parameter is the quantity
+  one of verl's own losses reads, read as that loss reads them (`VERL_CLIP_KEYS`, verl's
+  fallbacks), so a verl user gets verl's numbers; `policy_loss.drpo_params`, which needs
+  `policy_loss._target_=drpo.integrations.verl.DRPOPolicyLossConfig` (verl's PolicyLossConfig
+  rejects unknown keys). Its key `strict` is no method parameter: see non-finite inputs.
+- Non-finite inputs: as verl's own losses carry on past them, such a response token is dropped
+  and counted in `actor/drpo/nonfinite_tokens`, with no extra host sync (`nonfinite="drop"`);
+  `drpo_params: {strict: true}` raises instead, naming the argument.
+- Aggregation: `loss_agg_mode` maps 1:1 to `drpo.objectives.aggregate`, divided by verl's
+  global mini-batch counts (`config.global_batch_info`) as verl's `agg_loss` is, so gradient
+  accumulation and data parallelism give the mini-batch mean.
+- Loss value: a loss mode with a twin among verl's losses returns the twin's value as well as its
+  gradient (verl writes its dppo losses as -A*sg(w)*log pi: `_verl_value_form`).
+- `rollout_is_weights` multiply the per-token loss before aggregation; the diagnostics
+  (`actor/drpo/<metric>`, per loss call; verl logs their mean over micro-batches and ranks) are
+  those of the unweighted tokens.
+- Bypass mode: verl's bypass loss applies the rejection sampling of `policy_loss.
+  rollout_correction` inside the loss; so does this plugin (`_bypass_rejection`). verl does not
+  copy `algorithm.rollout_correction` into the actor config, so the driver refuses a config that
+  would silently skip it (`install_config_check`).
+- Rollout dumps for `drpo inspect` (opt-in, docs/inspect.md): the driver's batch after its
+  advantage step (`DRPO_VERL_DUMP_DIR`, `DRPO_VERL_DUMP_EVERY`) and every N-th loss call of each
+  worker (`policy_loss.drpo_dump: {dir, every}`). Each dump is closed at once (a complete shard
+  per batch): Ray ends workers without exit hooks.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -136,7 +72,7 @@ _CLIP_RATIO_C_FALLBACK = {"grpo": 3.0, "dppo_tv": 20.0, "dppo_kl": 20.0}
 
 # The drpo methods whose verl twin (`dppo_tv`, `dppo_kl`) writes its loss as -A * sg(M * min(r, c))
 # * log pi: drpo's surrogate M * sg(min(r, c) / r) * r * A has the same gradient, another value;
-# their verl loss reports the twin's value (`_with_verl_value`). grpo's value is vanilla's, and
+# their verl loss reports the twin's value (`_verl_value_form`). grpo's value is vanilla's, and
 # cispo's objective already is verl's form sg(clip(r)) * A * log pi.
 _LOG_PI_VALUE = ("dppo_tv", "dppo_kl")
 
@@ -267,27 +203,19 @@ def _bypass_rejection(config: Any, log_prob: Tensor, old_log_prob: Tensor, mask:
     return mask, metrics
 
 
-def _log_pi_form(m: Method) -> Method:
-    """`m` with objective sg(dJ/dlogp) * log pi (= sg(A * r * w) * log pi): verl's dppo losses' value."""
+def _verl_value_form(m: Method) -> Method:
+    """`m` valued as verl writes its dppo losses: per token sg(dJ/dlogp * log pi), with
+    dJ/dlogp = A * r * w, plus J - sg(J), which is exactly 0 and carries exactly J's gradient.
+    So the one policy_loss call gives verl's value over the same tokens, IS weights and
+    aggregation as drpo's gradient, and drpo's diagnostics (weight, boundary are m's)."""
 
     def objective(logp, old_logp, adv, **params):
-        slope = adv * ratio(logp, old_logp) * m.weight(logp, old_logp, adv, **params)
-        return slope.detach() * logp, torch.zeros_like(logp)
+        j, penalty = m.objective(logp, old_logp, adv, **params)
+        with torch.no_grad():
+            value = adv * ratio(logp, old_logp) * m.weight(logp, old_logp, adv, **params) * logp
+        return value + (j - j.detach()), penalty
 
-    return replace(m, name=f"{m.name}_log_pi_value", objective=objective)
-
-
-def _with_verl_value(loss: Tensor, method: str, args: tuple, kwargs: dict) -> Tensor:
-    """`loss` (its gradient, drpo's) carrying the value of verl's own loss for `method`, where
-    verl writes it another way (_LOG_PI_VALUE). The value is the same `policy_loss` call (same
-    tokens dropped, weights, aggregation) on the log-pi form, without metrics, checks or a graph:
-    no host sync. value + (loss - sg(loss)) is exactly value, with exactly loss's gradient."""
-    if method not in _LOG_PI_VALUE:
-        return loss
-    with torch.no_grad():
-        value, _ = policy_loss(_log_pi_form(get_method(method)), *args, **{**kwargs, "nonfinite": "drop",
-                                                                          "with_metrics": False})
-    return value + (loss - loss.detach())
+    return replace(m, objective=objective)
 
 
 def compute_policy_loss(
@@ -310,18 +238,17 @@ def compute_policy_loss(
     info = _get(config, "global_batch_info") or {}
     horizon = _horizon(config, info)
     mask, rc_metrics = _bypass_rejection(config, log_prob, old_log_prob, response_mask)
-    args = (log_prob, old_log_prob, advantages, mask)
-    kwargs = dict(agg="token-mean" if loss_agg_mode == "token-sum" else loss_agg_mode, horizon=horizon,
-                  normalizer=_normalizer(loss_agg_mode, info), token_weights=rollout_is_weights, nonfinite=nonfinite,
-                  **params)
+    m = _verl_value_form(get_method(method)) if method in _LOG_PI_VALUE else method
     try:
-        loss, metrics = policy_loss(method, *args, **kwargs)
+        loss, metrics = policy_loss(m, log_prob, old_log_prob, advantages, mask, horizon=horizon,
+                                    agg="token-mean" if loss_agg_mode == "token-sum" else loss_agg_mode,
+                                    normalizer=_normalizer(loss_agg_mode, info),
+                                    token_weights=rollout_is_weights, nonfinite=nonfinite, **params)
     except ValueError as err:
         raise ValueError(
             f"drpo loss {method!r} (verl's log_prob, old_log_prob, rollout_is_weights are drpo's logp, old_logp, "
             f"token_weights): {err}"
         ) from None
-    loss = _with_verl_value(loss, method, args, kwargs)
     dump_in_loss(method, params, config, old_log_prob, log_prob, advantages, mask)
     return loss, {METRIC_PREFIX + k: v for k, v in metrics.items() if k != "loss"} | rc_metrics
 
@@ -495,24 +422,10 @@ def install_config_check() -> None:
 
 
 def make_verl_policy_loss(method: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
-    """A function with verl's exact policy-loss signature computing drpo `method`."""
+    """`compute_policy_loss` of drpo `method`: verl's policy-loss signature, by keyword or position."""
     get_method(method)
-
-    def loss_fn(
-        old_log_prob: Tensor,
-        log_prob: Tensor,
-        advantages: Tensor,
-        response_mask: Tensor,
-        loss_agg_mode: str = "token-mean",
-        config: Any = None,
-        rollout_is_weights: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        return compute_policy_loss(
-            method, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
-        )
-
-    loss_fn.__name__ = f"drpo_{method}_policy_loss"
-    loss_fn.__qualname__ = loss_fn.__name__
+    loss_fn = functools.partial(compute_policy_loss, method)
+    loss_fn.__name__ = loss_fn.__qualname__ = f"drpo_{method}_policy_loss"
     loss_fn.__doc__ = f"drpo method {method!r} as a verl policy loss (see drpo.integrations.verl)."
     loss_fn.drpo_method = method  # marks the entry as ours, so re-registration is idempotent
     return loss_fn

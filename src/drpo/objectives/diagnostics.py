@@ -33,8 +33,8 @@ Everything is computed on the inputs' device as 0-dim tensors (`diagnostic_tenso
 sync); `policy_loss` moves them to the host in its one batched transfer.
 
 The per-token measurements behind them are defined once here, for the trainer, the inspector
-and the mismatch tool alike: `token_mismatch` (log r, r, k3), `weight_categories` and
-`grad_mass` (the kept gradient mass's per-token terms).
+and the mismatch tool alike: `token_mismatch` (log r, r, k3), `long_tail`, `weight_categories`
+and `grad_mass` (the kept gradient mass's per-token terms).
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ from drpo.objectives.methods import log_ratio
 from drpo.objectives.registry import Method
 
 LONG_TAIL_MU = 0.01
+
+
+def long_tail(logp: Tensor) -> Tensor:
+    """The long tail (bool per token): probability exp(logp) <= LONG_TAIL_MU, in logp's dtype."""
+    return logp.exp() <= LONG_TAIL_MU
 
 METRIC_NAMES = (
     "tokens",
@@ -158,7 +163,7 @@ def diagnostic_tensors(method: Method, params: dict, logp: Tensor, old_logp: Ten
         **{f"weight_{c}_frac": frac(carries & category[c], carries) for c in WEIGHT_CATEGORIES},
         "surrogate": _masked_mean(r * adv, mask),
         "regularizer": _masked_mean(penalty, mask),
-        "long_tail_frac": frac(mask & (mu <= LONG_TAIL_MU), mask),
+        "long_tail_frac": frac(mask & long_tail(old_logp), mask),
         "kept_grad_mass": torch.where(kept_den > 0, kept_num / torch.where(kept_den > 0, kept_den, 1.0), 1.0),
     }
 

@@ -11,8 +11,7 @@ import torch
 from drpo.objectives.loss import gradient_weight
 
 DEFAULT_MUS = (0.9, 0.5, 0.1, 0.01)
-FIGURE_METHODS = ("pg_is", "grpo", "cispo", "spo", "dppo_tv", "dppo_kl", "drpo", "mask_drpo")
-STYLE = {
+STYLE = {  # the figure's methods, in legend order
     "pg_is": dict(color="0.5", ls=":"),
     "grpo": dict(color="tab:orange"),
     "cispo": dict(color="tab:olive", ls="-."),
@@ -22,6 +21,7 @@ STYLE = {
     "drpo": dict(color="tab:blue", lw=2.4),
     "mask_drpo": dict(color="tab:purple", ls="-."),
 }
+FIGURE_METHODS = tuple(STYLE)
 
 
 def figure_params(delta: float, spo_eps: float, clip_eps: float, dppo_delta: float, kl_delta: float) -> dict[str, dict]:
@@ -59,13 +59,8 @@ def weight_table(mus, params: dict, shifts=(-0.3, -0.1, 0.05, 0.1, 0.2, 0.3)) ->
                 if not 0 < pi <= 1:
                     cells.append(f"{'-':>8}")
                     continue
-                w = gradient_weight(
-                    method,
-                    torch.log(torch.tensor([pi], dtype=torch.float64)),
-                    torch.log(torch.tensor([mu], dtype=torch.float64)),
-                    torch.tensor([1.0], dtype=torch.float64),
-                    **params[method],
-                )
+                logp, old_logp = torch.tensor([[pi], [mu]], dtype=torch.float64).log()
+                w = gradient_weight(method, logp, old_logp, torch.ones(1, dtype=torch.float64), **params[method])
                 cells.append(f"{float(w):>8.3f}")
             rows.append(f"{method:<10} {mu:>5g} " + " ".join(cells))
     return "\n".join(rows)
@@ -87,13 +82,8 @@ def draw(out: Path, mus, params: dict, ylim=(-1.5, 2.5)) -> Path:
             boundary = sign * params["drpo"]["delta"]
             if -mu <= boundary <= 1 - mu:
                 ax.axvline(boundary, color="k", lw=0.8, ls="--")
-                ax.annotate(
-                    "TV boundary\nD = sign(A)·δ",
-                    (boundary, ylim[1] - 0.1),
-                    fontsize=7,
-                    ha="left" if sign > 0 else "right",
-                    va="top",
-                )
+                ax.annotate("TV boundary\nD = sign(A)·δ", (boundary, ylim[1] - 0.1), fontsize=7,
+                            ha="left" if sign > 0 else "right", va="top")
             ax.axhline(0, color="k", lw=0.5)
             ax.axhline(1, color="0.7", lw=0.5)
             ax.set_xlim(-mu, 1 - mu)

@@ -282,6 +282,10 @@ def _drpo_weight(logp, old_logp, adv, delta, advantage_weighted):
     return _unweighted_weight(adv, d / delta)
 
 
+def _drpo_boundary(logp, old_logp, adv, delta, advantage_weighted):
+    return _tv_outside(logp, old_logp, adv, delta, delta)
+
+
 # Divergence Regularized Policy Optimization: Binary-TV quadratic penalty.
 #   J = r*A - |A|*mu*(r-1)^2/(2*delta) = r*A - |A|*D^2/(2*delta*mu)
 #   w = 1 - sign(A)*D/delta, bounded in [1-1/delta, 1+1/delta]
@@ -293,17 +297,9 @@ class Drpo:
         penalty = _drpo_penalty(r, old_logp, adv, delta, advantage_weighted)
         return r * adv - penalty, penalty.detach()
 
-    @staticmethod
-    def weight(logp, old_logp, adv, *, delta, advantage_weighted):
-        return _drpo_weight(logp, old_logp, adv, delta, advantage_weighted)
-
-    @staticmethod
-    def gradient(logp, old_logp, adv, *, delta, advantage_weighted):
-        return _drpo_gradient(logp, old_logp, adv, delta, advantage_weighted)
-
-    @staticmethod
-    def boundary(logp, old_logp, adv, *, delta, advantage_weighted):
-        return _tv_outside(logp, old_logp, adv, delta, delta)
+    weight = staticmethod(_drpo_weight)
+    gradient = staticmethod(_drpo_gradient)
+    boundary = staticmethod(_drpo_boundary)
 
 
 def loose_threshold_note(method: str, params: Mapping) -> str | None:
@@ -352,6 +348,4 @@ class MaskDrpo:
         inside = adv * ratio(logp.detach(), old_logp)
         return torch.where(outside, _drpo_gradient(logp, old_logp, adv, delta, advantage_weighted), inside)
 
-    @staticmethod
-    def boundary(logp, old_logp, adv, *, delta, advantage_weighted):
-        return _tv_outside(logp, old_logp, adv, delta, delta)
+    boundary = staticmethod(_drpo_boundary)

@@ -6,23 +6,9 @@
 """
 
 from drpo.rewards.verifiers import (
-    REWARDS,
-    exact_reward,
-    extract_boxed,
-    extract_last_number,
-    final_answer,
-    get_reward,
-    has_math_verify,
+    REWARDS, exact_reward, extract_boxed, extract_last_number, final_answer, get_reward, has_math_verify,
     math_reward,
 )
 
-__all__ = [
-    "REWARDS",
-    "exact_reward",
-    "extract_boxed",
-    "extract_last_number",
-    "final_answer",
-    "get_reward",
-    "has_math_verify",
-    "math_reward",
-]
+__all__ = ["REWARDS", "exact_reward", "extract_boxed", "extract_last_number", "final_answer", "get_reward",
+           "has_math_verify", "math_reward"]

@@ -100,16 +100,19 @@ def _threads(n: int | None):
         torch.set_num_threads(before)
 
 
+def _tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters and buffers by name (a tied one under each of its names)."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    return tensors | dict(model.named_buffers(remove_duplicate=False))
+
+
 @torch.no_grad()
 def sync_weights(engine: RolloutEngine, policy: nn.Module, step: int) -> None:
     """Copy the trainer's current weights into the engine and re-apply its precision.
     Call it outside `quantized_forward` (inside it the policy's weights are parametrized)."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"`step` must be an int >= 0, got {step!r}")
-    src = dict(policy.named_parameters(remove_duplicate=False))
-    src.update(dict(policy.named_buffers(remove_duplicate=False)))
-    dst = dict(engine.model.named_parameters(remove_duplicate=False))
-    dst.update(dict(engine.model.named_buffers(remove_duplicate=False)))
+    src, dst = _tensors(policy), _tensors(engine.model)
     if src.keys() != dst.keys():
         missing = sorted(dst.keys() - src.keys())[:3]
         extra = sorted(src.keys() - dst.keys())[:3]
@@ -120,9 +123,7 @@ def sync_weights(engine: RolloutEngine, policy: nn.Module, step: int) -> None:
     # Back to fp32 first, so low-precision engines re-quantize from the exact master weights
     # (copying into bf16 tensors would round before the fp8 quantization).
     engine.model.float()
-    dst = dict(engine.model.named_parameters(remove_duplicate=False))
-    dst.update(dict(engine.model.named_buffers(remove_duplicate=False)))
-    for name, tensor in dst.items():
+    for name, tensor in _tensors(engine.model).items():
         if src[name].shape != tensor.shape:
             raise ValueError(f"sync_weights: {name!r} has shape {tuple(src[name].shape)} in the policy, "
                              f"{tuple(tensor.shape)} in the engine")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from drpo.rewards import get_reward
 from drpo.tasks.arithmetic import eval_problems, train_stream
-from drpo.tasks.base import Example, Task, check_examples
+from drpo.tasks.base import Example, Task, check_examples, held_out, training_stream
 from drpo.tasks import wordproblems
 from drpo.tasks.jsonl import DatasetError, cycle_stream, load_jsonl, split_examples
 
@@ -20,9 +20,9 @@ __all__ = ["DatasetError", "Example", "Task", "check_examples", "load_jsonl", "m
 def make_task(cfg, seed: int) -> Task:
     """Build the task named by `cfg` (a TaskConfig). Eval data is held out of training."""
     if cfg.name == "wordproblems":
-        held = wordproblems.eval_problems(seed, cfg.eval_size, cfg.n_ops)
-        return Task("wordproblems", wordproblems.train_stream(seed, cfg.n_ops, held), held,
-                    wordproblems.word_problem_reward)
+        problem = wordproblems.problems(seed, cfg.n_ops)
+        held = held_out(problem, cfg.eval_size)
+        return Task("wordproblems", training_stream(problem, held), held, wordproblems.word_problem_reward)
     reward = get_reward(cfg.reward_name)
     if cfg.name == "arithmetic":
         held = eval_problems(seed, cfg.eval_size, cfg.digits, cfg.ops)

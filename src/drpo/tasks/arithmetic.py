@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from drpo.tasks.base import Example
+from drpo.tasks.base import Example, held_out, training_stream
 
 OPS = ("+", "-", "*")
 
@@ -46,28 +46,10 @@ def eval_problems(seed: int, size: int, digits: int, ops: str) -> tuple[Example,
             f"task.eval_size={size} is too large for digits={digits}, ops={ops!r} "
             f"(at most {n_distinct // 4} of the ~{n_distinct} problems may be held out)"
         )
-    seen: dict[str, Example] = {}
-    index = 0
-    while len(seen) < size:
-        ex = problem_at(seed, "eval", index, digits, ops)
-        seen.setdefault(ex.prompt, ex)
-        index += 1
-    return tuple(seen.values())
+    return held_out(lambda split, index: problem_at(seed, split, index, digits, ops), size)
 
 
-def train_stream(seed: int, digits: int, ops: str, held_out: tuple[Example, ...]):
-    """Returns train_example(i): the i-th training problem, never one of `held_out`."""
+def train_stream(seed: int, digits: int, ops: str, held: tuple[Example, ...]):
+    """Returns train_example(i): the i-th training problem, never one of `held`."""
     check_arith_params(digits, ops)
-    excluded = {ex.prompt for ex in held_out}
-
-    def train_example(i: int) -> Example:
-        if not isinstance(i, int) or i < 0:
-            raise ValueError(f"training example index must be a non-negative int, got {i!r}")
-        attempt = 0
-        while True:  # redraw held-out problems (deterministically) instead of training on them
-            ex = problem_at(seed, f"train/{attempt}", i, digits, ops)
-            if ex.prompt not in excluded:
-                return ex
-            attempt += 1
-
-    return train_example
+    return training_stream(lambda split, index: problem_at(seed, split, index, digits, ops), held)

@@ -3,6 +3,7 @@ stream and a held-out eval set, and the load-time check that the model can read 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,6 +35,35 @@ class Task:
     eval_examples: tuple[Example, ...]
     reward: Callable[[str, str], float]
     train_set: tuple[Example, ...] | None = None
+
+
+# A generated task's problem(split, index): a pure function of both (and of the task's seed).
+Problem = Callable[[str, int], Example]
+
+
+def held_out(problem: Problem, size: int) -> tuple[Example, ...]:
+    """`size` eval problems with distinct prompts (problem("eval", 0), ("eval", 1), ...)."""
+    seen: dict[str, Example] = {}
+    for index in itertools.count():
+        if len(seen) == size:
+            return tuple(seen.values())
+        ex = problem("eval", index)
+        seen.setdefault(ex.prompt, ex)
+
+
+def training_stream(problem: Problem, held: tuple[Example, ...]) -> Callable[[int], Example]:
+    """train_example(i): problem("train/0", i), never one of `held`'s prompts."""
+    excluded = {ex.prompt for ex in held}
+
+    def train_example(i: int) -> Example:
+        if not isinstance(i, int) or i < 0:
+            raise ValueError(f"training example index must be a non-negative int, got {i!r}")
+        for attempt in itertools.count():  # redraw a held-out problem (deterministically), never train on it
+            ex = problem(f"train/{attempt}", i)
+            if ex.prompt not in excluded:
+                return ex
+
+    return train_example
 
 
 GENERATED_CHECKED = 512  # training examples checked from a generated (infinite) stream

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import re
 
-from drpo.tasks.base import Example
+from drpo.tasks.base import Example, Problem
 
 NAMES = (
     "Ada Alex Ali Amir Ana Anna Ari Ava Ben Bo Cam Cara Chen Chloe Dan Dara Dev Eli Ella Emma Eva Finn Gia Gus "
@@ -106,11 +106,6 @@ def word_problem_reward(completion: str, answer: str) -> float:
     return float(got is not None and got == want)
 
 
-def check_params(n_ops: int) -> None:
-    if isinstance(n_ops, bool) or not isinstance(n_ops, int) or not 1 <= n_ops <= 4:
-        raise ValueError(f"task.n_ops must be an int in [1, 4], got {n_ops!r}")
-
-
 def make_problem(rng: random.Random, n_ops: int) -> Example:
     """One story with `n_ops` changes, its worked solution and final count (never negative)."""
     n, m = rng.sample(NAMES, 2)
@@ -149,35 +144,8 @@ def _fill(template: str, rng: random.Random, **fields) -> str:
     return template.format(**fields)
 
 
-def problem_at(seed: int, split: str, index: int, n_ops: int) -> Example:
-    return make_problem(random.Random(f"words/{seed}/{split}/{index}"), n_ops)
-
-
-def eval_problems(seed: int, size: int, n_ops: int) -> tuple[Example, ...]:
-    """`size` held-out problems with distinct prompts."""
-    check_params(n_ops)
-    seen: dict[str, Example] = {}
-    index = 0
-    while len(seen) < size:
-        ex = problem_at(seed, "eval", index, n_ops)
-        seen.setdefault(ex.prompt, ex)
-        index += 1
-    return tuple(seen.values())
-
-
-def train_stream(seed: int, n_ops: int, held_out: tuple[Example, ...]):
-    """Returns train_example(i): the i-th training problem, never one of `held_out`'s prompts."""
-    check_params(n_ops)
-    excluded = {ex.prompt for ex in held_out}
-
-    def train_example(i: int) -> Example:
-        if not isinstance(i, int) or i < 0:
-            raise ValueError(f"training example index must be a non-negative int, got {i!r}")
-        attempt = 0
-        while True:
-            ex = problem_at(seed, f"train/{attempt}", i, n_ops)
-            if ex.prompt not in excluded:
-                return ex
-            attempt += 1
-
-    return train_example
+def problems(seed: int, n_ops: int) -> Problem:
+    """problem(split, index) of the task (drpo.tasks.base), seeded by `seed`."""
+    if isinstance(n_ops, bool) or not isinstance(n_ops, int) or not 1 <= n_ops <= 4:
+        raise ValueError(f"task.n_ops must be an int in [1, 4], got {n_ops!r}")
+    return lambda split, index: make_problem(random.Random(f"words/{seed}/{split}/{index}"), n_ops)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from drpo.files import DiskFullError, LockHeldError, atomic_write, dir_lock
+from drpo.files import DiskFullError, LockHeldError, atomic_write, dir_lock, jsonable
 from drpo.objectives import loose_threshold_note
 from drpo.rollout import sync_weights
 from drpo.tasks import Task, make_task
@@ -185,5 +185,5 @@ def run_locked(cfg: Config, task: Task, device, out_dir: Path, *, resume: bool, 
     plot_curves(rows, out_dir / "curves.png", title=f"{cfg.objective.method} / {cfg.model.name} / seed {cfg.seed}")
     summary = summarize(rows, time.perf_counter() - t_start, run.warm, resumed=found)
     # Written last: its presence marks a finished run.
-    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2), "summary")
+    atomic_write(out_dir / "summary.json", json.dumps(jsonable(summary, nonfinite=str), indent=2), "summary")
     return summary

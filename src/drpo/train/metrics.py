@@ -97,16 +97,8 @@ def declared(*keys: str) -> tuple[str, ...]:
 TIMING_KEYS = tuple(k for k in METRICS if k.startswith("time/"))
 
 # Curves in the end-of-run PNG, in panel order.
-PLOT_KEYS = (
-    "reward/mean",
-    "eval/accuracy",
-    "mismatch/abs_log_ratio",
-    "objective/kept_grad_mass",
-    "objective/weight_mean",
-    "response/length",
-    "grad_norm",
-    "objective/loss",
-)
+PLOT_KEYS = ("reward/mean", "eval/accuracy", "mismatch/abs_log_ratio", "objective/kept_grad_mass",
+             "objective/weight_mean", "response/length", "grad_norm", "objective/loss")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -20,10 +20,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from drpo.files import atomic_write
+from drpo.files import atomic_write, jsonable
 from drpo.models import encode_prompt, load_policy, quantized_forward
 from drpo.models.logprobs import sequence_logprobs
-from drpo.objectives.diagnostics import LONG_TAIL_MU, token_mismatch
+from drpo.objectives.diagnostics import LONG_TAIL_MU, long_tail, token_mismatch
 from drpo.precisions import PRECISIONS
 from drpo.rollout.engine import generate, make_engine
 
@@ -34,13 +34,13 @@ def _abs_log_ratio(train_logp, behaviour_logp, mask) -> torch.Tensor:
     return token_mismatch(train_logp, behaviour_logp).log_ratio[mask].abs().double()
 
 
-def token_mismatch_stats(train_logp, behaviour_logp, response_mask, long_tail: float = LONG_TAIL_MU) -> dict:
+def token_mismatch_stats(train_logp, behaviour_logp, response_mask) -> dict:
     """Per-token |log pi/mu| statistics over the response tokens: mean, max, long-tail
-    share (mu <= long_tail), mean on long-tail tokens and on the rest (nan if none),
+    share (`long_tail`), mean on long-tail tokens and on the rest (nan if none),
     mean response length."""
     mask = response_mask.bool()
     diff = _abs_log_ratio(train_logp, behaviour_logp, mask)
-    tail = behaviour_logp[mask] <= math.log(long_tail)
+    tail = long_tail(behaviour_logp[mask])
     n_tail = int(tail.sum())
     return {
         "mean_abs_log_ratio": diff.mean().item(),
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     if args.by_mu:
         _print_by_mu(rows)
     if args.json:
-        atomic_write(args.json, json.dumps({"source": source, "n_samples": n_samples, "max_new_tokens": max_new,
-                                            "temperature": temperature, "seed": args.seed, "precisions": rows},
-                                           indent=2), "mismatch")
+        table = {"source": source, "n_samples": n_samples, "max_new_tokens": max_new, "temperature": temperature,
+                 "seed": args.seed, "precisions": rows}
+        atomic_write(args.json, json.dumps(jsonable(table, nonfinite=str), indent=2), "mismatch")
     return 0

@@ -13,14 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from drpo.advantages import group_advantages
-from drpo.objectives.diagnostics import LONG_TAIL_MU, token_mismatch
+from drpo.objectives.diagnostics import long_tail, token_mismatch
 from drpo.rollout import Rollout, sync_weights
 from drpo.tasks import Example, Task
 from drpo.train.metrics import combine
 from drpo.train.setup import Policy, Run, weights_finite
-
-LOG_LONG_TAIL = math.log(LONG_TAIL_MU)  # sampled tokens with mu <= LONG_TAIL_MU are the long tail
-
 
 @dataclass
 class RunState:
@@ -60,10 +57,7 @@ def rollout_metrics(rollout: Rollout, rewards: torch.Tensor, n_samples: int) -> 
         "advantage/zero_groups_frac": float((groups.max(1).values == groups.min(1).values).float().mean()),
         "response/length": float(lengths.mean()),
         "response/finished_frac": float(rollout.finished.float().mean()),
-        # Share of sampled tokens with behaviour probability mu <= 0.01 (the long tail).
-        "response/long_tail_frac": float(
-            (rollout.behaviour_logp <= LOG_LONG_TAIL)[rollout.response_mask].float().mean()
-        ),
+        "response/long_tail_frac": float(long_tail(rollout.behaviour_logp)[rollout.response_mask].float().mean()),
         "tokens/generated": int(lengths.sum()),
     }
 
