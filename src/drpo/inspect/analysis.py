@@ -43,6 +43,8 @@ CONTEXT = 8  # tokens of context each side of a disagreement
 
 # Per (variant, bucket) sums; the report divides them.
 METHOD_SUMS = ("tokens", "pos", "neg", "out_pos", "out_neg", "carries", *WEIGHT_CATEGORIES, "kept_num", "kept_den")
+# The report's name of each weight category's share (of the tokens with A != 0).
+CATEGORIES = ("zeroed_frac", "attenuated_frac", "corrective_frac", "amplified_frac")
 # Per bucket sums of the train/inference log-ratio (before - rollout) and the long tail.
 BATCH_SUMS = ("tokens", "mm_tokens", "lr_sum", "lr_sq", "abs_lr", "k3", "unscored", "rdev", "rdev_sq")
 REGRESSION_SUMS = ("n", "x", "y", "xx", "xy", "yy")  # log r against the rollout log-prob
@@ -90,9 +92,8 @@ def make_variants(methods: Sequence[str] | None = None, params: Sequence[str] = 
     for n in names:
         m = get_method(n)
         grid = sweeps.get(n, {})
-        keys = list(grid)
-        for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
-            given = dict(zip(keys, combo))
+        for combo in itertools.product(*grid.values()):  # one empty combination when nothing is swept
+            given = dict(zip(grid, combo))
             resolved = m.resolve_params(given)
             label = n if not given else n + "(" + ", ".join(f"{k}={_fmt(v)}" for k, v in given.items()) + ")"
             out.append(Variant(label, n, resolved))
@@ -252,11 +253,8 @@ class Analysis:
                 near = [j for j in range(max(0, p - CONTEXT), min(len(ids), p + CONTEXT + 1)) if ids[j] >= 0]
                 record["context_ids"] = [int(ids[j]) for j in near]
                 record["context_index"] = near.index(p)
-            entry = (*item, record)
-            if len(self.top) < TOP_DISAGREEMENTS:
-                heapq.heappush(self.top, entry)
-            else:
-                heapq.heapreplace(self.top, entry)
+            # full: the new record replaces the smallest kept one (it is larger, see above)
+            (heapq.heappush if len(self.top) < TOP_DISAGREEMENTS else heapq.heapreplace)(self.top, (*item, record))
 
     # ------------------------------------------------------------------ results
     def result(self) -> dict:
@@ -292,10 +290,7 @@ class Analysis:
                 "tokens_neg": int(d["neg"]),
                 "beyond_boundary_pos_frac": ratio_or(d["out_pos"], d["pos"], 0.0),
                 "beyond_boundary_neg_frac": ratio_or(d["out_neg"], d["neg"], 0.0),
-                "zeroed_frac": ratio_or(d["zero"], d["carries"], 0.0),
-                "attenuated_frac": ratio_or(d["attenuated"], d["carries"], 0.0),
-                "corrective_frac": ratio_or(d["corrective"], d["carries"], 0.0),
-                "amplified_frac": ratio_or(d["amplified"], d["carries"], 0.0),
+                **{key: ratio_or(d[c], d["carries"], 0.0) for c, key in zip(WEIGHT_CATEGORIES, CATEGORIES)},
                 "kept_grad_mass": ratio_or(d["kept_num"], d["kept_den"], 1.0),
             }
 

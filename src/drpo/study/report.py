@@ -89,13 +89,15 @@ def load_study(root: str | Path) -> Study:
                         diverged_rows(rows, rec) if diverged else rows, summary, diverged))
     if not runs:
         raise ValueError(f"{root}: no runs under runs/")
-    settings = [s for s in grid.get("settings", {}) if any(r.setting == s for r in runs)]
-    settings += sorted({r.setting for r in runs} - set(settings))
     order = [v["name"] for v in grid.get("methods", [])]
     order += [v["name"] for sw in grid.get("sweeps", []) for v in sw.get("variants", [])]
-    variants = list(dict.fromkeys(v for v in order if any(r.variant == v for r in runs)))
-    variants += sorted({r.variant for r in runs} - set(variants))
-    return Study(root, grid, runs, settings, variants)
+    return Study(root, grid, runs, _in_order(grid.get("settings", {}), {r.setting for r in runs}),
+                 _in_order(order, {r.variant for r in runs}))
+
+
+def _in_order(grid_order, have: set[str]) -> list[str]:
+    """`have` in the grid's order, then any the grid does not name, sorted."""
+    return [x for x in dict.fromkeys(grid_order) if x in have] + sorted(have - set(grid_order))
 
 
 @dataclass
@@ -198,14 +200,9 @@ def read_provenance(root: Path) -> list[str]:
     return lines
 
 
-def read_timing(root: Path) -> list[dict]:
-    """One entry per `drpo compare` invocation: start, elapsed_s, workers (OUT/timing.jsonl)."""
-    return read_metrics(Path(root) / TIMING)
-
-
 def study_time(root: Path, tables: Tables) -> str:
     """The study's wall-clock and the runs' summed wall-clock, in words."""
-    spans = read_timing(root)
+    spans = read_metrics(root / TIMING)  # one line per `drpo compare` invocation
     runs = f"run wall-clock summed over runs: {sum(r.wall_s for r in tables.runs) / 60:.1f} min"
     if not spans:
         return runs.capitalize() + "."
@@ -292,10 +289,9 @@ def write_report(root: str | Path, out: str | Path | None = None, *, collapse_fr
         cmd_file = study.root / "command.txt"
         command = cmd_file.read_text().strip().splitlines()[-1] if cmd_file.is_file() else None
     tables = compute_tables(study, collapse_frac)
-    groups = {s: {v: [r.rows for r in study.runs if r.setting == s and r.variant == v and r.has_result]
-                  for v in study.variants} for s in study.settings}
-    groups = {s: {v: rows for v, rows in g.items() if rows} for s, g in groups.items()}
-    groups = {s: g for s, g in groups.items() if g}
+    done = [r for r in study.runs if r.has_result]  # per cell with a result, each run's metric rows:
+    groups = {s: {c.variant: [r.rows for r in done if (r.setting, r.variant) == (s, c.variant)] for c in cells}
+              for s, cells in tables.cells.items()}
     figs, drawn = figures.make_figures(groups, study.variants, [v["name"] for v in study.grid.get("methods", [])],
                                        out / "figures") if groups else ({}, {})
     claims = check_claims(tables.cells, study.grid)
@@ -311,7 +307,7 @@ def write_report(root: str | Path, out: str | Path | None = None, *, collapse_fr
         "cells": [_cell_json(c) for cells in tables.cells.values() for c in cells],
         "runs": [asdict(r) for r in tables.runs],
         "unfinished": [r.run_id for r in tables.unfinished],
-        "compare_invocations": read_timing(study.root),
+        "compare_invocations": read_metrics(study.root / TIMING),
         "figures_drawn": drawn,
         "claims": [asdict(c) for c in claims],
     }), indent=2) + "\n", "report")
