@@ -97,31 +97,18 @@ class DumpWriter:
             raise ValueError(f"dump every must be >= 1, got {every!r}")
         self.directory = Path(directory)
         self.every = int(every)
-        self.rank = process_rank()
-        self.metadata = {"format_version": FORMAT_VERSION, "rank": self.rank, **(metadata or {})}
-        self._stem = f"dump-{str(self.metadata.get('source', 'drpo')).replace(' ', '_')}-rank{self.rank}-pid{os.getpid()}"
+        rank = process_rank()
+        self.metadata = {"format_version": FORMAT_VERSION, "rank": rank, **(metadata or {})}
+        self._stem = f"dump-{str(self.metadata.get('source', 'drpo')).replace(' ', '_')}-rank{rank}-pid{os.getpid()}"
         self.path: Path | None = None  # chosen when the shard is opened
         self._writer = None
         self._shard: ExitStack | None = None  # holds the shard's atomic_writer open between writes
-        self.rows = 0
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def write(
-        self,
-        *,
-        step: int,
-        response_mask,
-        logp_before,
-        advantage,
-        logp_rollout=None,
-        logp_after=None,
-        token_ids=None,
-        entropy=None,
-        sample_id=None,
-        group_id=None,
-    ) -> None:
+    def write(self, *, step: int, response_mask, logp_before, advantage, logp_rollout=None, logp_after=None,
+              token_ids=None, entropy=None, sample_id=None, group_id=None) -> None:
         """One row per response; tensors are [batch, seq] (advantage may be [batch])."""
         pa, pq = _pa()
         mask = _rows_of(response_mask, len(response_mask), "response_mask", np.bool_)
@@ -137,17 +124,12 @@ class DumpWriter:
         cols["advantage"] = [np.broadcast_to(a, (seq,)) for a in adv] if adv and adv[0].shape[0] == 1 else adv
         ids = np.arange(n) if sample_id is None else np.asarray(sample_id).reshape(-1)
         groups = ids if group_id is None else np.asarray(group_id).reshape(-1)
-        table = pa.table(
-            {
-                "step": pa.array(np.full(n, int(step), dtype=np.int64)),
-                "sample_id": pa.array(ids.astype(np.int64)),
-                "group_id": pa.array(groups.astype(np.int64)),
-                **{name: (pa.nulls(n, schema().field(name).type) if cols[name] is None
-                          else _list_array(pa, cols[name], schema().field(name).type))
-                   for name in LIST_COLUMNS},
-            },
-            schema=schema(),
-        )
+        sch = schema()
+        lists = {name: pa.nulls(n, sch.field(name).type) if cols[name] is None
+                 else _list_array(pa, cols[name], sch.field(name).type) for name in LIST_COLUMNS}
+        table = pa.table({"step": pa.array(np.full(n, int(step), dtype=np.int64)),
+                          "sample_id": pa.array(ids.astype(np.int64)), "group_id": pa.array(groups.astype(np.int64)),
+                          **lists}, schema=sch)
         if self._writer is None:  # a new shard; one closed before is never overwritten
             self.directory.mkdir(parents=True, exist_ok=True)
             k = 1
@@ -157,9 +139,8 @@ class DumpWriter:
             meta = {META_KEY: json.dumps(jsonable(self.metadata, nonfinite=str), default=str).encode()}
             self._shard = ExitStack()
             f = self._shard.enter_context(atomic_writer(self.path, "dump"))
-            self._writer = pq.ParquetWriter(f, schema().with_metadata(meta))
+            self._writer = pq.ParquetWriter(f, sch.with_metadata(meta))
         self._writer.write_table(table)  # one row group per write: the reader streams by row group
-        self.rows += n
 
     def close(self) -> None:
         """Completes the shard (footer, fsync) and renames it into place."""

@@ -237,22 +237,20 @@ class Analysis:
             item = (float(spread[i]), next(self._counter))
             if len(self.top) >= TOP_DISAGREEMENTS and item <= self.top[0][:2]:
                 continue
-            local = int(rows[i]) - b.row_offset
-            ids = b.seq_tokens[local] if b.seq_tokens is not None else None
+            ids = b.seq_tokens[int(rows[i]) - b.row_offset] if b.seq_tokens is not None else None
             p = int(pos[i])
+            # the context: up to CONTEXT response tokens each side
+            near = [] if ids is None else [j for j in range(max(0, p - CONTEXT), min(len(ids), p + CONTEXT + 1))
+                                           if ids[j] >= 0]
             record = {
                 "file": b.path, "row": int(rows[i]), "step": step, "position": p,
                 "mu": float(mu[i]), "pi": float(math.exp(logp[i])), "advantage": float(adv[i]),
                 "weights": {v.label: float(w[j, i]) for j, v in enumerate(self.variants)},
                 "spread": float(spread[i]),
                 "token_id": int(ids[p]) if ids is not None else None,
-                "context_ids": None,
-                "context_index": None,
+                "context_ids": [int(ids[j]) for j in near] if ids is not None else None,
+                "context_index": near.index(p) if ids is not None else None,
             }
-            if ids is not None:  # up to CONTEXT response tokens each side
-                near = [j for j in range(max(0, p - CONTEXT), min(len(ids), p + CONTEXT + 1)) if ids[j] >= 0]
-                record["context_ids"] = [int(ids[j]) for j in near]
-                record["context_index"] = near.index(p)
             # full: the new record replaces the smallest kept one (it is larger, see above)
             (heapq.heappush if len(self.top) < TOP_DISAGREEMENTS else heapq.heapreplace)(self.top, (*item, record))
 
@@ -308,10 +306,9 @@ class Analysis:
                         "mean_ratio": float(1 + rmean), "mean_ratio_std_err": math.sqrt(rvar / n) if n > 1 else math.inf}
             return out
 
-        per_method = {}
-        for v, variant in enumerate(self.variants):
-            per_method[variant.label] = {ALL: method_stats(methods[v].sum(0)),
-                                         **{name: method_stats(methods[v, b]) for b, name in enumerate(BUCKETS)}}
+        per_method = {variant.label: {ALL: method_stats(methods[v].sum(0)),
+                                      **{name: method_stats(methods[v, b]) for b, name in enumerate(BUCKETS)}}
+                      for v, variant in enumerate(self.variants)}
         n_tok = batch[:, 0].sum()
         return {
             "tokens": int(n_tok),

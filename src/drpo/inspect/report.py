@@ -54,6 +54,12 @@ def batch_table(stats: dict) -> list[str]:
 # ------------------------------------------------------------------ figures
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    save_figure(fig, path, "figure", dpi=90)
+    plt.close(fig)
+
+
 def _boundary_curves(variant: Variant, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The method's boundary in the (mu, D = pi - mu) plane, found from its registered
     `boundary` on a grid of D: the smallest D > 0 beyond it for A > 0, the largest D < 0 for A < 0
@@ -108,9 +114,7 @@ def token_figure(sample: np.ndarray, variants: Sequence[Variant], step: int, pol
         ax.set_ylabel("D = pi - mu (probability, symlog)")
     fig.suptitle(f"step {step}: tokens (pi = {policy}, mu = {anchor}) and each method's boundary "
                  "(upper curve: A > 0, lower: A < 0; beyond = outside the curves)", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path, "figure", dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def bucket_figure(stats: dict, path: Path) -> None:
@@ -141,9 +145,7 @@ def bucket_figure(stats: dict, path: Path) -> None:
     a2.set_ylabel("kept gradient mass sum|A r w| / sum|A r|")
     a2.set_title("kept gradient mass by bucket")
     a2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method", title_fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, "figure", dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def trend_figure(result: dict, path: Path) -> None:
@@ -175,9 +177,7 @@ def trend_figure(result: dict, path: Path) -> None:
         a.grid(alpha=0.3)
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    save_figure(fig, path, "figure", dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ------------------------------------------------------------------ the report

@@ -16,6 +16,7 @@ import scipy.stats
 
 from drpo.objectives import get_method
 from drpo.precisions import PRECISIONS
+from drpo.study.grid import variant_entries
 from drpo.study.stats import ALPHA, CellStats, holm, log_slope, mde, paired_t, sign_test, tost
 
 MARGIN = 0.05  # equivalence margin, accuracy points (fraction correct)
@@ -99,10 +100,7 @@ class _Index:
         self.settings = list(cells)
         self.main = {v["method"]: v["name"] for v in grid.get("methods", [])}
         self.grid_settings = grid.get("settings", {})
-        self.variant_defs = {v["name"]: v for v in grid.get("methods", [])}
-        for sw in grid.get("sweeps", []):
-            for v in sw.get("variants", []):
-                self.variant_defs[v["name"]] = v
+        self.variant_defs = {v["name"]: v for v in variant_entries(grid)}
 
     def get(self, setting: str, method: str) -> CellStats | None:
         name = self.main.get(method)

@@ -37,8 +37,7 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
-def _check_overrides(where: str, overrides: Mapping[str, Any]) -> dict[str, Scalar]:
-    out: dict[str, Scalar] = {}
+def _check_overrides(where: str, overrides: Mapping[str, Any]) -> None:
     for key, value in overrides.items():
         if not isinstance(key, str) or not _KEY_RE.match(key):
             raise ValueError(f"{where}: override key {key!r} must be a dotted config path like 'optim.lr'")
@@ -50,8 +49,6 @@ def _check_overrides(where: str, overrides: Mapping[str, Any]) -> dict[str, Scal
             raise ValueError(f"{where}: override {key!r} must be a scalar, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{where}: override {key!r} must be finite, got {value!r}")
-        out[key] = value
-    return out
 
 
 class Variant(BaseModel):
@@ -153,10 +150,6 @@ class RunSpec:
         }
 
 
-def run_id(setting: str, variant: str, seed: int) -> str:
-    return f"{setting}__{variant}__s{seed}"
-
-
 def expand(grid: Grid) -> list[RunSpec]:
     """All runs of the grid, settings-major, seed-minor; each (setting, variant, seed) once."""
     cells: list[tuple[str, Variant]] = [(s, v) for s in grid.settings for v in grid.methods]
@@ -167,19 +160,20 @@ def expand(grid: Grid) -> list[RunSpec]:
     seen: set[str] = set()
     for setting, variant in cells:
         for seed in grid.seeds:
-            rid = run_id(setting, variant.name, seed)
+            rid = f"{setting}__{variant.name}__s{seed}"
             if rid in seen:  # a sweep may repeat a main-grid variant: run it once
                 continue
             seen.add(rid)
-            overrides: dict[str, Scalar] = dict(grid.base)
-            overrides.update(grid.settings[setting])
-            overrides["seed"] = seed
-            overrides["objective.method"] = variant.method
-            overrides["objective.params"] = "{}"  # the variant's parameters only, not the config file's
-            for key, value in variant.params.items():
-                overrides[f"objective.params.{key}"] = value
+            overrides = {**grid.base, **grid.settings[setting], "seed": seed, "objective.method": variant.method,
+                         "objective.params": "{}",  # the variant's parameters only, not the config file's
+                         **{f"objective.params.{k}": v for k, v in variant.params.items()}}
             runs.append(RunSpec(rid, setting, variant, seed, overrides))
     return runs
+
+
+def variant_entries(data: Mapping) -> list[dict]:
+    """The variants of grid data (a dumped Grid, a grid.yaml): the main methods, then each sweep's."""
+    return [*data.get("methods", []), *(v for sw in data.get("sweeps", []) for v in sw.get("variants", []))]
 
 
 def parse_grid(data: Any, source: str = "grid") -> Grid:

@@ -132,26 +132,19 @@ def prepare(grid: Grid, runs: Sequence[RunSpec], out: Path, config: str | None =
     a different run (other overrides) is an error, not something to silently overwrite."""
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    grid_file = out / "grid.yaml"
     data = grid.model_dump(mode="json")
     data["config"] = str(config) if config else grid.config
-    atomic_write(grid_file, yaml.safe_dump(data, sort_keys=False), "grid")
+    atomic_write(out / "grid.yaml", yaml.safe_dump(data, sort_keys=False), "grid")
     append_to(out / "provenance.jsonl", json.dumps(provenance()), "provenance")
     for spec in runs:
         d = run_dir(out, spec)
         d.mkdir(parents=True, exist_ok=True)
-        record = read_record(d)
-        want = spec.as_record()
-        if record is not None:
-            have = {k: record.get(k) for k in want}
-            if have != want:
-                diff = sorted(k for k in want if have.get(k) != want[k])
-                raise ValueError(
-                    f"{d}: this run directory was made for a different run (differs in {', '.join(diff)}); "
-                    f"use another --out or delete it"
-                )
-            continue
-        _write_json(d / RECORD, {**want, "status": "pending", "attempts": 0, "wall_s": 0.0})
+        record, want = read_record(d), spec.as_record()
+        if record is None:
+            _write_json(d / RECORD, {**want, "status": "pending", "attempts": 0, "wall_s": 0.0})
+        elif diff := sorted(k for k in want if record.get(k) != want[k]):
+            raise ValueError(f"{d}: this run directory was made for a different run (differs in {', '.join(diff)}); "
+                             f"use another --out or delete it")
 
 
 def _die_with_parent() -> None:
@@ -186,10 +179,8 @@ def _launch(spec: RunSpec, out: Path, config: str | None, threads: int, python: 
     # passes --resume (it continues from the last good checkpoint, or starts over when there is none).
     resume = (d / "metrics.jsonl").exists() or (d / "checkpoints").exists()
     cmd = train_command(spec, out, config=config, resume=resume, threads=threads, python=python)
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(threads)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env = {"TOKENIZERS_PARALLELISM": "false", **os.environ,
+           **dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), str(threads))}
     record = read_record(d) or spec.as_record()
     record.update(status="running", attempts=int(record.get("attempts", 0)) + 1, command=cmd, resumed=resume)
     _write_json(d / RECORD, record)
