@@ -163,8 +163,6 @@ def drop_steps_after(directory: str | os.PathLike, step: int) -> list[Path]:
     steps on both sides is an error naming it (rewriting someone else's file is not ours to do)."""
     _, pq = _pa()
     directory = Path(directory)
-    if not directory.is_dir():
-        return []
     sweep_temp_files(directory)
     removed = []
     for path in sorted(directory.glob("*.parquet")):
@@ -224,7 +222,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def iter_tokens(path: str | os.PathLike, *, batch_rows: int = 512, context: bool = False) -> Iterator[TokenBatch]:
     """Stream `path` one row group at a time (at most `batch_rows` rows of it at once, so
     memory is bounded by batch_rows x response length), validated, as flattened tokens."""
-    pa, pq = _pa()
+    _, pq = _pa()
     path = str(path)
     read_metadata(path)
     if batch_rows < 1:

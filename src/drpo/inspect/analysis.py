@@ -131,11 +131,9 @@ def _check_method(path: str, meta: dict) -> None:
     """The method a dump was trained with is one the report can name and draw."""
     method = meta.get("method")
     if method is not None and method not in METHODS:
-        raise DumpError(
-            f"{path}: metadata 'method' = {method!r} is not a registered method (all rows, column metadata.method); "
-            f"registered: {', '.join(sorted(METHODS))}. Pass the module that registers it: drpo inspect --import "
-            "MODULE"
-        )
+        raise DumpError(f"{path}: metadata 'method' = {method!r} is not a registered method (all rows, column "
+                        f"metadata.method); registered: {', '.join(sorted(METHODS))}. Pass the module that "
+                        "registers it: drpo inspect --import MODULE")
 
 
 class Analysis:

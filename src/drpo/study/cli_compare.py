@@ -109,12 +109,11 @@ def run(args: argparse.Namespace) -> int:
         grid = select(grid, overrides=args.overrides, seeds=args.seeds, methods=args.methods,
                       settings=args.settings)
         base_config(grid, args.config)
+        if args.threads_per_run < 1 or (args.workers is not None and args.workers < 1):
+            raise ValueError(f"--workers and --threads-per-run must be >= 1, got {args.workers} and "
+                             f"{args.threads_per_run}")
     except ValueError as err:
         print(f"drpo compare: {err}", file=sys.stderr)
-        return 2
-    if args.threads_per_run < 1 or (args.workers is not None and args.workers < 1):
-        print(f"drpo compare: --workers and --threads-per-run must be >= 1, got {args.workers} and "
-              f"{args.threads_per_run}", file=sys.stderr)
         return 2
     runs = expand(grid)
     out = Path(args.out) if args.out else Path("results") / grid.name

@@ -72,15 +72,9 @@ PAPER_MINI = {
     "setting_notes": {k: SETTING_NOTES[k] for k in ("bf16", "fp8")},
     "methods": METHODS,
     "seeds": SEEDS,
-    "sweeps": [
-        {
-            "settings": ["bf16"],
-            "variants": [
-                *map(drpo_at, (0.05, 1.0, 12.5)),
-                {"name": "drpo-noadv", "method": "drpo", "params": {"delta": DELTA, "advantage_weighted": False}},
-            ],
-        }
-    ],
+    "sweeps": [{"settings": ["bf16"], "variants": [
+        *map(drpo_at, (0.05, 1.0, 12.5)),
+        {"name": "drpo-noadv", "method": "drpo", "params": {"delta": DELTA, "advantage_weighted": False}}]}],
 }
 
 # drpo train's built-in defaults (the tiny model warm-started to greedy accuracy 0.4, cached per

@@ -249,7 +249,7 @@ def _stop(active: list[_Active], out: Path) -> None:
         except subprocess.TimeoutExpired:
             a.proc.kill()
             a.proc.wait()
-        _settle(a, out, a.proc.returncode if a.proc.returncode is not None else -1, interrupted=True)
+        _settle(a, out, a.proc.returncode, interrupted=True)
 
 
 def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: int | None = None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -141,7 +141,6 @@ class CellStats:
     tokens_per_s: float = float("nan")  # all generated tokens / all wall-clock
     beyond_pos: float = float("nan")  # mean over runs of RunStats.beyond_pos
     beyond_neg: float = float("nan")
-    extra: dict = field(default_factory=dict)
 
     @property
     def beyond(self) -> float:
