@@ -128,7 +128,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str], str]] = {
     "inspect-positive-logp": ("src/drpo/dumps.py", "bad |= v > 1e-4  # a log-probability above 0",
                               "pass", ["tests/inspect/test_inspect.py"], PY),
     "inspect-sweep-first-value": ("src/drpo/inspect/analysis.py", "resolved = m.resolve_params(given)",
-                                  "resolved = m.resolve_params({k: grid[k][0] for k in keys})",
+                                  "resolved = m.resolve_params({k: grid[k][0] for k in grid})",
                                   ["tests/inspect/test_inspect.py"], PY),
     "config-grad-accum": ("src/drpo/train/config.py", " or per_update % self.optim.grad_accum:", ":",
                           ["tests/train/test_config.py"], PY),

@@ -32,11 +32,9 @@ def group_advantages(rewards: Tensor, group_size: int, estimator: str = "mean", 
     if estimator in ("grpo", "rloo") and group_size < 2:
         raise ValueError(f"advantage estimator {estimator!r} needs group_size >= 2, got {group_size}")
     r = rewards.to(torch.float32).view(-1, group_size)
-    centered = r - r.mean(dim=1, keepdim=True)
-    if estimator == "mean":
-        adv = centered
-    elif estimator == "grpo":
-        adv = centered / (r.std(dim=1, keepdim=True) + eps)
-    else:
-        adv = centered * (group_size / (group_size - 1))
+    adv = r - r.mean(dim=1, keepdim=True)  # "mean"; grpo and rloo rescale it
+    if estimator == "grpo":
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    elif estimator == "rloo":
+        adv = adv * (group_size / (group_size - 1))
     return adv.reshape(-1)

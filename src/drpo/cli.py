@@ -23,22 +23,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         prog="drpo",
         description="DRPO and the trust-region objectives it is compared with: train, measure the mismatch, compare, report, inspect rollouts, plot weights.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    wanted = None
-    if argv:
-        wanted = next((a for a in argv if not a.startswith("-")), None)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = next((a for a in argv or () if not a.startswith("-")), None)
     for name, module_name in SUBCOMMANDS.items():
-        if wanted is not None and wanted in SUBCOMMANDS and name != wanted:
+        if wanted in SUBCOMMANDS and name != wanted:
             sub.add_parser(name)  # keep the name listed without importing its module
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name and module_name.startswith(err.name):
-                continue  # stage not built in this checkout
-            raise
-        module.add_parser(sub)
+        else:
+            importlib.import_module(module_name).add_parser(sub)
     return parser
 
 

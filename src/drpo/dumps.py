@@ -1,34 +1,10 @@
 """The rollout dump: one Parquet file per process, one row per response, per-token lists.
-
-Columns (`COLUMNS`; lists are per response token position, all of one row's lists have the
-length of its `response_mask`):
-
-    step            int64        training step the batch belongs to
-    sample_id       int64        row of the response within the step's batch (per process)
-    group_id        int64        responses to the same prompt share it (GRPO group)
-    response_mask   list<bool>   which positions are response tokens the loss uses
-    logp_rollout    list<float>  log-prob the rollout engine gave the sampled token (mu); null
-                                 when the host has none; NaN = the engine could not score it
-    logp_before     list<float>  train-side log-prob before this batch's update
-    logp_after      list<float>  train-side log-prob after (or during) the update; null if absent
-    advantage       list<float>  the token's advantage (a sequence advantage broadcast)
-    token_ids       list<int64>  sampled token ids; null when the host does not pass them
-    entropy         list<float>  train-side entropy of the token's distribution; null if absent
-
-Required: step, sample_id, group_id, response_mask, logp_before, advantage. At response
-positions every float must be finite, except NaN in logp_rollout (unscored by the engine)
-and entropy; values at non-response positions are ignored.
-
-Metadata (the Parquet schema's key `drpo.dump`, JSON): format version, source (drpo train,
-verl loss, verl driver, TRL), model, method and its parameters, sampling settings
-(temperature, top_p, top_k), the rank/process, and `columns`: what each log-prob column is
-for that source. Writers never communicate: each process writes its own shard
-(`dump-<source>-rank<r>-pid<p>-<k>.parquet`, one row group per write; a writer closed
-and written to again starts shard k + 1). A shard is written as a hidden temp file and
-renamed into place, fsynced, by `close()` (drpo.files.atomic_writer): a process killed
-mid-shard leaves only `.dump-....parquet.tmp.<pid>`, which readers skip, never a shard
-without its footer.
-"""
+The format (each column's meaning, which are required, the metadata under the schema key
+`drpo.dump`) is docs/inspect.md#format; `schema()` holds the column types. Writers never
+communicate: each process writes its own shards, each written as a hidden temp file and renamed
+into place, fsynced, on `close()` (drpo.files.atomic_writer), so a process killed mid-shard
+leaves only a temp file, which readers skip, never a shard without its footer
+(docs/inspect.md#writing-dumps)."""
 
 from __future__ import annotations
 
@@ -121,31 +97,18 @@ class DumpWriter:
             raise ValueError(f"dump every must be >= 1, got {every!r}")
         self.directory = Path(directory)
         self.every = int(every)
-        self.rank = process_rank()
-        self.metadata = {"format_version": FORMAT_VERSION, "rank": self.rank, **(metadata or {})}
-        self._stem = f"dump-{str(self.metadata.get('source', 'drpo')).replace(' ', '_')}-rank{self.rank}-pid{os.getpid()}"
+        rank = process_rank()
+        self.metadata = {"format_version": FORMAT_VERSION, "rank": rank, **(metadata or {})}
+        self._stem = f"dump-{str(self.metadata.get('source', 'drpo')).replace(' ', '_')}-rank{rank}-pid{os.getpid()}"
         self.path: Path | None = None  # chosen when the shard is opened
         self._writer = None
         self._shard: ExitStack | None = None  # holds the shard's atomic_writer open between writes
-        self.rows = 0
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def write(
-        self,
-        *,
-        step: int,
-        response_mask,
-        logp_before,
-        advantage,
-        logp_rollout=None,
-        logp_after=None,
-        token_ids=None,
-        entropy=None,
-        sample_id=None,
-        group_id=None,
-    ) -> None:
+    def write(self, *, step: int, response_mask, logp_before, advantage, logp_rollout=None, logp_after=None,
+              token_ids=None, entropy=None, sample_id=None, group_id=None) -> None:
         """One row per response; tensors are [batch, seq] (advantage may be [batch])."""
         pa, pq = _pa()
         mask = _rows_of(response_mask, len(response_mask), "response_mask", np.bool_)
@@ -161,17 +124,12 @@ class DumpWriter:
         cols["advantage"] = [np.broadcast_to(a, (seq,)) for a in adv] if adv and adv[0].shape[0] == 1 else adv
         ids = np.arange(n) if sample_id is None else np.asarray(sample_id).reshape(-1)
         groups = ids if group_id is None else np.asarray(group_id).reshape(-1)
-        table = pa.table(
-            {
-                "step": pa.array(np.full(n, int(step), dtype=np.int64)),
-                "sample_id": pa.array(ids.astype(np.int64)),
-                "group_id": pa.array(groups.astype(np.int64)),
-                **{name: (pa.nulls(n, schema().field(name).type) if cols[name] is None
-                          else _list_array(pa, cols[name], schema().field(name).type))
-                   for name in LIST_COLUMNS},
-            },
-            schema=schema(),
-        )
+        sch = schema()
+        lists = {name: pa.nulls(n, sch.field(name).type) if cols[name] is None
+                 else _list_array(pa, cols[name], sch.field(name).type) for name in LIST_COLUMNS}
+        table = pa.table({"step": pa.array(np.full(n, int(step), dtype=np.int64)),
+                          "sample_id": pa.array(ids.astype(np.int64)), "group_id": pa.array(groups.astype(np.int64)),
+                          **lists}, schema=sch)
         if self._writer is None:  # a new shard; one closed before is never overwritten
             self.directory.mkdir(parents=True, exist_ok=True)
             k = 1
@@ -181,9 +139,8 @@ class DumpWriter:
             meta = {META_KEY: json.dumps(jsonable(self.metadata, nonfinite=str), default=str).encode()}
             self._shard = ExitStack()
             f = self._shard.enter_context(atomic_writer(self.path, "dump"))
-            self._writer = pq.ParquetWriter(f, schema().with_metadata(meta))
+            self._writer = pq.ParquetWriter(f, sch.with_metadata(meta))
         self._writer.write_table(table)  # one row group per write: the reader streams by row group
-        self.rows += n
 
     def close(self) -> None:
         """Completes the shard (footer, fsync) and renames it into place."""
@@ -206,8 +163,6 @@ def drop_steps_after(directory: str | os.PathLike, step: int) -> list[Path]:
     steps on both sides is an error naming it (rewriting someone else's file is not ours to do)."""
     _, pq = _pa()
     directory = Path(directory)
-    if not directory.is_dir():
-        return []
     sweep_temp_files(directory)
     removed = []
     for path in sorted(directory.glob("*.parquet")):
@@ -239,13 +194,10 @@ class TokenBatch:
     step: np.ndarray  # int64 per token
     row: np.ndarray  # row index within the file, per token
     pos: np.ndarray  # position within the response
-    sample_id: np.ndarray
-    group_id: np.ndarray
     logp_rollout: np.ndarray | None  # NaN where the engine did not score the token
     logp_before: np.ndarray
     logp_after: np.ndarray | None
     advantage: np.ndarray
-    token_ids: np.ndarray | None
     seq_tokens: list | None  # per row: token ids, -1 outside the response (for context), when present
     row_offset: int
 
@@ -270,7 +222,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def iter_tokens(path: str | os.PathLike, *, batch_rows: int = 512, context: bool = False) -> Iterator[TokenBatch]:
     """Stream `path` one row group at a time (at most `batch_rows` rows of it at once, so
     memory is bounded by batch_rows x response length), validated, as flattened tokens."""
-    pa, pq = _pa()
+    _, pq = _pa()
     path = str(path)
     read_metadata(path)
     if batch_rows < 1:
@@ -309,15 +261,11 @@ def _check_required(path: str, rb, offset: int) -> None:
             raise DumpError(f"{path}: row {offset + int(nulls[0])}, column {name!r}: null in a required column")
 
 
-def _int_column(rb, name: str) -> np.ndarray:
-    return np.asarray(rb.column(name).to_numpy(zero_copy_only=False), dtype=np.int64)
-
-
 def _check_floats(path: str, name: str, flat: np.ndarray, mask: np.ndarray, row_of, pos, offset: int) -> None:
     """Response positions hold finite values (NaN where NAN_ALLOWED) and log-probs <= 0."""
     v = flat[mask]
     bad = ~np.isfinite(v) if name not in NAN_ALLOWED else np.isinf(v)
-    if name == "logp_rollout" or name.startswith("logp_"):
+    if name.startswith("logp_"):
         bad |= v > 1e-4  # a log-probability above 0
     if bad.any():
         i = int(np.nonzero(mask)[0][np.nonzero(bad)[0][0]])
@@ -361,16 +309,13 @@ def _flatten(path: str, rb, offset: int, present: Sequence[str], context: bool) 
     pick = lambda a: None if a is None else a[mask]  # noqa: E731
     return TokenBatch(
         path=path,
-        step=_int_column(rb, "step")[row_of][mask],
+        step=np.asarray(rb.column("step").to_numpy(zero_copy_only=False), dtype=np.int64)[row_of][mask],
         row=(row_of + offset)[mask],
         pos=pos[mask],
-        sample_id=_int_column(rb, "sample_id")[row_of][mask],
-        group_id=_int_column(rb, "group_id")[row_of][mask],
         logp_rollout=pick(values["logp_rollout"]),
         logp_before=values["logp_before"][mask],
         logp_after=pick(values["logp_after"]),
         advantage=values["advantage"][mask],
-        token_ids=pick(values["token_ids"]),
         seq_tokens=seq_tokens,
         row_offset=offset,
     )

@@ -23,9 +23,9 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def render_html(md: str, out: Path, title: str) -> str:
-    """The Markdown page as one self-contained HTML page: PNGs (relative to `out`) inlined as
-    data URIs."""
+def write_page(out: Path, md: str, title: str) -> dict[str, Path]:
+    """OUT/report.md and OUT/report.html, the same page self-contained: PNGs (relative to `out`)
+    inlined as data URIs. Written atomically; returns their paths by name."""
 
     def inline(m: re.Match) -> str:
         data = base64.b64encode((out / m.group(2)).read_bytes()).decode("ascii")
@@ -33,13 +33,8 @@ def render_html(md: str, out: Path, title: str) -> str:
 
     body = markdown.markdown(re.sub(r"!\[([^\]]*)\]\(([^)]+\.png)\)", inline, md),
                              extensions=["tables", "fenced_code"])
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>"
-            f"</head><body>\n{body}\n</body></html>\n")
-
-
-def write_page(out: Path, md: str, title: str) -> dict[str, Path]:
-    """OUT/report.md and OUT/report.html (written atomically); their paths by name."""
     paths = {"markdown": out / "report.md", "html": out / "report.html"}
     atomic_write(paths["markdown"], md, "report")
-    atomic_write(paths["html"], render_html(md, out, title), "report")
+    atomic_write(paths["html"], f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+                 f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n", "report")
     return paths

@@ -43,6 +43,8 @@ CONTEXT = 8  # tokens of context each side of a disagreement
 
 # Per (variant, bucket) sums; the report divides them.
 METHOD_SUMS = ("tokens", "pos", "neg", "out_pos", "out_neg", "carries", *WEIGHT_CATEGORIES, "kept_num", "kept_den")
+# The report's name of each weight category's share (of the tokens with A != 0).
+CATEGORIES = ("zeroed_frac", "attenuated_frac", "corrective_frac", "amplified_frac")
 # Per bucket sums of the train/inference log-ratio (before - rollout) and the long tail.
 BATCH_SUMS = ("tokens", "mm_tokens", "lr_sum", "lr_sq", "abs_lr", "k3", "unscored", "rdev", "rdev_sq")
 REGRESSION_SUMS = ("n", "x", "y", "xx", "xy", "yy")  # log r against the rollout log-prob
@@ -90,9 +92,8 @@ def make_variants(methods: Sequence[str] | None = None, params: Sequence[str] = 
     for n in names:
         m = get_method(n)
         grid = sweeps.get(n, {})
-        keys = list(grid)
-        for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
-            given = dict(zip(keys, combo))
+        for combo in itertools.product(*grid.values()):  # one empty combination when nothing is swept
+            given = dict(zip(grid, combo))
             resolved = m.resolve_params(given)
             label = n if not given else n + "(" + ", ".join(f"{k}={_fmt(v)}" for k, v in given.items()) + ")"
             out.append(Variant(label, n, resolved))
@@ -130,11 +131,9 @@ def _check_method(path: str, meta: dict) -> None:
     """The method a dump was trained with is one the report can name and draw."""
     method = meta.get("method")
     if method is not None and method not in METHODS:
-        raise DumpError(
-            f"{path}: metadata 'method' = {method!r} is not a registered method (all rows, column metadata.method); "
-            f"registered: {', '.join(sorted(METHODS))}. Pass the module that registers it: drpo inspect --import "
-            "MODULE"
-        )
+        raise DumpError(f"{path}: metadata 'method' = {method!r} is not a registered method (all rows, column "
+                        f"metadata.method); registered: {', '.join(sorted(METHODS))}. Pass the module that "
+                        "registers it: drpo inspect --import MODULE")
 
 
 class Analysis:
@@ -236,27 +235,22 @@ class Analysis:
             item = (float(spread[i]), next(self._counter))
             if len(self.top) >= TOP_DISAGREEMENTS and item <= self.top[0][:2]:
                 continue
-            local = int(rows[i]) - b.row_offset
-            ids = b.seq_tokens[local] if b.seq_tokens is not None else None
+            ids = b.seq_tokens[int(rows[i]) - b.row_offset] if b.seq_tokens is not None else None
             p = int(pos[i])
+            # the context: up to CONTEXT response tokens each side
+            near = [] if ids is None else [j for j in range(max(0, p - CONTEXT), min(len(ids), p + CONTEXT + 1))
+                                           if ids[j] >= 0]
             record = {
                 "file": b.path, "row": int(rows[i]), "step": step, "position": p,
                 "mu": float(mu[i]), "pi": float(math.exp(logp[i])), "advantage": float(adv[i]),
                 "weights": {v.label: float(w[j, i]) for j, v in enumerate(self.variants)},
                 "spread": float(spread[i]),
                 "token_id": int(ids[p]) if ids is not None else None,
-                "context_ids": None,
-                "context_index": None,
+                "context_ids": [int(ids[j]) for j in near] if ids is not None else None,
+                "context_index": near.index(p) if ids is not None else None,
             }
-            if ids is not None:  # up to CONTEXT response tokens each side
-                near = [j for j in range(max(0, p - CONTEXT), min(len(ids), p + CONTEXT + 1)) if ids[j] >= 0]
-                record["context_ids"] = [int(ids[j]) for j in near]
-                record["context_index"] = near.index(p)
-            entry = (*item, record)
-            if len(self.top) < TOP_DISAGREEMENTS:
-                heapq.heappush(self.top, entry)
-            else:
-                heapq.heapreplace(self.top, entry)
+            # full: the new record replaces the smallest kept one (it is larger, see above)
+            (heapq.heappush if len(self.top) < TOP_DISAGREEMENTS else heapq.heapreplace)(self.top, (*item, record))
 
     # ------------------------------------------------------------------ results
     def result(self) -> dict:
@@ -292,10 +286,7 @@ class Analysis:
                 "tokens_neg": int(d["neg"]),
                 "beyond_boundary_pos_frac": ratio_or(d["out_pos"], d["pos"], 0.0),
                 "beyond_boundary_neg_frac": ratio_or(d["out_neg"], d["neg"], 0.0),
-                "zeroed_frac": ratio_or(d["zero"], d["carries"], 0.0),
-                "attenuated_frac": ratio_or(d["attenuated"], d["carries"], 0.0),
-                "corrective_frac": ratio_or(d["corrective"], d["carries"], 0.0),
-                "amplified_frac": ratio_or(d["amplified"], d["carries"], 0.0),
+                **{key: ratio_or(d[c], d["carries"], 0.0) for c, key in zip(WEIGHT_CATEGORIES, CATEGORIES)},
                 "kept_grad_mass": ratio_or(d["kept_num"], d["kept_den"], 1.0),
             }
 
@@ -313,10 +304,9 @@ class Analysis:
                         "mean_ratio": float(1 + rmean), "mean_ratio_std_err": math.sqrt(rvar / n) if n > 1 else math.inf}
             return out
 
-        per_method = {}
-        for v, variant in enumerate(self.variants):
-            per_method[variant.label] = {ALL: method_stats(methods[v].sum(0)),
-                                         **{name: method_stats(methods[v, b]) for b, name in enumerate(BUCKETS)}}
+        per_method = {variant.label: {ALL: method_stats(methods[v].sum(0)),
+                                      **{name: method_stats(methods[v, b]) for b, name in enumerate(BUCKETS)}}
+                      for v, variant in enumerate(self.variants)}
         n_tok = batch[:, 0].sum()
         return {
             "tokens": int(n_tok),

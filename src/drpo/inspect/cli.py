@@ -61,20 +61,19 @@ def unfinished_shards(items: list[str]) -> list[Path]:
 def load_tokenizer(name: str | None):
     if not name:
         return None
+    from transformers import AutoTokenizer
+
     if name == "smollm2":
         from drpo.models.loading import smollm2_gguf_path
-        from transformers import AutoTokenizer
 
         path = smollm2_gguf_path()
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(name, local_files_only=True)
 
 
 def run(args: argparse.Namespace) -> int:
     from drpo.inspect.analysis import analyze, make_variants
-    from drpo.dumps import DumpError, read_metadata
+    from drpo.dumps import DumpError
     from drpo.inspect.report import write_report
 
     try:
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     except (DumpError, ValueError, FileNotFoundError, ImportError) as err:
         print(f"drpo inspect: {err}", file=sys.stderr)
         return 2
-    name = args.tokenizer or read_metadata(files[0]).get("tokenizer")
+    name = args.tokenizer or result["files"][0]["metadata"].get("tokenizer")
     try:
         tokenizer = load_tokenizer(name)
     except Exception as err:  # the report is still useful with token ids

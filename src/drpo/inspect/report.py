@@ -8,16 +8,18 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib
 import numpy as np
 import torch
 
-from drpo.files import atomic_write, jsonable, save_figure
-from drpo.inspect.analysis import ALL, BUCKETS, Analysis, Variant
-from drpo.objectives import METHODS, loose_threshold_note
-from drpo.pages import table, write_page
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-CATEGORIES = ("zeroed_frac", "attenuated_frac", "corrective_frac", "amplified_frac")
-
+from drpo.files import atomic_write, jsonable, save_figure  # noqa: E402
+from drpo.inspect.analysis import ALL, BUCKETS, CATEGORIES, Analysis, Variant  # noqa: E402
+from drpo.objectives import METHODS, loose_threshold_note  # noqa: E402
+from drpo.pages import table, write_page  # noqa: E402
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
@@ -52,6 +54,12 @@ def batch_table(stats: dict) -> list[str]:
 # ------------------------------------------------------------------ figures
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    save_figure(fig, path, "figure", dpi=90)
+    plt.close(fig)
+
+
 def _boundary_curves(variant: Variant, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The method's boundary in the (mu, D = pi - mu) plane, found from its registered
     `boundary` on a grid of D: the smallest D > 0 beyond it for A > 0, the largest D < 0 for A < 0
@@ -68,17 +76,11 @@ def _boundary_curves(variant: Variant, mu: np.ndarray) -> tuple[np.ndarray, np.n
         adv = torch.full(pi.shape, sign, dtype=torch.float64)
         beyond = m.boundary(logp, old, adv, **variant.params).numpy()
         first = np.argmax(beyond, axis=1)
-        curve = np.where(beyond.any(axis=1), d[np.arange(len(mu)), first], np.nan)
-        out.append(curve)
+        out.append(np.where(beyond.any(axis=1), d[np.arange(len(mu)), first], np.nan))
     return out[0], out[1]
 
 
 def token_figure(sample: np.ndarray, variants: Sequence[Variant], step: int, policy: str, anchor: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     methods = [m for m in dict.fromkeys(v.method for v in variants) if METHODS[m].boundary is not None]
     n = max(len(methods), 1)
     cols = min(4, n)
@@ -112,17 +114,10 @@ def token_figure(sample: np.ndarray, variants: Sequence[Variant], step: int, pol
         ax.set_ylabel("D = pi - mu (probability, symlog)")
     fig.suptitle(f"step {step}: tokens (pi = {policy}, mu = {anchor}) and each method's boundary "
                  "(upper curve: A > 0, lower: A < 0; beyond = outside the curves)", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path, "figure", dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def bucket_figure(stats: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [1, 1.25]})
     x = np.arange(len(BUCKETS))
     share = [stats["bucket_share"][b] for b in BUCKETS]
@@ -150,30 +145,20 @@ def bucket_figure(stats: dict, path: Path) -> None:
     a2.set_ylabel("kept gradient mass sum|A r w| / sum|A r|")
     a2.set_title("kept gradient mass by bucket")
     a2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method", title_fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, "figure", dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def trend_figure(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = sorted(int(s) for s in result["steps"])
     per = [result["steps"][str(s)] for s in steps]
-    from matplotlib.ticker import MaxNLocator
-
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     colors = plt.get_cmap("tab20").colors
     for k, label in enumerate(result["total"]["methods"]):
-        style = dict(color=colors[k % 20], ls=("-", "--")[k // 20 % 2])
-        axes[0].plot(steps, [p["methods"][label][ALL]["kept_grad_mass"] for p in per], marker="o", ms=3, label=label, **style)
-        axes[1].plot(steps, [100 * (p["methods"][label][ALL]["beyond_boundary_pos_frac"] * p["methods"][label][ALL]["tokens_pos"]
-                                    + p["methods"][label][ALL]["beyond_boundary_neg_frac"] * p["methods"][label][ALL]["tokens_neg"])
-                             / max(1, p["methods"][label][ALL]["tokens_pos"] + p["methods"][label][ALL]["tokens_neg"]) for p in per],
-                     marker="o", ms=3, label=label, **style)
+        style = dict(color=colors[k % 20], ls=("-", "--")[k // 20 % 2], marker="o", ms=3, label=label)
+        ms = [p["methods"][label][ALL] for p in per]
+        axes[0].plot(steps, [m["kept_grad_mass"] for m in ms], **style)
+        axes[1].plot(steps, [100 * (m["beyond_boundary_pos_frac"] * m["tokens_pos"] + m["beyond_boundary_neg_frac"]
+                                    * m["tokens_neg"]) / max(1, m["tokens_pos"] + m["tokens_neg"]) for m in ms], **style)
     axes[0].set_ylabel("kept gradient mass")
     axes[1].set_ylabel("tokens with A != 0 beyond the boundary (%)")
     axes[2].plot(steps, [100 * p["long_tail_share"] for p in per], "o-", color="tab:blue", label="long-tail share, %")
@@ -192,18 +177,10 @@ def trend_figure(result: dict, path: Path) -> None:
         a.grid(alpha=0.3)
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    save_figure(fig, path, "figure", dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ------------------------------------------------------------------ the report
-
-
-def _decode(tokenizer, ids):
-    if tokenizer is None or ids is None:
-        return None
-    return [tokenizer.decode([i]) for i in ids]
 
 
 def disagreement_rows(result: dict, tokenizer) -> list[list[str]]:
@@ -211,7 +188,7 @@ def disagreement_rows(result: dict, tokenizer) -> list[list[str]]:
     for d in result["disagreements"]:
         ctx = "-"
         if d["context_ids"] is not None:
-            toks = _decode(tokenizer, d["context_ids"]) or [str(i) for i in d["context_ids"]]
+            toks = [str(i) if tokenizer is None else tokenizer.decode([i]) for i in d["context_ids"]]
             k = d["context_index"]
             toks = [repr(t)[1:-1].replace("|", "\\|") for t in toks]
             toks[k] = f"**[{toks[k]}]**"
@@ -248,8 +225,7 @@ def _sanity_lines(result: dict, title: str) -> list[str]:
         md.append(f"- `{f['path']}`: source {m.get('source')}, model {m.get('model')}, trained with "
                   f"`{m.get('method')}` {json.dumps(m.get('params'))}, sampling {json.dumps(m.get('sampling'))}")
     cols = result["files"][0]["metadata"].get("columns", {}) if result["files"] else {}
-    for name, meaning in cols.items():
-        md.append(f"- `{name}`: {meaning}")
+    md += [f"- `{name}`: {meaning}" for name, meaning in cols.items()]
     md += [
         f"- analysed: pi = train-side log-prob **{'/'.join(result['policy'])}** the update, mu (anchor) = "
         f"**{'/'.join(result['anchor'])}** log-prob; {total['tokens']} response tokens, {total['responses']} responses, "

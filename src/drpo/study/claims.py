@@ -16,6 +16,7 @@ import scipy.stats
 
 from drpo.objectives import get_method
 from drpo.precisions import PRECISIONS
+from drpo.study.grid import variant_entries
 from drpo.study.stats import ALPHA, CellStats, holm, log_slope, mde, paired_t, sign_test, tost
 
 MARGIN = 0.05  # equivalence margin, accuracy points (fraction correct)
@@ -40,12 +41,11 @@ class Test:
     p_holm: float = float("nan")
 
     def line(self, k: int) -> str:
+        p = f"p = {self.p:.3f}" + (f", Holm p = {self.p_holm:.3f}" if k > 1 else "")
         if self.detail:
-            return f"{self.name}: {self.detail}, p = {self.p:.3f}" + (
-                f", Holm p = {self.p_holm:.3f}" if k > 1 else "")
-        return (f"{self.name}: {self.estimate:+.3f} (95% CI {self.ci[0]:+.3f} .. {self.ci[1]:+.3f}, "
-                f"{self.n} seeds), p = {self.p:.3f}" + (f", Holm p = {self.p_holm:.3f}" if k > 1 else "")
-                + f"; detectable with 80% power: {mde(self.n, self.sd, k):.3f}")
+            return f"{self.name}: {self.detail}, {p}"
+        return (f"{self.name}: {self.estimate:+.3f} (95% CI {self.ci[0]:+.3f} .. {self.ci[1]:+.3f}, {self.n} seeds), "
+                f"{p}; detectable with 80% power: {mde(self.n, self.sd, k):.3f}")
 
 
 @dataclass
@@ -64,14 +64,21 @@ def t_test(name: str, x: np.ndarray) -> Test:
     return Test(name, float(t.p), float(t.mean), (float(lo), float(hi)), len(x), float(np.std(x, ddof=1)))
 
 
-def finish(tests: Sequence[Test]) -> list[bool]:
-    """Holm across the family; returns which tests reject at ALPHA."""
-    if not tests:
-        return []
+def finish(c: Claim, tests: list[Test], eq: Sequence[float] | None = None) -> list[bool]:
+    """`tests` become the claim's family: Holm across it, each test's line (with its equivalence
+    p-value, where given) into the evidence. Returns which tests reject at ALPHA."""
     adj = holm([t.p for t in tests])
     for t, a in zip(tests, adj):
         t.p_holm = float(a)
+    c.tests = tests
+    c.evidence += [t.line(len(tests)) + ("" if eq is None else f"; equivalence p = {eq[i]:.3f}")
+                   for i, t in enumerate(tests)]
     return [bool(a <= ALPHA) for a in adj]
+
+
+def equivalent(eq: Sequence[float]) -> bool:
+    """Every metric's difference equivalent to 0 within +-MARGIN (TOST)."""
+    return len(eq) == len(METRICS) and all(q <= ALPHA for q in eq)
 
 
 def pooled_diff(pairs: Sequence[tuple[CellStats, CellStats]], metric: str) -> np.ndarray:
@@ -93,10 +100,7 @@ class _Index:
         self.settings = list(cells)
         self.main = {v["method"]: v["name"] for v in grid.get("methods", [])}
         self.grid_settings = grid.get("settings", {})
-        self.variant_defs = {v["name"]: v for v in grid.get("methods", [])}
-        for sw in grid.get("sweeps", []):
-            for v in sw.get("variants", []):
-                self.variant_defs[v["name"]] = v
+        self.variant_defs = {v["name"]: v for v in variant_entries(grid)}
 
     def get(self, setting: str, method: str) -> CellStats | None:
         name = self.main.get(method)
@@ -170,9 +174,7 @@ def _collapse_claim(c: Claim, ix: _Index, settings: Sequence[str]) -> Claim:
         tests.append(test)
         rates.append(float(scipy.stats.binom.cdf(int(a.sum()), len(a), 0.5)))  # P(X <= k) at collapse rate 1/2
     if tests:
-        reject = finish(tests)
-        c.tests = tests
-        c.evidence += [t.line(len(tests)) for t in tests]
+        reject = finish(c, tests)
         c.evidence.append("P(so few collapses | half collapse): " + ", ".join(f"{r:.3f}" for r in rates))
         c.verdict = ("supports" if any(reject) else
                      "contradicts" if len(rates) == 2 and all(r <= ALPHA for r in rates) else "cannot tell")
@@ -211,9 +213,7 @@ def claim_dppo_slower(ix: _Index) -> Claim:
         tests.append(collapse_test([(p, d) for d, p in pairs], m, "drpo")[0])
         kinds.append("collapse")
     if tests:
-        reject = finish(tests)
-        c.tests = tests
-        c.evidence += [t.line(len(tests)) for t in tests]
+        reject = finish(c, tests)
         ahead = any(r and k == "diff" and t.estimate > 0 for t, r, k in zip(tests, reject, kinds))
         behind = any(r and k == "diff" and t.estimate < 0 for t, r, k in zip(tests, reject, kinds))
         unstable = any(r and k == "collapse" for r, k in zip(reject, kinds))
@@ -241,9 +241,7 @@ def claim_pg_is_drops(ix: _Index) -> Claim:
                                  f"{float(ahead.p_greater):.3f}), pg_is collapsed {p.collapsed}/{p.n}"))
         noninf.append(float(paired_t(p.values("gain", seeds), -MARGIN).p_greater))
     if tests:
-        reject = finish(tests)
-        c.tests = tests
-        c.evidence += [t.line(len(tests)) for t in tests]
+        reject = finish(c, tests)
         c.verdict = ("supports" if sum(reject) >= 2 else
                      "contradicts" if all(q <= ALPHA for q in noninf) else "cannot tell")
     return c
@@ -255,11 +253,8 @@ def _equivalence_claim(c: Claim, pairs, a_name: str, b_name: str) -> Claim:
     tests, eq = _difference_tests(pairs, f"{a_name} - {b_name}")
     if tests:
         _describe(c, pairs, a_name, b_name)
-        reject = finish(tests)
-        c.tests = tests
-        c.evidence += [t.line(len(tests)) + f"; equivalence p = {q:.3f}" for t, q in zip(tests, eq)]
-        c.verdict = ("supports" if len(eq) == len(METRICS) and all(q <= ALPHA for q in eq) else
-                     "contradicts" if any(reject) else "cannot tell")
+        reject = finish(c, tests, eq)
+        c.verdict = "supports" if equivalent(eq) else "contradicts" if any(reject) else "cannot tell"
     return c
 
 
@@ -289,14 +284,11 @@ def claim_abs_adv(ix: _Index) -> Claim:
     tests, eq = _difference_tests(pairs, "without |A| - with |A|")
     if tests:
         _describe(c, pairs, "without |A|", "with |A|")
-        reject = finish(tests)
-        c.tests = tests
-        c.evidence += [t.line(len(tests)) + f"; equivalence p = {q:.3f}" for t, q in zip(tests, eq)]
+        reject = finish(c, tests, eq)
         worse = any(r and t.estimate < 0 for t, r in zip(tests, reject))
         better = any(r and t.estimate > 0 for t, r in zip(tests, reject))
         c.verdict = ("supports" if worse and not better else
-                     "contradicts" if better or (len(eq) == len(METRICS) and all(q <= ALPHA for q in eq))
-                     else "cannot tell")
+                     "contradicts" if better or equivalent(eq) else "cannot tell")
     return c
 
 
@@ -329,11 +321,8 @@ def claim_threshold(ix: _Index) -> Claim:
         tests.append(t_test(f"fitted change across the delta sweep, {metric}", x))
         eq.append(float(tost(x, MARGIN)))
     if tests:
-        reject = finish(tests)
-        c.tests = tests
-        c.evidence += [t.line(len(tests)) + f"; equivalence p = {q:.3f}" for t, q in zip(tests, eq)]
-        c.verdict = ("supports" if any(reject) else
-                     "contradicts" if len(eq) == len(METRICS) and all(q <= ALPHA for q in eq) else "cannot tell")
+        reject = finish(c, tests, eq)
+        c.verdict = "supports" if any(reject) else "contradicts" if equivalent(eq) else "cannot tell"
     return c
 
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from drpo.files import dir_lock
-from drpo.study.grid import Grid, expand, load_grid, parse_grid
+from drpo.study.grid import Grid, expand, load_grid, parse_grid, variant_entries
 from drpo.study.presets import PRESETS, get_preset
 from drpo.study.runner import base_config, default_workers, is_finished, run_dir, run_grid
 from drpo.textfile import split_assignment
@@ -69,9 +69,7 @@ def select(grid: Grid, *, overrides: list[str], seeds: int | None, methods: str 
         if seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {seeds}")
         data["seeds"] = list(range(seeds))
-    all_variants = [v["name"] for v in data["methods"]] + [
-        v["name"] for sw in data["sweeps"] for v in sw["variants"]]
-    keep_v = _split(methods, "methods", list(dict.fromkeys(all_variants)))
+    keep_v = _split(methods, "methods", list(dict.fromkeys(v["name"] for v in variant_entries(data))))
     keep_s = _split(settings, "settings", list(data["settings"]))
     if keep_s is not None:
         data["settings"] = {k: v for k, v in data["settings"].items() if k in keep_s}
@@ -111,12 +109,11 @@ def run(args: argparse.Namespace) -> int:
         grid = select(grid, overrides=args.overrides, seeds=args.seeds, methods=args.methods,
                       settings=args.settings)
         base_config(grid, args.config)
+        if args.threads_per_run < 1 or (args.workers is not None and args.workers < 1):
+            raise ValueError(f"--workers and --threads-per-run must be >= 1, got {args.workers} and "
+                             f"{args.threads_per_run}")
     except ValueError as err:
         print(f"drpo compare: {err}", file=sys.stderr)
-        return 2
-    if args.threads_per_run < 1 or (args.workers is not None and args.workers < 1):
-        print(f"drpo compare: --workers and --threads-per-run must be >= 1, got {args.workers} and "
-              f"{args.threads_per_run}", file=sys.stderr)
         return 2
     runs = expand(grid)
     out = Path(args.out) if args.out else Path("results") / grid.name

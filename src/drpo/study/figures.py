@@ -21,22 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from drpo.files import save_figure  # noqa: E402
-from drpo.study.stats import MISMATCH, series  # noqa: E402
-from drpo.train.metrics import declared  # noqa: E402
-
-BEYOND = declared("objective/beyond_boundary_pos_frac", "objective/beyond_boundary_neg_frac")
-
-
-def variant_colors(variants: Sequence[str]) -> dict[str, tuple]:
-    """Ten clearly distinct colours; past ten, colours repeat and `variant_dashes` tells them apart."""
-    cmap = plt.get_cmap("tab10")
-    return {v: cmap(i % 10) for i, v in enumerate(variants)}
-
-
-def variant_dashes(variants: Sequence[str], main: Sequence[str] = ()) -> dict[str, str]:
-    """Solid lines for the grid's main methods (or the first ten), dashed for sweep variants."""
-    main = set(main) or set(variants[:10])
-    return {v: "-" if v in main else "--" for v in variants}
+from drpo.study.stats import ACC, BEYOND_NEG, BEYOND_POS, MISMATCH, series  # noqa: E402
 
 
 def _panels(n: int, width: float = 4.6, height: float = 3.3):
@@ -49,46 +34,33 @@ def _panels(n: int, width: float = 4.6, height: float = 3.3):
     return fig, flat[:n]
 
 
-def _legend(fig, handles_labels: dict) -> None:
-    handles, labels = list(handles_labels.values()), list(handles_labels)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False, fontsize=9)
-
-
 def _mean_curve(curves: Sequence[tuple[list[int], list[float]]]):
     """Mean, min and max over seeds at the steps every seed logged."""
-    common = set(curves[0][0])
-    for steps, _ in curves[1:]:
-        common &= set(steps)
-    steps = sorted(common)
+    steps = sorted(set.intersection(*(set(s) for s, _ in curves)))
     lookup = [dict(zip(s, v)) for s, v in curves]
     vals = [[d[s] for d in lookup] for s in steps]
     return steps, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
 
 
-def _relative(curve: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
-    steps, vals = curve
-    return steps, [v - vals[0] for v in vals]
-
-
-def _curve_figure(groups: Mapping[str, Mapping[str, list]], key: str | tuple[str, ...], ylabel: str,
-                  title: str, colors: Mapping[str, tuple], path: Path, *, band: bool, logy: bool = False,
-                  relative: bool = False, dashes: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+def _curve_figure(groups: Mapping[str, Mapping[str, list]], keys: tuple[str, ...], ylabel: str, title: str,
+                  colors: Mapping[str, tuple], dashes: Mapping[str, str], path: Path, *, band: bool,
+                  logy: bool = False, relative: bool = False) -> dict[str, list[str]]:
     """Draws the figure; returns what it drew: setting -> variants with a line."""
     fig, axes = _panels(len(groups))
     legend = {}
     drawn: dict[str, list[str]] = {s: [] for s in groups}
     for ax, (setting, by_variant) in zip(axes, groups.items()):
         for variant, rows_per_seed in by_variant.items():
-            curves = [_metric_curve(rows, key) for rows in rows_per_seed]
+            curves = [_metric_curve(rows, keys) for rows in rows_per_seed]
             curves = [c for c in curves if c[0]]
             if relative:  # each seed against its own warm start
-                curves = [_relative(c) for c in curves]
+                curves = [(steps, [v - vals[0] for v in vals]) for steps, vals in curves]
             if not curves:
                 continue
             steps, mean, lo, hi = _mean_curve(curves)
             if not steps:
                 continue
-            (line,) = ax.plot(steps, mean, color=colors[variant], lw=1.6, ls=(dashes or {}).get(variant, "-"),
+            (line,) = ax.plot(steps, mean, color=colors[variant], lw=1.6, ls=dashes[variant],
                               marker="." if len(steps) < 12 else None)
             if band and len(curves) > 1:
                 ax.fill_between(steps, lo, hi, color=colors[variant], alpha=0.10, lw=0)
@@ -108,29 +80,29 @@ def _curve_figure(groups: Mapping[str, Mapping[str, list]], key: str | tuple[str
         ax.grid(alpha=0.3)
     title = textwrap.fill(title, width=int(fig.get_figwidth() * 9))  # ~9 characters an inch at 12 pt
     fig.suptitle(title, fontsize=12)
-    _legend(fig, legend)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 6),
+               frameon=False, fontsize=9)
     fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(legend) > 6), 1, 0.97 - 0.05 * title.count("\n")))
     save_figure(fig, path, "figure", dpi=110)
     plt.close(fig)
     return drawn
 
 
-def _metric_curve(rows, key):
-    if isinstance(key, tuple):  # mean of several metrics (e.g. the two beyond-boundary fractions)
-        parts = [dict(zip(*series(rows, k))) for k in key]
-        steps = sorted(set.intersection(*(set(p) for p in parts)))
-        return steps, [sum(p[s] for p in parts) / len(parts) for s in steps]
-    return series(rows, key)
+def _metric_curve(rows, keys: tuple[str, ...]):
+    """Per step where all are logged, the mean of the `keys` metrics (e.g. both beyond-boundary fractions)."""
+    parts = [dict(zip(*series(rows, k))) for k in keys]
+    steps = sorted(set.intersection(*(set(p) for p in parts)))
+    return steps, [sum(p[s] for p in parts) / len(parts) for s in steps]
 
 
-# name: (metric key(s), y label, title, options)
+# name: (metric keys, y label, title, options)
 FIGURES = {
-    "accuracy_gain": ("eval/accuracy", "eval accuracy - warm-start accuracy",
+    "accuracy_gain": ((ACC,), "eval accuracy - warm-start accuracy",
                       "Accuracy gain over each seed's own warm start (mean over seeds; band = min..max)",
                       dict(band=True, relative=True)),
-    "mismatch": (MISMATCH, "mean |log(pi/mu)| (nats)", "Training-inference mismatch per step (mean over seeds)",
-                 dict(band=False, logy=True)),
-    "beyond_boundary": (BEYOND, "fraction of tokens beyond boundary",
+    "mismatch": ((MISMATCH,), "mean |log(pi/mu)| (nats)",
+                 "Training-inference mismatch per step (mean over seeds)", dict(band=False, logy=True)),
+    "beyond_boundary": ((BEYOND_POS, BEYOND_NEG), "fraction of tokens beyond boundary",
                         "Tokens beyond the trust-region boundary in the harmful direction "
                         "(mean of A>0 and A<0 fractions; pg_is has no boundary)", dict(band=False)),
 }
@@ -142,7 +114,10 @@ def make_figures(groups: Mapping[str, Mapping[str, list]], variants: Sequence[st
     returns their paths and, per figure, setting -> variants drawn."""
     fig_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: fig_dir / f"{name}.png" for name in FIGURES}
-    colors, dashes = variant_colors(variants), variant_dashes(variants, main)
-    drawn = {name: _curve_figure(groups, key, ylabel, title, colors, paths[name], dashes=dashes, **opts)
-             for name, (key, ylabel, title, opts) in FIGURES.items()}
+    # ten clearly distinct colours (repeating past ten); solid lines for the grid's main methods (or
+    # the first ten), dashed for sweep variants
+    colors = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(variants)}
+    dashes = {v: "-" if v in (set(main) or set(variants[:10])) else "--" for v in variants}
+    drawn = {name: _curve_figure(groups, keys, ylabel, title, colors, dashes, paths[name], **opts)
+             for name, (keys, ylabel, title, opts) in FIGURES.items()}
     return paths, drawn

@@ -8,11 +8,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      model_validator)
 
 from drpo.objectives import get_method
 from drpo.textfile import NotUTF8Error, read_utf8
@@ -22,7 +24,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 # keys the grid itself owns: a setting or `base` must not set them behind its back
 _GRID_KEYS = ("seed", "objective.method", "objective.params")
-_GRID_PREFIXES = ("objective.params.",)
 
 Scalar = str | int | float | bool | None
 _UNION_MEMBERS = ("str", "int", "float", "bool", "none")
@@ -36,12 +37,11 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
-def _check_overrides(where: str, overrides: Mapping[str, Any]) -> dict[str, Scalar]:
-    out: dict[str, Scalar] = {}
+def _check_overrides(where: str, overrides: Mapping[str, Any]) -> None:
     for key, value in overrides.items():
         if not isinstance(key, str) or not _KEY_RE.match(key):
             raise ValueError(f"{where}: override key {key!r} must be a dotted config path like 'optim.lr'")
-        if key in _GRID_KEYS or key.startswith(_GRID_PREFIXES):
+        if key in _GRID_KEYS or key.startswith("objective.params."):
             raise ValueError(
                 f"{where}: override key {key!r} is set by the grid itself (use `methods`/`sweeps`/`seeds`)"
             )
@@ -49,22 +49,15 @@ def _check_overrides(where: str, overrides: Mapping[str, Any]) -> dict[str, Scal
             raise ValueError(f"{where}: override {key!r} must be a scalar, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{where}: override {key!r} must be finite, got {value!r}")
-        out[key] = value
-    return out
 
 
 class Variant(BaseModel):
     """One objective configuration: a registered method with parameter overrides."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str
+    name: Annotated[str, AfterValidator(partial(_check_name, "variant"))]
     method: str
     params: dict[str, float | bool] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _check_name("variant", v)
 
     @model_validator(mode="after")
     def _known(self) -> "Variant":
@@ -75,47 +68,33 @@ class Variant(BaseModel):
         return self
 
 
-def _as_variant(entry: Any) -> Any:
+def _as_variants(v: Any) -> Any:
     # a bare method name means "that method with its registered defaults"
-    if isinstance(entry, str):
-        return {"name": entry, "method": entry}
-    return entry
+    return [{"name": e, "method": e} if isinstance(e, str) else e for e in v] if isinstance(v, list) else v
+
+
+Variants = Annotated[list[Variant], BeforeValidator(_as_variants)]
 
 
 class Sweep(BaseModel):
     model_config = ConfigDict(extra="forbid")
     settings: list[str]
-    variants: list[Variant]
-
-    @field_validator("variants", mode="before")
-    @classmethod
-    def _variants(cls, v: Any) -> Any:
-        return [_as_variant(e) for e in v] if isinstance(v, list) else v
+    variants: Variants
 
 
 class Grid(BaseModel):
     """A validated comparison grid."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str
+    name: Annotated[str, AfterValidator(partial(_check_name, "grid"))]
     description: str = ""
     config: str | None = None  # base `drpo train` config file (relative to the working directory)
     base: dict[str, Scalar] = Field(default_factory=dict)
     settings: dict[str, dict[str, Scalar]]
     setting_notes: dict[str, str] = Field(default_factory=dict)
-    methods: list[Variant]
+    methods: Variants
     seeds: list[int]
     sweeps: list[Sweep] = Field(default_factory=list)
-
-    @field_validator("methods", mode="before")
-    @classmethod
-    def _methods(cls, v: Any) -> Any:
-        return [_as_variant(e) for e in v] if isinstance(v, list) else v
-
-    @field_validator("name")
-    @classmethod
-    def _gname(cls, v: str) -> str:
-        return _check_name("grid", v)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Grid":
@@ -136,12 +115,10 @@ class Grid(BaseModel):
             raise ValueError(f"seeds: duplicates in {self.seeds}")
         if any(s < 0 for s in self.seeds):
             raise ValueError(f"seeds: must be >= 0, got {self.seeds}")
-        names = [v.name for v in self.methods]
         for i, sweep in enumerate(self.sweeps):
             for s in sweep.settings:
                 if s not in self.settings:
                     raise ValueError(f"sweeps[{i}].settings: unknown setting {s!r}; known: {sorted(self.settings)}")
-            names += [v.name for v in sweep.variants]
         # the same variant name must always mean the same objective
         seen: dict[str, Variant] = {}
         for v in self.methods + [v for sw in self.sweeps for v in sw.variants]:
@@ -173,10 +150,6 @@ class RunSpec:
         }
 
 
-def run_id(setting: str, variant: str, seed: int) -> str:
-    return f"{setting}__{variant}__s{seed}"
-
-
 def expand(grid: Grid) -> list[RunSpec]:
     """All runs of the grid, settings-major, seed-minor; each (setting, variant, seed) once."""
     cells: list[tuple[str, Variant]] = [(s, v) for s in grid.settings for v in grid.methods]
@@ -187,19 +160,20 @@ def expand(grid: Grid) -> list[RunSpec]:
     seen: set[str] = set()
     for setting, variant in cells:
         for seed in grid.seeds:
-            rid = run_id(setting, variant.name, seed)
+            rid = f"{setting}__{variant.name}__s{seed}"
             if rid in seen:  # a sweep may repeat a main-grid variant: run it once
                 continue
             seen.add(rid)
-            overrides: dict[str, Scalar] = dict(grid.base)
-            overrides.update(grid.settings[setting])
-            overrides["seed"] = seed
-            overrides["objective.method"] = variant.method
-            overrides["objective.params"] = "{}"  # the variant's parameters only, not the config file's
-            for key, value in variant.params.items():
-                overrides[f"objective.params.{key}"] = value
+            overrides = {**grid.base, **grid.settings[setting], "seed": seed, "objective.method": variant.method,
+                         "objective.params": "{}",  # the variant's parameters only, not the config file's
+                         **{f"objective.params.{k}": v for k, v in variant.params.items()}}
             runs.append(RunSpec(rid, setting, variant, seed, overrides))
     return runs
+
+
+def variant_entries(data: Mapping) -> list[dict]:
+    """The variants of grid data (a dumped Grid, a grid.yaml): the main methods, then each sweep's."""
+    return [*data.get("methods", []), *(v for sw in data.get("sweeps", []) for v in sw.get("variants", []))]
 
 
 def parse_grid(data: Any, source: str = "grid") -> Grid:

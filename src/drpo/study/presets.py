@@ -24,15 +24,16 @@ from drpo.study.grid import Grid, parse_grid
 
 # one trust-region radius for the whole comparison (see the module docstring)
 DELTA = 0.15
-METHODS = [
-    "pg_is",
-    "grpo",
-    {"name": "spo", "method": "spo", "params": {"eps": 0.2}},
-    "dppo_tv",
-    "dppo_kl",
-    {"name": "drpo", "method": "drpo", "params": {"delta": DELTA}},
-    {"name": "mask_drpo", "method": "mask_drpo", "params": {"delta": DELTA}},
-]
+DRPO = {"name": "drpo", "method": "drpo", "params": {"delta": DELTA}}
+METHODS = ["pg_is", "grpo", {"name": "spo", "method": "spo", "params": {"eps": 0.2}}, "dppo_tv", "dppo_kl",
+           DRPO, {"name": "mask_drpo", "method": "mask_drpo", "params": {"delta": DELTA}}]
+
+
+def drpo_at(delta: float) -> dict:
+    """The sweep variant `drpo-d<delta>`: DRPO at another threshold."""
+    return {"name": f"drpo-d{delta:g}", "method": "drpo", "params": {"delta": delta}}
+
+
 TESTBED = "configs/testbed.yaml"
 # Five seeds: the fewest at which the seed-paired rules keep their error rates with useful
 # power (docs/study.md states the detectable effects); each seed's warm start is cached and
@@ -71,34 +72,24 @@ PAPER_MINI = {
     "setting_notes": {k: SETTING_NOTES[k] for k in ("bf16", "fp8")},
     "methods": METHODS,
     "seeds": SEEDS,
-    "sweeps": [
-        {
-            "settings": ["bf16"],
-            "variants": [
-                {"name": "drpo-d0.05", "method": "drpo", "params": {"delta": 0.05}},
-                {"name": "drpo-d1", "method": "drpo", "params": {"delta": 1.0}},
-                {"name": "drpo-d12.5", "method": "drpo", "params": {"delta": 12.5}},
-                {"name": "drpo-noadv", "method": "drpo", "params": {"delta": DELTA, "advantage_weighted": False}},
-            ],
-        }
-    ],
+    "sweeps": [{"settings": ["bf16"], "variants": [
+        *map(drpo_at, (0.05, 1.0, 12.5)),
+        {"name": "drpo-noadv", "method": "drpo", "params": {"delta": DELTA, "advantage_weighted": False}}]}],
 }
 
 # drpo train's built-in defaults (the tiny model warm-started to greedy accuracy 0.4, cached per
 # seed; 32 prompts x 8 samples per step, the paper's 4 optimizer updates per rollout batch) with
 # 10 RL steps.
-QUICK_BASE = {"train.steps": 10, "train.eval_every": 5}
-
 QUICK = {
     "name": "quick",
     "description": "Smoke-sized comparison on the toy regime: GRPO, DPPO-TV and DRPO on-policy and with stale "
                    "rollouts, one seed.",
-    "base": QUICK_BASE,
+    "base": {"train.steps": 10, "train.eval_every": 5},
     "settings": {"fp32": SETTINGS["fp32"],
                  "stale": {"rollout.precision": "fp32", "rollout.sync_every": 2, "optim.updates_per_rollout": 4}},
     "setting_notes": {"fp32": SETTING_NOTES["fp32"],
                       "stale": "stale rollouts: fp32, weights synced every 2 steps, 4 updates per batch"},
-    "methods": ["grpo", "dppo_tv", {"name": "drpo", "method": "drpo", "params": {"delta": DELTA}}],
+    "methods": ["grpo", "dppo_tv", DRPO],
     "seeds": [0],
 }
 
@@ -130,7 +121,7 @@ STRESS = {
     "methods": [m for m in METHODS if m != "dppo_kl"],
     "seeds": STRESS_SEEDS,
     "sweeps": [{"settings": ["stale", "updates", "lr", "harsh"],
-                "variants": [{"name": "drpo-d12.5", "method": "drpo", "params": {"delta": 12.5}}]}],
+                "variants": [drpo_at(12.5)]}],
 }
 
 # The confirmatory threshold study: DRPO's delta under fp8 e5m2 rollouts, where paper-mini saw
@@ -146,13 +137,9 @@ FP8_THRESHOLD = {
     "base": {"train.steps": 30, "train.save_every": 30},
     "settings": {"fp8": SETTINGS["fp8"]},
     "setting_notes": {"fp8": SETTING_NOTES["fp8"]},
-    "methods": ["pg_is", {"name": "drpo", "method": "drpo", "params": {"delta": DELTA}}],
+    "methods": ["pg_is", DRPO],
     "seeds": list(range(5, 15)),
-    "sweeps": [{"settings": ["fp8"], "variants": [
-        {"name": "drpo-d0.05", "method": "drpo", "params": {"delta": 0.05}},
-        {"name": "drpo-d1", "method": "drpo", "params": {"delta": 1.0}},
-        {"name": "drpo-d12.5", "method": "drpo", "params": {"delta": 12.5}},
-    ]}],
+    "sweeps": [{"settings": ["fp8"], "variants": list(map(drpo_at, (0.05, 1.0, 12.5)))}],
 }
 
 PRESETS = {"quick": QUICK, "paper-mini": PAPER_MINI, "stress": STRESS, "fp8-threshold": FP8_THRESHOLD}

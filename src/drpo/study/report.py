@@ -1,11 +1,8 @@
-"""`drpo report RESULTS_DIR`: read every run of a comparison study and write one report:
-report.md, the same page as self-contained HTML (rendered from the Markdown, figures
-embedded), summary.json / summary.csv and figures/*.png.
-
-Each run's numbers come from its own summary.json (final/best accuracy, mismatch, tokens) and
-eval rows; whether it diverged comes from the runner's record of its exit code. Every run of
-the grid appears: finished and diverged runs in the tables, the others listed as unfinished.
-"""
+"""`drpo report RESULTS_DIR`: read every run of a comparison study and write one report
+(`write_report`). Each run's numbers come from its own summary.json (final/best accuracy,
+mismatch, tokens) and eval rows; whether it diverged comes from the runner's record of its exit
+code. Every run of the grid appears: finished and diverged runs in the tables, the others
+listed as unfinished."""
 
 from __future__ import annotations
 
@@ -13,16 +10,18 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import yaml
 
 from drpo.files import atomic_write, jsonable
+from drpo.objectives import get_method
 from drpo.pages import table, write_page
 from drpo.study import figures
 from drpo.study.claims import MARGIN, Claim, check_claims, design_note
+from drpo.study.grid import variant_entries
 from drpo.study.runner import LOG, RECORD, SUMMARY, TIMING
 from drpo.study.stats import ALPHA, COLLAPSE_FRAC, COLLAPSE_WINDOW, CellStats, RunStats, cell_stats, run_stats
 from drpo.train.metrics import read_metrics
@@ -50,8 +49,8 @@ class Study:
     root: Path
     grid: dict
     runs: list[Run]
-    settings: list[str] = field(default_factory=list)  # in grid order
-    variants: list[str] = field(default_factory=list)
+    settings: list[str]  # in grid order
+    variants: list[str]
 
 
 def diverged_rows(rows: list[dict], record: dict) -> list[dict]:
@@ -89,13 +88,13 @@ def load_study(root: str | Path) -> Study:
                         diverged_rows(rows, rec) if diverged else rows, summary, diverged))
     if not runs:
         raise ValueError(f"{root}: no runs under runs/")
-    settings = [s for s in grid.get("settings", {}) if any(r.setting == s for r in runs)]
-    settings += sorted({r.setting for r in runs} - set(settings))
-    order = [v["name"] for v in grid.get("methods", [])]
-    order += [v["name"] for sw in grid.get("sweeps", []) for v in sw.get("variants", [])]
-    variants = list(dict.fromkeys(v for v in order if any(r.variant == v for r in runs)))
-    variants += sorted({r.variant for r in runs} - set(variants))
-    return Study(root, grid, runs, settings, variants)
+    return Study(root, grid, runs, _in_order(grid.get("settings", {}), {r.setting for r in runs}),
+                 _in_order([v["name"] for v in variant_entries(grid)], {r.variant for r in runs}))
+
+
+def _in_order(grid_order, have: set[str]) -> list[str]:
+    """`have` in the grid's order, then any the grid does not name, sorted."""
+    return [x for x in dict.fromkeys(grid_order) if x in have] + sorted(have - set(grid_order))
 
 
 @dataclass
@@ -170,8 +169,6 @@ def _setting_title(study: Study, setting: str) -> str:
 
 def variant_table(study: Study) -> list[tuple[str, str, str]]:
     """(variant, method, resolved parameters) for every variant that has runs."""
-    from drpo.objectives import get_method
-
     out = []
     for v in study.variants:
         run = next(r for r in study.runs if r.variant == v)
@@ -186,26 +183,18 @@ def variant_table(study: Study) -> list[tuple[str, str, str]]:
 
 def read_provenance(root: Path) -> list[str]:
     """Distinct code versions the study ran with, one line each (OUT/provenance.jsonl)."""
-    path = Path(root) / "provenance.jsonl"
-    lines: list[str] = []
-    for p in read_metrics(path):  # the one JSON-lines reader
+    lines: dict[str, None] = {}  # distinct, in first-seen order
+    for p in read_metrics(Path(root) / "provenance.jsonl"):  # the one JSON-lines reader
         commit = p.get("git_commit")
         where = (f"git {commit[:10]}{' + uncommitted changes' if p.get('git_dirty') else ''}" if commit
                  else "not a git checkout")
-        line = f"drpo {p.get('drpo')} ({where}), torch {p.get('torch')}, Python {p.get('python')}"
-        if line not in lines:
-            lines.append(line)
-    return lines
-
-
-def read_timing(root: Path) -> list[dict]:
-    """One entry per `drpo compare` invocation: start, elapsed_s, workers (OUT/timing.jsonl)."""
-    return read_metrics(Path(root) / TIMING)
+        lines[f"drpo {p.get('drpo')} ({where}), torch {p.get('torch')}, Python {p.get('python')}"] = None
+    return list(lines)
 
 
 def study_time(root: Path, tables: Tables) -> str:
     """The study's wall-clock and the runs' summed wall-clock, in words."""
-    spans = read_timing(root)
+    spans = read_metrics(root / TIMING)  # one line per `drpo compare` invocation
     runs = f"run wall-clock summed over runs: {sum(r.wall_s for r in tables.runs) / 60:.1f} min"
     if not spans:
         return runs.capitalize() + "."
@@ -292,10 +281,9 @@ def write_report(root: str | Path, out: str | Path | None = None, *, collapse_fr
         cmd_file = study.root / "command.txt"
         command = cmd_file.read_text().strip().splitlines()[-1] if cmd_file.is_file() else None
     tables = compute_tables(study, collapse_frac)
-    groups = {s: {v: [r.rows for r in study.runs if r.setting == s and r.variant == v and r.has_result]
-                  for v in study.variants} for s in study.settings}
-    groups = {s: {v: rows for v, rows in g.items() if rows} for s, g in groups.items()}
-    groups = {s: g for s, g in groups.items() if g}
+    done = [r for r in study.runs if r.has_result]  # per cell with a result, each run's metric rows:
+    groups = {s: {c.variant: [r.rows for r in done if (r.setting, r.variant) == (s, c.variant)] for c in cells}
+              for s, cells in tables.cells.items()}
     figs, drawn = figures.make_figures(groups, study.variants, [v["name"] for v in study.grid.get("methods", [])],
                                        out / "figures") if groups else ({}, {})
     claims = check_claims(tables.cells, study.grid)
@@ -311,7 +299,7 @@ def write_report(root: str | Path, out: str | Path | None = None, *, collapse_fr
         "cells": [_cell_json(c) for cells in tables.cells.values() for c in cells],
         "runs": [asdict(r) for r in tables.runs],
         "unfinished": [r.run_id for r in tables.unfinished],
-        "compare_invocations": read_timing(study.root),
+        "compare_invocations": read_metrics(study.root / TIMING),
         "figures_drawn": drawn,
         "claims": [asdict(c) for c in claims],
     }), indent=2) + "\n", "report")

@@ -1,21 +1,11 @@
-"""Run a grid of `drpo train` processes into one results directory, resumably.
-
-Layout written under OUT:
-
-    OUT/grid.yaml                  the grid that was asked for (kept for the report)
-    OUT/provenance.jsonl           versions and git commit of the code, one line per start
-    OUT/timing.jsonl               wall-clock and workers of each `drpo compare` invocation
-    OUT/runs/<run_id>/study_run.json   what this run is (setting, variant, seed, overrides)
-                                       and how it went (attempts, rc, wall_s)
-    OUT/runs/<run_id>/train.log    stdout+stderr of every attempt
-    OUT/runs/<run_id>/...          everything `drpo train --out` writes; summary.json last
+"""Run a grid of `drpo train` processes into one results directory, resumably. What it writes
+under OUT (grid.yaml, provenance.jsonl, timing.jsonl, runs/<run_id>/ with study_run.json and
+train.log beside the run's own outputs): docs/study.md.
 
 A run is finished iff its summary.json exists (the trainer writes it last) or it ended in a
-recorded divergence, so a restart skips finished runs and reruns the others, with `--resume`
-when an earlier attempt left anything behind (the trainer continues from its last good
-checkpoint, or starts over when there is none).
-Each run is its own process (one torch thread each by default) so a crash or a NaN in one
-run cannot take the study down, and `workers` of them run at once.
+recorded divergence, so a restart skips finished runs and reruns the others. Each run is its
+own process (one torch thread each by default) so a crash or a NaN in one run cannot take the
+study down, and `workers` of them run at once.
 """
 
 from __future__ import annotations
@@ -26,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,14 +60,6 @@ def is_finished(path: Path) -> bool:
         return True
     record = read_record(path)
     return bool(record and record.get("status") == "diverged")
-
-
-def has_started(path: Path) -> bool:
-    """Whether an earlier attempt left a run behind. `drpo train` refuses to overwrite one, so
-    the rerun passes --resume: it continues from the last good checkpoint, or starts over
-    (dropping the stale metrics) when there is none."""
-    path = Path(path)
-    return (path / "metrics.jsonl").exists() or (path / "checkpoints").exists()
 
 
 def train_command(spec: RunSpec, out: Path, *, config: str | None = None, resume: bool = False,
@@ -149,26 +132,19 @@ def prepare(grid: Grid, runs: Sequence[RunSpec], out: Path, config: str | None =
     a different run (other overrides) is an error, not something to silently overwrite."""
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    grid_file = out / "grid.yaml"
     data = grid.model_dump(mode="json")
     data["config"] = str(config) if config else grid.config
-    atomic_write(grid_file, yaml.safe_dump(data, sort_keys=False), "grid")
+    atomic_write(out / "grid.yaml", yaml.safe_dump(data, sort_keys=False), "grid")
     append_to(out / "provenance.jsonl", json.dumps(provenance()), "provenance")
     for spec in runs:
         d = run_dir(out, spec)
         d.mkdir(parents=True, exist_ok=True)
-        record = read_record(d)
-        want = spec.as_record()
-        if record is not None:
-            have = {k: record.get(k) for k in want}
-            if have != want:
-                diff = sorted(k for k in want if have.get(k) != want[k])
-                raise ValueError(
-                    f"{d}: this run directory was made for a different run (differs in {', '.join(diff)}); "
-                    f"use another --out or delete it"
-                )
-            continue
-        _write_json(d / RECORD, {**want, "status": "pending", "attempts": 0, "wall_s": 0.0})
+        record, want = read_record(d), spec.as_record()
+        if record is None:
+            _write_json(d / RECORD, {**want, "status": "pending", "attempts": 0, "wall_s": 0.0})
+        elif diff := sorted(k for k in want if record.get(k) != want[k]):
+            raise ValueError(f"{d}: this run directory was made for a different run (differs in {', '.join(diff)}); "
+                             f"use another --out or delete it")
 
 
 def _die_with_parent() -> None:
@@ -199,12 +175,12 @@ class Outcome:
 
 def _launch(spec: RunSpec, out: Path, config: str | None, threads: int, python: str) -> _Active:
     d = run_dir(out, spec)
-    resume = has_started(d)
+    # An earlier attempt left a run behind: `drpo train` refuses to overwrite one, so the rerun
+    # passes --resume (it continues from the last good checkpoint, or starts over when there is none).
+    resume = (d / "metrics.jsonl").exists() or (d / "checkpoints").exists()
     cmd = train_command(spec, out, config=config, resume=resume, threads=threads, python=python)
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(threads)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env = {"TOKENIZERS_PARALLELISM": "false", **os.environ,
+           **dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), str(threads))}
     record = read_record(d) or spec.as_record()
     record.update(status="running", attempts=int(record.get("attempts", 0)) + 1, command=cmd, resumed=resume)
     _write_json(d / RECORD, record)
@@ -234,34 +210,31 @@ def _settle(active: _Active, out: Path, rc: int, interrupted: bool = False) -> t
     elif not (d / SUMMARY).is_file():
         reason, status = f"exited 0 without writing {SUMMARY}; see {d / LOG}", "failed"
     record["status"] = "interrupted" if interrupted else status
+    record.pop("error", None)
     if reason:
         record["error"] = reason
-    else:
-        record.pop("error", None)
     _write_json(d / RECORD, record)
     return status, reason
 
 
-def _count(outcome: Outcome, run_id: str, status: str, reason: str | None) -> None:
-    """An ended run into the outcome; a divergence or failure said at once."""
-    if status == "finished":
-        outcome.finished.append(run_id)
-    elif status == "diverged":
-        outcome.diverged.append(run_id)
-        tqdm.write(f"run {run_id} diverged (non-finite loss or weights); kept as a result", file=sys.stderr)
-    else:
-        outcome.failed.append((run_id, reason))
-        tqdm.write(f"run {run_id} failed: {reason}", file=sys.stderr)
-
-
 def _reap(active: list[_Active], out: Path, outcome: Outcome, bar) -> None:
-    """Settle the runs whose process has ended, removing them from `active`."""
+    """Settle the runs whose process has ended, removing them from `active`, into the outcome;
+    a divergence or failure is said at once."""
     for a in list(active):
         rc = a.proc.poll()
         if rc is None:
             continue
         active.remove(a)
-        _count(outcome, a.spec.run_id, *_settle(a, out, rc))
+        status, reason = _settle(a, out, rc)
+        run_id = a.spec.run_id
+        if status == "finished":
+            outcome.finished.append(run_id)
+        elif status == "diverged":
+            outcome.diverged.append(run_id)
+            tqdm.write(f"run {run_id} diverged (non-finite loss or weights); kept as a result", file=sys.stderr)
+        else:
+            outcome.failed.append((run_id, reason))
+            tqdm.write(f"run {run_id} failed: {reason}", file=sys.stderr)
         bar.update(1)
         bar.set_postfix(failed=len(outcome.failed), refresh=False)
 
@@ -276,7 +249,7 @@ def _stop(active: list[_Active], out: Path) -> None:
         except subprocess.TimeoutExpired:
             a.proc.kill()
             a.proc.wait()
-        _settle(a, out, a.proc.returncode if a.proc.returncode is not None else -1, interrupted=True)
+        _settle(a, out, a.proc.returncode, interrupted=True)
 
 
 def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: int | None = None,
@@ -292,18 +265,14 @@ def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: i
         raise ValueError(f"workers must be >= 1, got {workers}")
     prepare(grid, runs, out, config)
     t0, started = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    outcome = Outcome()
-    pending: list[RunSpec] = []
-    for spec in runs:
-        if is_finished(run_dir(out, spec)):
-            outcome.skipped.append(spec.run_id)
-        else:
-            pending.append(spec)
+    pending = [spec for spec in runs if not is_finished(run_dir(out, spec))]
+    outcome = Outcome(skipped=[spec.run_id for spec in runs if spec not in pending])
     bar = tqdm(total=len(runs), initial=len(outcome.skipped), desc=f"drpo compare {grid.name}",
                unit="run", disable=not progress, dynamic_ncols=True)
     active: list[_Active] = []
     # SIGTERM ends the study like Ctrl-C does: children are stopped, records stay consistent
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
     try:
         while pending or active:
             while pending and len(active) < workers:
@@ -320,12 +289,6 @@ def run_grid(grid: Grid, runs: Sequence[RunSpec], out: str | Path, *, workers: i
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return outcome
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _raise_interrupt(signum, frame):  # noqa: ARG001

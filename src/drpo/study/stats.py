@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -93,10 +93,6 @@ class RunStats:
     beyond_pos: float = float("nan")  # mean over steps of the A>0 tokens' beyond-boundary fraction
     beyond_neg: float = float("nan")  # and of the A<0 tokens'
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s if self.wall_s > 0 else float("nan")
-
 
 def run_stats(run_id: str, setting: str, variant: str, seed: int, rows: Sequence[Mapping], summary: Mapping | None,
               wall_s: float, *, diverged: bool = False, collapse_frac: float = COLLAPSE_FRAC) -> RunStats:
@@ -129,13 +125,10 @@ def run_stats(run_id: str, setting: str, variant: str, seed: int, rows: Sequence
     )
 
 
-PER_SEED = ("initial", "final", "best", "auc", "gain", "collapsed")
-
-
 @dataclass(frozen=True)
 class CellStats:
     """One (setting, variant) cell over its seeds. `per_seed[seed][metric]` for metric in
-    PER_SEED; cells of one setting share each seed's warm start and eval set, so claims
+    initial, final, best, auc, gain, collapsed; cells of one setting share each seed's warm start and eval set, so claims
     compare them seed by seed."""
 
     setting: str
@@ -148,7 +141,6 @@ class CellStats:
     tokens_per_s: float = float("nan")  # all generated tokens / all wall-clock
     beyond_pos: float = float("nan")  # mean over runs of RunStats.beyond_pos
     beyond_neg: float = float("nan")
-    extra: dict = field(default_factory=dict)
 
     @property
     def beyond(self) -> float:
@@ -259,15 +251,6 @@ def sign_test(a_collapsed: Sequence[float], b_collapsed: Sequence[float]) -> tup
     return only_a, only_b, float(scipy.stats.binom.sf(only_a - 1, only_a + only_b, 0.5))
 
 
-def t_power(effect: float, n: int, level: float) -> float:
-    """Power of the two-sided one-sample t-test at `level` on n seeds when the true mean is
-    `effect` standard deviations: P(|T'| > c) for T' noncentral t with df n - 1 and
-    noncentrality effect sqrt(n)."""
-    df, lam = n - 1, effect * math.sqrt(n)
-    c = scipy.stats.t.ppf(1 - level / 2, df)
-    return float(scipy.stats.nct.sf(c, df, lam) + scipy.stats.nct.cdf(-c, df, lam))
-
-
 def mde(n: int, sd: float, k: int = 1, alpha: float = ALPHA, power: float = POWER) -> float:
     """Smallest true mean that a two-sided t-test on n per-seed values with spread `sd` detects
     with probability `power`, at the strictest Holm level alpha / k (exact noncentral-t power,
@@ -279,10 +262,14 @@ def mde(n: int, sd: float, k: int = 1, alpha: float = ALPHA, power: float = POWE
 def _mde_unit(n: int, k: int, alpha: float, power: float) -> float:
     if n < 2:
         return float("inf")
+    df = n - 1
+    c = scipy.stats.t.ppf(1 - alpha / k / 2, df)
     lo, hi = 0.0, 50.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_power(mid, n, alpha / k) < power else (lo, mid)
+        lam = mid * math.sqrt(n)  # the power at a true mean of `mid` sds: P(|T'| > c), T' noncentral t
+        weak = scipy.stats.nct.sf(c, df, lam) + scipy.stats.nct.cdf(-c, df, lam) < power
+        lo, hi = (mid, hi) if weak else (lo, mid)
     return hi
 
 
