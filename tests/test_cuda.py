@@ -102,7 +102,7 @@ def test_one_drpo_train_step_on_cuda(tmp_path):
 @pytest.mark.slow
 def test_one_trl_step_on_cuda(tmp_path):
     pytest.importorskip("trl")
-    from test_integration_trl import digit_reward, make_config, tiny_setup
+    from trl_helpers import digit_reward, make_config, tiny_setup
 
     from drpo.integrations.trl import DRPOGRPOTrainer
 

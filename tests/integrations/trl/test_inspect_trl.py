@@ -14,7 +14,7 @@ pytest.importorskip("trl")
 from drpo.cli import main  # noqa: E402
 from drpo.integrations.trl import DRPOConfig, DRPOGRPOTrainer  # noqa: E402
 from inspect_reference import compare, reference  # noqa: E402
-from test_integration_trl import digit_reward, make_config, tiny_setup  # noqa: E402
+from trl_helpers import digit_reward, make_config, tiny_setup  # noqa: E402
 
 
 class Capturing(DRPOGRPOTrainer):

@@ -10,51 +10,9 @@ import pytest
 import torch
 
 pytest.importorskip("trl")
-from datasets import Dataset  # noqa: E402
-
 from drpo.integrations.trl import DRPOConfig, DRPOGRPOTrainer  # noqa: E402
-from drpo.models import build_tiny_model, make_char_tokenizer  # noqa: E402
 from drpo.objectives import METRIC_NAMES, policy_loss  # noqa: E402
-
-# TRL's dr_grpo normalisation (sum / (B * max_completion_length)) is drpo's
-# seq-mean-token-sum-norm with horizon max_completion_length when no row is empty, as here.
-METHOD, PARAMS, LOSS_TYPE, AGG = "drpo", {"delta": 0.05}, "dr_grpo", "seq-mean-token-sum-norm"
-
-
-def digit_reward(prompts, completions, **kwargs) -> list[float]:
-    """Rule-based reward: the fraction of completion characters that are digits."""
-    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
-
-
-def tiny_setup():
-    tokenizer = make_char_tokenizer()
-    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
-    data = Dataset.from_list([{"prompt": f"{a}+{b}="} for a, b in [(12, 34), (5, 7), (40, 2), (9, 99)]])
-    return tokenizer, model, data
-
-
-def make_config(tmp_path, **overrides) -> DRPOConfig:
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=2,
-        num_iterations=2,  # step 2 reuses step 1's rollout: its anchor is the pre-update policy
-        learning_rate=3e-2,
-        temperature=1.0,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        seed=0,
-        drpo_method=METHOD,
-        drpo_params=PARAMS,
-        loss_type=LOSS_TYPE,
-    )
-    kwargs.update(overrides)
-    return DRPOConfig(**kwargs)
+from trl_helpers import AGG, LOSS_TYPE, METHOD, PARAMS, digit_reward, make_config, tiny_setup  # noqa: E402
 
 
 def reference_logps(model, inputs, temperature: float) -> torch.Tensor:

@@ -19,40 +19,16 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
 from drpo.integrations.trl import FORWARD_INPUTS, LOSS_TYPES, DRPOConfig, DRPOGRPOTrainer  # noqa: E402
-from drpo.models import build_tiny_model, make_char_tokenizer  # noqa: E402
+from drpo.models import make_char_tokenizer  # noqa: E402
 from drpo.objectives import METRIC_NAMES  # noqa: E402
+from trl_helpers import PROMPTS, TINY_ARGS, digit_reward, spread_reward, tiny_model  # noqa: E402
 
 GRPO = dict(drpo_method="grpo", drpo_params={"eps_low": 0.2, "eps_high": 0.2})  # TRL's default epsilon=0.2
-PROMPTS = ["12+34=", "5+7=", "40+2=", "9+99="]
 G = 4  # generations per prompt
 
 
-def digit_reward(prompts, completions, **kwargs) -> list[float]:
-    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
-
-
-def spread_reward(prompts, completions, **kwargs) -> list[float]:
-    """Varies between any two random completions, so groups of random text get advantages."""
-    return [(sum(map(ord, text)) % 17) / 17 for text in completions]
-
-
 def make_config(tmp_path, **overrides) -> DRPOConfig:
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        num_generations=G,
-        max_completion_length=6,
-        max_steps=2,
-        learning_rate=3e-2,
-        temperature=1.0,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        seed=0,
-    )
+    kwargs = dict(TINY_ARGS, output_dir=str(tmp_path), gradient_accumulation_steps=2, num_generations=G, max_steps=2)
     kwargs.update(GRPO)
     kwargs.update(overrides)
     return DRPOConfig(**kwargs)
@@ -61,7 +37,7 @@ def make_config(tmp_path, **overrides) -> DRPOConfig:
 def make_trainer(tmp_path, cls=DRPOGRPOTrainer, model=None, rollout_func=None, reward=digit_reward, **overrides):
     tokenizer = make_char_tokenizer()
     if model is None:
-        model = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
+        model = tiny_model(tokenizer)
     data = Dataset.from_list([{"prompt": p} for p in PROMPTS])
     return cls(
         model=model,

@@ -53,7 +53,9 @@ def job(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trl2p")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(PROCESSES),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), str(out), *RUNS]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRL_EXPERIMENTAL_SILENCE="1")
+    tests = str(Path(__file__).parents[2])  # the worker imports trl_helpers from tests/
+    pythonpath = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), tests) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRL_EXPERIMENTAL_SILENCE="1", PYTHONPATH=pythonpath)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     try:

@@ -18,42 +18,20 @@ from pathlib import Path
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from drpo.integrations.trl import DRPOConfig, DRPOGRPOTrainer  # noqa: E402
-from drpo.models import build_tiny_model, make_char_tokenizer  # noqa: E402
+from trl_helpers import TINY_ARGS, spread_reward, tiny_setup  # noqa: E402  (tests/: on PYTHONPATH)
 
 PROMPTS = ["12+34=", "5+7=", "40+2=", "9+99=", "3+3=", "71+8=", "60+6=", "1+58="]
 # Small enough for CI, large enough that the ratio moves: 2 processes x 4 rows per micro-batch,
 # gradient accumulation 2, 2 iterations per generation batch (so TRL computes old log-probs
 # and the second pass has ratio != 1), 4 optimizer steps = 2 generation batches.
-COMMON = dict(
-    per_device_train_batch_size=4,
-    gradient_accumulation_steps=2,
-    num_iterations=2,
-    num_generations=4,
-    max_completion_length=6,
-    max_steps=4,
-    learning_rate=3e-2,
-    lr_scheduler_type="constant",
-    temperature=1.0,
-    logging_steps=1,
-    report_to=[],
-    use_cpu=True,
-    bf16=False,
-    save_strategy="no",
-    seed=0,
-    shuffle_dataset=False,
-)
+COMMON = dict(TINY_ARGS, gradient_accumulation_steps=2, num_iterations=2, max_steps=4, lr_scheduler_type="constant",
+              shuffle_dataset=False)
 # The drpo runs: grpo at TRL's clip range (epsilon=0.2) must be TRL's loss; drpo at a small
 # delta so its regulariser and the per-process extremes are not trivial.
 DRPO_RUNS = {"drpo-grpo": ("grpo", {"eps_low": 0.2, "eps_high": 0.2}), "drpo": ("drpo", {"delta": 0.05})}
-
-
-def spread_reward(prompts, completions, **kwargs) -> list[float]:
-    """Varies between any two random completions, so groups of random text get advantages."""
-    return [(sum(map(ord, text)) % 17) / 17 for text in completions]
 
 
 class RecordingTrainer(DRPOGRPOTrainer):
@@ -69,9 +47,7 @@ class RecordingTrainer(DRPOGRPOTrainer):
 
 
 def train(name: str, loss_type: str, out: Path):
-    tokenizer = make_char_tokenizer()
-    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
-    data = Dataset.from_list([{"prompt": p} for p in PROMPTS])
+    tokenizer, model, data = tiny_setup(PROMPTS)
     common = dict(COMMON, output_dir=str(out / name), loss_type=loss_type)
     if name == "trl":
         cls, args = GRPOTrainer, GRPOConfig(**common)
