@@ -102,14 +102,10 @@ def test_one_drpo_train_step_on_cuda(tmp_path):
 @pytest.mark.slow
 def test_one_trl_step_on_cuda(tmp_path):
     pytest.importorskip("trl")
-    from trl_helpers import digit_reward, make_config, tiny_setup
+    from trl_helpers import tiny_trainer
 
-    from drpo.integrations.trl import DRPOGRPOTrainer
-
-    tokenizer, model, data = tiny_setup()
-    args = make_config(tmp_path, use_cpu=False, max_steps=1)
-    trainer = DRPOGRPOTrainer(model=model, reward_funcs=digit_reward, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer = tiny_trainer(tmp_path, use_cpu=False, max_steps=1)
     trainer.train()
-    assert next(model.parameters()).device.type == "cuda"
+    assert next(trainer.model.parameters()).device.type == "cuda"
     logged = [e for e in trainer.state.log_history if "drpo/loss" in e]
     assert logged and math.isfinite(logged[0]["drpo/loss"])

@@ -1,12 +1,12 @@
 """What the TRL tests share: a run that takes seconds on a CPU (a 2-layer random Llama over
-characters, four arithmetic prompts), its TRL arguments and two rule rewards. Imported by the
+characters, four arithmetic prompts), its TRL arguments, two rule rewards and the trainer. Imported by the
 tests under tests/integrations/trl/, by tests/test_cuda.py and by the torchrun worker."""
 
 from __future__ import annotations
 
 from datasets import Dataset
 
-from drpo.integrations.trl import DRPOConfig
+from drpo.integrations.trl import DRPOConfig, DRPOGRPOTrainer
 from drpo.models import build_tiny_model, make_char_tokenizer
 
 PROMPTS = ["12+34=", "5+7=", "40+2=", "9+99="]
@@ -62,3 +62,10 @@ def make_config(tmp_path, **overrides) -> DRPOConfig:
     )
     kwargs.update(overrides)
     return DRPOConfig(**kwargs)
+
+
+def tiny_trainer(tmp_path, cls=DRPOGRPOTrainer, **overrides):
+    """A `cls` on the tiny run, rewarded by digits, with `make_config(tmp_path, **overrides)`."""
+    tokenizer, model, data = tiny_setup()
+    return cls(model=model, reward_funcs=digit_reward, args=make_config(tmp_path, **overrides), train_dataset=data,
+               processing_class=tokenizer)

@@ -14,7 +14,7 @@ pytest.importorskip("trl")
 from drpo.cli import main  # noqa: E402
 from drpo.integrations.trl import DRPOConfig, DRPOGRPOTrainer  # noqa: E402
 from inspect_reference import compare, reference  # noqa: E402
-from trl_helpers import digit_reward, make_config, tiny_setup  # noqa: E402
+from trl_helpers import tiny_trainer  # noqa: E402
 
 
 class Capturing(DRPOGRPOTrainer):
@@ -27,9 +27,7 @@ class Capturing(DRPOGRPOTrainer):
 
 
 def test_trl_dump_rows_and_inspect_against_the_reference(tmp_path):
-    tokenizer, model, data = tiny_setup()
-    args = make_config(tmp_path, drpo_dump_dir=str(tmp_path / "dumps"), drpo_dump_every=1)
-    trainer = Capturing(model=model, reward_funcs=digit_reward, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer = tiny_trainer(tmp_path, Capturing, drpo_dump_dir=str(tmp_path / "dumps"), drpo_dump_every=1)
     trainer.seen = []
     trainer.train()
     (f,) = sorted((tmp_path / "dumps").glob("*.parquet"))

@@ -12,7 +12,9 @@ import torch
 pytest.importorskip("trl")
 from drpo.integrations.trl import DRPOConfig, DRPOGRPOTrainer  # noqa: E402
 from drpo.objectives import METRIC_NAMES, policy_loss  # noqa: E402
-from trl_helpers import AGG, LOSS_TYPE, METHOD, PARAMS, digit_reward, make_config, tiny_setup  # noqa: E402
+from trl_helpers import (  # noqa: E402
+    AGG, LOSS_TYPE, METHOD, PARAMS, digit_reward, make_config, tiny_setup, tiny_trainer,
+)
 
 
 def reference_logps(model, inputs, temperature: float) -> torch.Tensor:
@@ -63,10 +65,8 @@ class RecordingTrainer(DRPOGRPOTrainer):
 
 @pytest.mark.slow
 def test_two_trl_steps_optimize_the_drpo_loss(tmp_path):
-    tokenizer, model, data = tiny_setup()
-    trainer = RecordingTrainer(
-        model=model, reward_funcs=digit_reward, args=make_config(tmp_path), train_dataset=data, processing_class=tokenizer
-    )
+    trainer = tiny_trainer(tmp_path, RecordingTrainer)
+    model = trainer.model
     trainer.records = []
     before = [p.detach().clone() for p in model.parameters()]
     trainer.train()
@@ -94,14 +94,7 @@ def test_two_trl_steps_optimize_the_drpo_loss(tmp_path):
 
 
 def test_anchor_choice_and_rollout_nan_fallback(tmp_path):
-    tokenizer, model, data = tiny_setup()
-    trainer = DRPOGRPOTrainer(
-        model=model,
-        reward_funcs=digit_reward,
-        args=make_config(tmp_path, drpo_anchor="auto"),
-        train_dataset=data,
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(tmp_path, drpo_anchor="auto")
     logps = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.1, 0.2, 0.3]]))
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     old = logps - 0.1
@@ -181,14 +174,8 @@ def test_compute_loss_on_a_handmade_ragged_batch(tmp_path):
     """Ragged completions (padded length 4 < max_completion_length 6), TRL's old log-probs
     and its vLLM IS ratio (anchor "old"), loss_type dr_grpo: each token's DRPO loss times the
     IS ratio, summed and divided by B * max_completion_length."""
-    tokenizer, model, data = tiny_setup()
-    trainer = DRPOGRPOTrainer(
-        model=model,
-        reward_funcs=digit_reward,
-        args=make_config(tmp_path, drpo_anchor="old"),
-        train_dataset=data,
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(tmp_path, drpo_anchor="old")
+    model, tokenizer = trainer.model, trainer.processing_class
     model.eval()  # eval mode: no gradient-accumulation normalizer
     g = torch.Generator().manual_seed(0)
     prompt_ids = torch.randint(3, len(tokenizer), (3, 5), generator=g)
