@@ -11,15 +11,13 @@ from typing import Sequence
 import matplotlib
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from drpo.files import atomic_write, jsonable, save_figure  # noqa: E402
-from drpo.inspect.analysis import ALL, BUCKETS, CATEGORIES, Analysis, Variant  # noqa: E402
-from drpo.objectives import METHODS, loose_threshold_note  # noqa: E402
-from drpo.pages import table, write_page  # noqa: E402
+from drpo.files import atomic_write, jsonable, save_figure
+from drpo.inspect.analysis import ALL, BUCKETS, CATEGORIES, Analysis, Variant
+from drpo.objectives import METHODS, loose_threshold_note
+from drpo.pages import table, write_page
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
@@ -57,7 +55,6 @@ def batch_table(stats: dict) -> list[str]:
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     save_figure(fig, path, "figure", dpi=90)
-    plt.close(fig)
 
 
 def _boundary_curves(variant: Variant, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +82,8 @@ def token_figure(sample: np.ndarray, variants: Sequence[Variant], step: int, pol
     n = max(len(methods), 1)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False, sharex=True, sharey=True)
+    fig = Figure(figsize=(4.2 * cols, 3.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
     mu_grid = np.geomspace(max(1e-6, sample[:, 0].min() if sample.size else 1e-6), 1.0, 120)
     # linear below a round power of ten near the median shift, logarithmic beyond
     med = float(np.quantile(np.abs(sample[:, 1]), 0.5)) if sample.size else 1e-4
@@ -118,7 +116,8 @@ def token_figure(sample: np.ndarray, variants: Sequence[Variant], step: int, pol
 
 
 def bucket_figure(stats: dict, path: Path) -> None:
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [1, 1.25]})
+    fig = Figure(figsize=(13, 3.8))
+    a1, a2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.25]})
     x = np.arange(len(BUCKETS))
     share = [stats["bucket_share"][b] for b in BUCKETS]
     a1.bar(x, [100 * s for s in share], color="tab:blue")
@@ -133,7 +132,7 @@ def bucket_figure(stats: dict, path: Path) -> None:
     ax2.legend(fontsize=8, loc="upper right")
     labels = list(stats["methods"])
     width = 0.8 / max(len(labels), 1)
-    colors = plt.get_cmap("tab20").colors
+    colors = matplotlib.colormaps["tab20"].colors
     low = 1.0
     for k, label in enumerate(labels):
         vals = [stats["methods"][label][b]["kept_grad_mass"] for b in BUCKETS]
@@ -151,8 +150,9 @@ def bucket_figure(stats: dict, path: Path) -> None:
 def trend_figure(result: dict, path: Path) -> None:
     steps = sorted(int(s) for s in result["steps"])
     per = [result["steps"][str(s)] for s in steps]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    colors = plt.get_cmap("tab20").colors
+    fig = Figure(figsize=(15, 3.8))
+    axes = fig.subplots(1, 3)
+    colors = matplotlib.colormaps["tab20"].colors
     for k, label in enumerate(result["total"]["methods"]):
         style = dict(color=colors[k % 20], ls=("-", "--")[k // 20 % 2], marker="o", ms=3, label=label)
         ms = [p["methods"][label][ALL] for p in per]

@@ -67,12 +67,10 @@ def weight_table(mus, params: dict, shifts=(-0.3, -0.1, 0.05, 0.1, 0.2, 0.3)) ->
 
 
 def draw(out: Path, mus, params: dict, ylim=(-1.5, 2.5)) -> Path:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(mus), figsize=(4.2 * len(mus), 7.2), sharey=True)
+    fig = Figure(figsize=(4.2 * len(mus), 7.2))
+    axes = fig.subplots(2, len(mus), sharey=True)
     for row, sign in enumerate((1.0, -1.0)):
         for col, mu in enumerate(mus):
             ax = axes[row][col]
@@ -105,7 +103,6 @@ def draw(out: Path, mus, params: dict, ylim=(-1.5, 2.5)) -> Path:
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 

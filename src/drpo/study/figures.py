@@ -16,18 +16,17 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from drpo.files import save_figure  # noqa: E402
-from drpo.study.stats import ACC, BEYOND_NEG, BEYOND_POS, MISMATCH, series  # noqa: E402
+from drpo.files import save_figure
+from drpo.study.stats import ACC, BEYOND_NEG, BEYOND_POS, MISMATCH, series
 
 
 def _panels(n: int, width: float = 4.6, height: float = 3.3):
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.9), squeeze=False)
+    fig = Figure(figsize=(width * cols, height * rows + 0.9))
+    axes = fig.subplots(rows, cols, squeeze=False)
     flat = [ax for row in axes for ax in row]
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -84,7 +83,6 @@ def _curve_figure(groups: Mapping[str, Mapping[str, list]], keys: tuple[str, ...
                frameon=False, fontsize=9)
     fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(legend) > 6), 1, 0.97 - 0.05 * title.count("\n")))
     save_figure(fig, path, "figure", dpi=110)
-    plt.close(fig)
     return drawn
 
 
@@ -116,7 +114,7 @@ def make_figures(groups: Mapping[str, Mapping[str, list]], variants: Sequence[st
     paths = {name: fig_dir / f"{name}.png" for name in FIGURES}
     # ten clearly distinct colours (repeating past ten); solid lines for the grid's main methods (or
     # the first ten), dashed for sweep variants
-    colors = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(variants)}
+    colors = {v: matplotlib.colormaps["tab10"](i % 10) for i, v in enumerate(variants)}
     dashes = {v: "-" if v in (set(main) or set(variants[:10])) else "--" for v in variants}
     drawn = {name: _curve_figure(groups, keys, ylabel, title, colors, dashes, paths[name], **opts)
              for name, (keys, ylabel, title, opts) in FIGURES.items()}

@@ -167,17 +167,15 @@ class MetricsLogger:
 
 def plot_curves(rows: list[dict[str, Any]], png_path: Path, title: str = "") -> Path:
     """One panel per key in PLOT_KEYS that the rows contain."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     keys = [k for k in PLOT_KEYS if any(isinstance(r.get(k), (int, float)) for r in rows)]
     if not keys:
         raise ValueError("no plottable metrics in the rows")
     cols = 4
     nrows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+    fig = Figure(figsize=(4 * cols, 3 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, key in zip(axes.flat, keys):
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         xs, ys = zip(*pts)
@@ -191,5 +189,4 @@ def plot_curves(rows: list[dict[str, Any]], png_path: Path, title: str = "") -> 
         fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, png_path, "curves", dpi=90)
-    plt.close(fig)
     return Path(png_path)
