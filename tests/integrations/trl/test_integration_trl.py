@@ -13,7 +13,7 @@ pytest.importorskip("trl")
 from drpo.integrations.trl import DRPOConfig, DRPOGRPOTrainer  # noqa: E402
 from drpo.objectives import METRIC_NAMES, policy_loss  # noqa: E402
 from trl_helpers import (  # noqa: E402
-    AGG, LOSS_TYPE, METHOD, PARAMS, digit_reward, make_config, tiny_setup, tiny_trainer,
+    AGG, METHOD, PARAMS, digit_reward, make_config, tiny_setup, tiny_trainer,
 )
 
 
